@@ -438,8 +438,8 @@ class _RemoteMixin:
         if urllib.parse.urlsplit(url).path in ("", "/"):
             url = url.rstrip("/") + "/progress"
         self._pst_url = url
-        self._pst_id = str(task_id) if task_id is not None else "%s:%d-%d-%x" % (
-            _HOST, time.time() * 1000, os.getpid(), id(self))
+        self._pst_id = (str(task_id) if task_id is not None else "%s:%d-%d-%x" % (
+            _HOST, time.time() * 1000, os.getpid(), id(self)))[:256]
         every = push_every if push_every is not None else defaults.get("push_every")
         self._pst_every = max(0.0, float(every if every is not None else _env_float(
             "PROGRESSISTA_PUSH_INTERVAL", 0.25)))
@@ -451,8 +451,9 @@ class _RemoteMixin:
         if isinstance(meta, dict):
             all_meta.update(meta)
         try:
-            self._pst_meta = json.loads(json.dumps(all_meta, default=str)) if all_meta else None
-        except (TypeError, ValueError):  # cycles and the like: drop, never raise
+            text = json.dumps(all_meta, default=str, allow_nan=False) if all_meta else ""
+            self._pst_meta = json.loads(text) if 0 < len(text) <= 16384 else None
+        except (TypeError, ValueError):  # cycles, NaN, too big: drop, never raise
             self._pst_meta = None
         token = os.environ.get("PROGRESSISTA_API_TOKEN")
         self._pst_headers = {"Authorization": "Bearer " + token} if token else {}
@@ -486,20 +487,20 @@ class _RemoteMixin:
             pass
         if rate is None and elapsed:
             rate = (self.n - getattr(self, "initial", 0)) / elapsed
-        desc = self.desc
-        postfix = self.postfix
+        desc, postfix, total = self.desc, self.postfix, _finite(self.total)
+        # Within the server's limits, so one odd bar can't get a batch refused.
         return {
             "task_id": self._pst_id,
-            "n": _finite(self.n) or 0,
-            "total": _finite(self.total),
-            "desc": str(desc) if desc else None,
-            "unit": str(self.unit),
+            "n": max(_finite(self.n) or 0, 0),
+            "total": total if total is None or total >= 0 else None,
+            "desc": str(desc)[:1024] if desc else None,
+            "unit": str(self.unit)[:64],
             "status": status or "update",
             "rate": _finite(rate),
             "elapsed": _finite(elapsed),
-            "error": error,
+            "error": error[:4096] if error else None,
             "meta": self._pst_meta,
-            "postfix": str(postfix) if postfix else None,
+            "postfix": str(postfix)[:1024] if postfix else None,
             "host": _HOST,
             "pid": self._pst_pid,
             "timestamp": time.time(),
@@ -1541,7 +1542,7 @@ class Handler(BaseHTTPRequestHandler):
                       headers=headers)
 
     def _error(self, status, message, headers=()):
-        if status in (400, 413) and self.command in ("POST",) and not self._body_read:
+        if not self._body_read and self.headers.get("Content-Length", "0").strip() != "0":
             self.close_connection = True  # the unread body would be taken for a request
         self._json(status, _dumps({"error": message}), headers)
 
@@ -1857,6 +1858,7 @@ class ProgressServer(ThreadingHTTPServer):
         self.ws_lock = threading.Lock()
         self.ws_count = 0
         self.open_connections = 0
+        self.sockets = set()  # open connections, closed by stop()
         self.thread = None
         super().__init__(address, handler)
 
@@ -1875,6 +1877,7 @@ class ProgressServer(ThreadingHTTPServer):
             full = self.open_connections >= self.max_connections
             if not full:
                 self.open_connections += 1
+                self.sockets.add(request)
         if full:
             try:
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
@@ -1892,6 +1895,7 @@ class ProgressServer(ThreadingHTTPServer):
         finally:
             with self.ws_lock:
                 self.open_connections -= 1
+                self.sockets.discard(request)
 
     def handle_error(self, request, client_address):
         log.debug("connection error from %s", client_address[0], exc_info=True)
@@ -1917,8 +1921,19 @@ class ProgressServer(ThreadingHTTPServer):
             self.thread = None
         self.hub.stop()
         self.server_close()
+        self.close_connections()
         if self.db is not None:
             self.db.stop()
+
+    def close_connections(self):
+        """End every open connection, so no handler thread outlives the server."""
+        with self.ws_lock:
+            sockets = list(self.sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _metrics_text(server):
@@ -2006,6 +2021,7 @@ def serve(host="127.0.0.1", port=8000, **options):
         signal.signal(signal.SIGTERM, previous)
         server.hub.stop()
         server.server_close()
+        server.close_connections()
         if server.db is not None:
             server.db.stop()
         print("Progressista stopped.", flush=True)
