@@ -133,6 +133,7 @@ class _Sender:
         self.thread = None
         self.stopped = False
         self.failing = False  # the last send failed: don't make close() wait
+        self.stalled = False  # ...and it failed by timing out: don't retry at exit
         self.backoff_until = 0.0
 
     # The job's side: cheap, never blocks but for close()'s bounded wait.
@@ -199,13 +200,10 @@ class _Sender:
                 final.hold_until = 0.0
             timeout = max([f.bar._pst_timeout for f in self.finals.values()] or [0.0])
             self.stopped = True
-        if timeout:
-            # Send from this thread: the sender thread may be mid-wait, and
-            # at exit nothing else is left to do.
-            deadline = time.monotonic() + timeout
-            self.failing = False
-            while time.monotonic() < deadline and self.finals and not self.failing:
-                self._tick(force=True)
+        if timeout and not self.stalled:
+            # Send from this thread, once: at exit nothing else is left to do,
+            # and a server that just timed out is not waited for again.
+            self._tick(force=True)
 
     # The sender thread's side.
 
@@ -227,7 +225,10 @@ class _Sender:
         soonest = now + 1.0
         with self.lock:
             for bar in self.bars.values():
-                soonest = min(soonest, bar._pst_sent_at + bar._pst_every)
+                # A bar looked at and found unchanged is next due push_every
+                # after that look, not at once (an idle bar must not spin us).
+                soonest = min(soonest, max(bar._pst_sent_at, bar._pst_looked_at)
+                              + bar._pst_every)
             for final in self.finals.values():
                 soonest = min(soonest, final.hold_until)
         soonest = max(soonest, self.backoff_until)
@@ -243,8 +244,9 @@ class _Sender:
             bars = list(self.bars.values())
             finals = [f for f in self.finals.values() if f.hold_until <= now]
         for bar in bars:
-            if now - bar._pst_sent_at < bar._pst_every:
+            if now - max(bar._pst_sent_at, bar._pst_looked_at) < bar._pst_every:
                 continue
+            bar._pst_looked_at = now
             try:
                 payload = bar._pst_payload(None)
             except Exception:  # a half-torn bar: try again next tick
@@ -265,15 +267,19 @@ class _Sender:
     def _send(self, items, now):
         owner = items[0][0]
         payloads = [item[1] for item in items]
+        started = time.monotonic()
         try:
             owner._post(payloads[0] if len(payloads) == 1 else payloads)
         except Exception:
             self.failing = True
+            self.stalled = time.monotonic() - started >= owner._pst_timeout * 0.5
             self.backoff_until = time.monotonic() + min(owner._pst_every * 4 + 0.5, 5.0)
-            for bar, _, _, _ in items:
+            for bar, _, _, final in items:
                 bar._pst_sent_at = now
+                if final is not None:
+                    final.done.set()  # attempted: close() stops waiting, retries go on
             return
-        self.failing = False
+        self.failing = self.stalled = False
         self.backoff_until = 0.0
         with self.lock:
             for bar, _, sig, final in items:
@@ -296,7 +302,9 @@ class _Sender:
             path += "?" + parts.query
         send_headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
         send_headers.update(headers)
-        with self.send_lock:
+        if not self.send_lock.acquire(timeout=timeout):
+            raise TimeoutError("another send is still waiting on the server")
+        try:
             for attempt in (0, 1):
                 conn = self.conns.get(key)
                 reused = conn is not None
@@ -305,24 +313,31 @@ class _Sender:
                            else http.client.HTTPConnection)
                     conn = self.conns[key] = cls(parts.hostname, parts.port, timeout=timeout)
                 conn.timeout = timeout
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
                 try:
                     conn.request("POST", path, body, send_headers)
                     response = conn.getresponse()
                     response.read(65536)
-                    if response.will_close:
+                    if response.will_close or not response.isclosed():
                         self.conns.pop(key, None)
                         conn.close()
                     if response.status >= 300:
                         raise OSError("HTTP %d from %s" % (response.status, parts.netloc))
                     return
-                except (http.client.RemoteDisconnected, BrokenPipeError,
-                        ConnectionResetError) if attempt == 0 and reused else ():
+                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                    # A kept-alive connection the server has since closed: one
+                    # retry on a fresh one.
                     self.conns.pop(key, None)
                     conn.close()
+                    if attempt or not reused:
+                        raise
                 except BaseException:
                     self.conns.pop(key, None)
                     conn.close()
                     raise
+        finally:
+            self.send_lock.release()
 
 
 _sender = None
@@ -407,6 +422,7 @@ class _NullFile:
 
 
 _install_defaults = {}  # what patch.install() was given, under explicit keywords
+_bar_numbers = __import__("itertools").count(1)  # default task ids; next() is atomic
 
 
 class _RemoteMixin:
@@ -418,6 +434,7 @@ class _RemoteMixin:
     """
 
     _pst_closed = True  # until __init__ succeeds, close() is local only
+    _pst_looked_at = -1e9  # when the sender last read this bar (sent or not)
 
     def __init__(self, *args, server_url=None, task_id=None, push_every=None,
                  request_timeout=None, meta=None, headers=None, **kwargs):
@@ -438,8 +455,10 @@ class _RemoteMixin:
         if urllib.parse.urlsplit(url).path in ("", "/"):
             url = url.rstrip("/") + "/progress"
         self._pst_url = url
-        self._pst_id = (str(task_id) if task_id is not None else "%s:%d-%d-%x" % (
-            _HOST, time.time() * 1000, os.getpid(), id(self)))[:256]
+        # A counter, not id(self): a bar made right after another is freed
+        # can get its address, and two bars must never share a task.
+        self._pst_id = (str(task_id) if task_id is not None else "%s:%d-%d-%d" % (
+            _HOST, time.time() * 1000, os.getpid(), next(_bar_numbers)))[:256]
         every = push_every if push_every is not None else defaults.get("push_every")
         self._pst_every = max(0.0, float(every if every is not None else _env_float(
             "PROGRESSISTA_PUSH_INTERVAL", 0.25)))
@@ -545,11 +564,16 @@ _remote_classes = {}
 
 def _remote_class(base):
     """The remote twin of a tqdm class (cached, so patching twice is stable)."""
+    if issubclass(base, _RemoteMixin):  # already remote: tqdm is patched by install()
+        return base
     cls = _remote_classes.get(base)
     if cls is None:
         name = "RemoteTqdm" if base.__module__ == "tqdm.std" else "Remote" + base.__name__
+        # Named where pickle finds it (see __getattr__), and keeping the base's
+        # docstring after ours: tqdm's own CLI reads its options from it.
         cls = type(name, (_RemoteMixin, base), {
-            "__module__": __name__, "__doc__": RemoteTqdm_doc, "__qualname__": name})
+            "__module__": "progressista" if __name__ == "__main__" else __name__,
+            "__doc__": RemoteTqdm_doc + "\n" + (base.__doc__ or ""), "__qualname__": name})
         _remote_classes[base] = cls
     return cls
 
@@ -578,6 +602,24 @@ def __getattr__(name):
         cls = _remote_class(_import_tqdm().tqdm)
         globals()["RemoteTqdm"] = cls
         return cls
+    if name.startswith("Remote") and name.isidentifier():
+        # Another process pickled a remote class by name (process_map with
+        # spawn pickles ``tqdm_class.set_lock``): make the same twin here.
+        import importlib
+        for cls in list(_remote_classes.values()):
+            if cls.__name__ == name:
+                return cls
+        _import_tqdm()
+        for module_name in ("tqdm.asyncio", "tqdm.std", "tqdm.notebook"):
+            try:
+                module = importlib.import_module(module_name)
+            except Exception:
+                continue
+            for base in list(vars(module).values()):
+                if (isinstance(base, type) and base.__module__.startswith("tqdm")
+                        and not issubclass(base, _RemoteMixin)
+                        and "Remote" + base.__name__ == name):
+                    return _remote_class(base)
     raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 
@@ -652,6 +694,26 @@ def install(server_url=None, **defaults):
                 except Exception:  # a read-only module: leave it alone
                     continue
                 _patched.append((module, name, value))
+        if str(getattr(module, "__name__", "")).startswith("tqdm."):
+            # tqdm.contrib's helpers (process_map, thread_map, tenumerate...)
+            # bind ``tqdm_class=tqdm_auto`` as a default when defined: swap it.
+            for value in list(namespace.values()):
+                for attr in ("__defaults__", "__kwdefaults__"):
+                    old = getattr(value, attr, None) if callable(value) else None
+                    if not isinstance(old, (tuple, dict)):
+                        continue
+                    items = old.items() if isinstance(old, dict) else enumerate(old)
+                    swap = {k: replacements[id(v)][1] for k, v in items
+                            if id(v) in replacements and replacements[id(v)][0] is v}
+                    if swap:
+                        new = dict(old) if isinstance(old, dict) else list(old)
+                        for k, v in swap.items():
+                            new[k] = v
+                        try:
+                            setattr(value, attr, new if isinstance(old, dict) else tuple(new))
+                        except Exception:
+                            continue
+                        _patched.append((value, attr, old))
 
 
 def uninstall():
@@ -758,7 +820,9 @@ _PLAIN_FIELDS = ("desc", "unit", "rate", "elapsed", "error", "host", "pid", "pos
 
 def _is_number(value):
     kind = type(value)
-    return kind is int or (kind is float and math.isfinite(value))
+    if kind is int:  # JSON allows any size; beyond float64 nothing downstream can use it
+        return -sys.float_info.max <= value <= sys.float_info.max
+    return kind is float and math.isfinite(value)
 
 
 def check_update(update, current=None):
@@ -788,7 +852,7 @@ def check_update(update, current=None):
             if key in ("n", "total") and value < 0:
                 raise BadRequest("%s must not be negative" % key)
         elif key == "status":
-            if value not in _INCOMING_STATUS:
+            if type(value) is not str or value not in _INCOMING_STATUS:
                 raise BadRequest("status must be one of start, update, close, error")
         elif key == "meta":
             if value is None or (current is not None and value == current["meta"]):
@@ -854,7 +918,8 @@ class TaskStore:
                                      if type(update) is dict and type(update.get("task_id")) is str
                                      else None)
                     new_ids = {u["task_id"] for u in data if u["task_id"] not in tasks}
-                    self._make_room(len(new_ids))
+                    if new_ids:
+                        self._make_room(len(new_ids), {u["task_id"] for u in data})
                     now = self.clock()
                     for update in data:
                         self._apply(update, now)
@@ -882,6 +947,7 @@ class TaskStore:
         if task is None:
             task = self.tasks[task_id] = _new_task(task_id, now)
             self._live[task_id] = None
+            self.removed.discard(task_id)  # removed and made again: a delta says it once
             progressed = True
         else:
             progressed = False
@@ -929,18 +995,25 @@ class TaskStore:
         if self.persist:
             self.db_dirty.add(task_id)
 
-    def _make_room(self, count):
-        """Evict for ``count`` new tasks: oldest ended first, then oldest stale."""
+    def _make_room(self, count, keep=()):
+        """Evict for ``count`` new tasks: oldest ended first, then oldest stale.
+
+        Tasks in ``keep`` (the ones the same batch updates) are never evicted.
+        """
         excess = len(self.tasks) + count - self.max_tasks
-        if excess > len(self._ended) + len(self._stale):
+        if excess <= 0:
+            return
+        victims = []
+        for queue in (self._ended, self._stale):
+            for task_id in queue:
+                if len(victims) == excess:
+                    break
+                if task_id not in keep:
+                    victims.append(task_id)
+        if len(victims) < excess:
             raise BadRequest("task limit of %d reached, all of them active" % self.max_tasks, 429)
-        while excess > 0:
-            if self._ended:
-                victim = next(iter(self._ended))
-            else:
-                victim = next(iter(self._stale))
+        for victim in victims:
             self._remove(victim)
-            excess -= 1
 
     def _remove(self, task_id):
         task = self.tasks.pop(task_id)
@@ -985,13 +1058,19 @@ class TaskStore:
             self.changed.set()
 
     def load(self, tasks):
-        """Take tasks restored from the database, keeping their statuses."""
+        """Take tasks restored from the database, then apply the stale and retention rules.
+
+        A stored ``stale`` comes back ``active`` and is judged again by this
+        server's ``stale_seconds``, as a live task would be.
+        """
         with self.lock:
             for task in sorted(tasks, key=lambda t: t["updated_at"]):
                 task_id = task["task_id"]
+                if task["status"] == "stale":
+                    task["status"] = "active"
                 self.tasks[task_id] = task
-                {"active": self._live, "stale": self._stale}.get(
-                    task["status"], self._ended)[task_id] = None
+                {"active": self._live}.get(task["status"], self._ended)[task_id] = None
+        self.sweep()
 
     # Reading and deleting.
 
@@ -1001,11 +1080,12 @@ class TaskStore:
             return None if task is None else _dumps(task)
 
     def list_json(self, statuses=None):
-        with self.lock:
+        with self.lock:  # copy the index under the lock, encode outside it
             if statuses is None:
-                return _dumps({"tasks": self.tasks})
-            return _dumps({"tasks": {k: t for k, t in self.tasks.items()
-                                     if t["status"] in statuses}})
+                tasks = dict(self.tasks)
+            else:
+                tasks = {k: t for k, t in self.tasks.items() if t["status"] in statuses}
+        return _dumps({"tasks": tasks})
 
     def delete(self, task_id):
         with self.lock:
@@ -1070,16 +1150,17 @@ class Database:
             self.conn = sqlite3.connect(self.path, check_same_thread=False,
                                         isolation_level=None, timeout=0.5)
             self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise DatabaseError("%s: could not switch to WAL mode (got %s)" % (self.path, mode))
-            self.conn.execute("PRAGMA synchronous=NORMAL")
+            # The version first: a newer file is refused before anything in it changes.
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise DatabaseError(
                     "%s has schema version %d, newer than this Progressista understands (%d): "
                     "upgrade progressista or use another file" % (self.path, version,
                                                                   SCHEMA_VERSION))
+            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise DatabaseError("%s: could not switch to WAL mode (got %s)" % (self.path, mode))
+            self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("BEGIN IMMEDIATE")  # takes and keeps the write lock
             self.conn.execute("CREATE TABLE IF NOT EXISTS tasks "
                               "(task_id TEXT PRIMARY KEY, data TEXT NOT NULL)")
@@ -1088,6 +1169,14 @@ class Database:
             self.conn.execute("COMMIT")
             rows = self.conn.execute("SELECT data FROM tasks").fetchall()
             tasks = [json.loads(data) for (data,) in rows]
+            for task in tasks:
+                if type(task) is not dict or type(task.get("task_id")) is not str \
+                        or task.get("status") not in STATUSES \
+                        or not _is_number(task.get("updated_at")):
+                    raise ValueError("bad row %.60r" % (task,))
+        except DatabaseError:
+            self.close()
+            raise
         except sqlite3.OperationalError as exc:
             self.close()
             text = str(exc)
@@ -1100,12 +1189,12 @@ class Database:
             self.close()
             raise DatabaseError("%s is not a usable SQLite database (%s): move it aside or "
                                 "use another --db file" % (self.path, exc)) from None
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             self.close()
             raise DatabaseError("%s holds a task that can't be read (%s)" % (self.path, exc)) \
                 from None
+        self.store.persist = True  # first: what load's sweep expires is deleted from the file
         self.store.load(tasks)
-        self.store.persist = True
         log.info("restored %d tasks from %s", len(tasks), self.path)
 
     def start(self):
@@ -1116,19 +1205,22 @@ class Database:
         while not self.stopping.wait(self.interval):
             try:
                 self.flush()
-            except sqlite3.Error:
+            except Exception:  # whatever it is, keep the thread: the next flush retries
                 log.exception("writing %s failed; will retry", self.path)
 
     def flush(self):
         """Write what changed since the last flush, in one transaction."""
         store = self.store
-        with store.lock:
-            if not store.db_dirty and not store.db_removed:
+        with self.lock:  # taken first: two flushes commit in the order they took their rows
+            if self.conn is None:
                 return 0
-            dirty, removed = store.db_dirty, store.db_removed
-            store.db_dirty, store.db_removed = set(), set()
-            rows = [(k, _dumps(store.tasks[k])) for k in dirty if k in store.tasks]
-        with self.lock:
+            with store.lock:
+                if not store.db_dirty and not store.db_removed:
+                    return 0
+                dirty, removed = store.db_dirty, store.db_removed
+                store.db_dirty, store.db_removed = set(), set()
+                rows = [(k, store.tasks[k]) for k in dirty if k in store.tasks]
+            rows = [(k, _dumps(task)) for k, task in rows]  # encoded outside the store lock
             try:
                 self.conn.execute("BEGIN")
                 self.conn.executemany("DELETE FROM tasks WHERE task_id=?",
@@ -1154,9 +1246,10 @@ class Database:
             self.close()
 
     def close(self):
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        with self.lock:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
 
 
 # -- websocket ---------------------------------------------------------------
@@ -1191,17 +1284,18 @@ def _mask(data, mask):
     return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
 
 
+def _frame_header(n, opcode=0x1, fin=True, mask_bit=0):
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        return struct.pack("!BB", first, mask_bit | n)
+    if n < 65536:
+        return struct.pack("!BBH", first, mask_bit | 126, n)
+    return struct.pack("!BBQ", first, mask_bit | 127, n)
+
+
 def encode_frame(payload, opcode=0x1, fin=True, mask=None):
     """One frame: the server's (unmasked) or, with a 4-byte ``mask``, a client's."""
-    n = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    mask_bit = 0x80 if mask is not None else 0
-    if n < 126:
-        header = struct.pack("!BB", first, mask_bit | n)
-    elif n < 65536:
-        header = struct.pack("!BBH", first, mask_bit | 126, n)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, n)
+    header = _frame_header(len(payload), opcode, fin, 0x80 if mask is not None else 0)
     if mask is not None:
         return header + mask + _mask(payload, mask)
     return header + payload
@@ -1259,7 +1353,8 @@ class WebSocket:
         self.on_message = on_message
         self.send_lock = threading.Lock()
         self.cond = threading.Condition()
-        self.backlog = collections.deque()
+        self.backlog = collections.deque()  # frames, each bytes or a tuple of parts
+        self.held = False  # deltas wait behind a snapshot still being encoded
         self.closed = False
         self.last_seen = time.monotonic()
         self.writer = threading.Thread(target=self._write_loop, name="progressista-ws-writer",
@@ -1285,35 +1380,60 @@ class WebSocket:
             return False
         return True
 
+    def hold(self):
+        """Queue, but don't write, until ``send_first`` puts a message before it all."""
+        with self.cond:
+            self.held = True
+
+    def send_first(self, frame):
+        with self.cond:
+            self.backlog.appendleft(frame)
+            self.held = False
+            self.cond.notify()
+
     def send_text(self, text):
         return self.send(encode_frame(text.encode("utf-8")))
 
     def _write_loop(self):
         while True:
             with self.cond:
-                while not self.backlog and not self.closed:
+                while (not self.backlog or self.held) and not self.closed:
                     self.cond.wait()
                 if self.closed:
                     return
                 frame = self.backlog.popleft()
             try:
                 with self.send_lock:
-                    self.sock.sendall(frame)
+                    if type(frame) is tuple:
+                        for part in frame:
+                            self.sock.sendall(part)
+                    else:
+                        self.sock.sendall(frame)
             except OSError:
                 self.abort()
                 return
 
-    def _send_now(self, frame):
+    def _send_now(self, frame, wait=None):
+        """Send ahead of the backlog.  With ``wait`` (seconds), never block longer:
+        a writer stuck on a peer that doesn't read must not hold up a close."""
+        if not self.send_lock.acquire(timeout=-1 if wait is None else wait):
+            self.abort()
+            return
         try:
-            with self.send_lock:
+            if wait is None:
                 self.sock.sendall(frame)
+            elif self.sock.send(frame, getattr(socket, "MSG_DONTWAIT", 0)) < len(frame):
+                raise BlockingIOError("peer is not reading")
         except OSError:
             self.abort()
+        finally:
+            self.send_lock.release()
 
     def close(self, code=1000, reason=""):
         """Start the closing handshake (the reader finishes it), or just go."""
         if not self.closed:
-            self._send_now(encode_frame(struct.pack("!H", code) + reason.encode()[:120], 0x8))
+            self._send_now(encode_frame(struct.pack("!H", code) + reason.encode()[:120], 0x8),
+                           wait=1.0)
         self.abort()
 
     def abort(self):
@@ -1411,10 +1531,17 @@ class Hub:
         """Send ``ws`` the snapshot and subscribe it, atomically w.r.t. deltas."""
         store = self.store
         with store.lock:
-            text = _dumps({"type": "snapshot", "tasks": store.tasks,
-                           "server_time": store.clock()})
+            # A copy of the index is quick; encoding is not, so it is done
+            # outside the lock, with the deltas that come meanwhile held back
+            # behind it.  (Tasks changed during encoding are dirty, so the
+            # next delta brings their final state in any case.)
+            tasks = dict(store.tasks)
+            now = store.clock()
+            ws.hold()
             self.clients.add(ws)
-        ws.send_text(text)
+        payload = _dumps({"type": "snapshot", "tasks": tasks, "server_time": now}).encode()
+        del tasks
+        ws.send_first((_frame_header(len(payload)), payload))
 
     def detach(self, ws):
         with self.store.lock:
@@ -1461,10 +1588,13 @@ class Hub:
                 return
             tasks, removed = store.take_changes()
             targets = list(self.clients)
-            if not targets:
-                return
-            text = _dumps({"type": "delta", "tasks": tasks, "removed": removed,
-                           "server_time": store.clock()})
+            now = store.clock()
+        if not targets:
+            return
+        # Encoded outside the lock, so ingest never waits on it; a task that
+        # changes meanwhile is dirty again and goes out in the next delta.
+        text = _dumps({"type": "delta", "tasks": tasks, "removed": removed,
+                       "server_time": now})
         frame = encode_frame(text.encode("utf-8"))
         for ws in targets:
             ws.send(frame)
@@ -1503,6 +1633,32 @@ def _http_date():
     return _date_cache[1]
 
 
+class _Headers(dict):
+    """Request headers by lower-cased name; ``get`` ignores case as email's does."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name):
+        return dict.get(self, name.lower())
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+
+MAX_HEADERS = 100
+
+
+def _parse_version(version):
+    """``HTTP/1.1`` -> (1, 1); ValueError for anything else."""
+    if not version.startswith("HTTP/"):
+        raise ValueError(version)
+    major, minor = version[5:].split(".")
+    if not (major.isdigit() and minor.isdigit() and len(major) < 10 and len(minor) < 10):
+        raise ValueError(version)
+    return int(major), int(minor)
+
+
 class Handler(BaseHTTPRequestHandler):
     """The HTTP API, the dashboard page and the WebSocket upgrade.
 
@@ -1523,12 +1679,78 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def parse_request(self):
+        """The request line and headers, as http.server does, minus its cost.
+
+        http.server parses headers with the email package, more than half of
+        the CPU of a small POST; this reads the same lines with the same
+        limits (a line over 64 KiB or over 100 headers is 431) into a dict.
+        """
+        self.command = None
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = requestline.split()
+        if not words:
+            return False
+        if len(words) != 3:
+            self.send_error(400, "Bad request syntax (%r)" % requestline[:200])
+            return False
+        command, path, version = words
+        try:
+            number = _parse_version(version)
+        except ValueError:
+            self.send_error(400, "Bad request version (%r)" % version[:50])
+            return False
+        if number >= (2, 0):
+            self.send_error(505, "Invalid HTTP version (%s)" % version[5:])
+            return False
+        self.close_connection = number < (1, 1)
+        self.command, self.request_version = command, version
+        self.path = "/" + path.lstrip("/") if path.startswith("//") else path
+        headers = self.headers = _Headers()
+        readline, last = self.rfile.readline, None
+        for _ in range(MAX_HEADERS + 1):
+            line = readline(65537)
+            if len(line) > 65536:
+                self.send_error(431, "Line too long")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if line[:1] in (b" ", b"\t") and last is not None:  # obsolete line folding
+                headers[last] += " " + line.strip().decode("iso-8859-1")
+                continue
+            name, sep, value = line.partition(b":")
+            if not sep or not name.strip():
+                self.send_error(400, "Malformed header line")
+                return False
+            last = name.strip().decode("iso-8859-1").lower()
+            value = value.strip().decode("iso-8859-1")
+            headers[last] = headers[last] + ", " + value if last in headers else value
+        else:
+            self.send_error(431, "Too many headers")
+            return False
+        connection = headers.get("connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if headers.get("expect", "").lower() == "100-continue" and number >= (1, 1):
+            if not self.handle_expect_100():
+                return False
+        return True
+
     # Responses.
 
     def _respond(self, status, body=b"", content_type="application/json", headers=()):
         lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
-                 "Server: " + self.server_version, "Date: " + _http_date(),
-                 "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+                 "Server: " + self.server_version, "Date: " + _http_date()]
+        if status != 204:  # a 204 has neither (RFC 9110 8.6)
+            lines += ["Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+        if not self.close_connection and not getattr(self, "_body_read", True) and (
+                self.headers.get("Transfer-Encoding")
+                or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+            self.close_connection = True  # the unread body would be taken for a request
         if self.close_connection:
             lines.append("Connection: close")
         lines.extend(self._cors_headers())
@@ -1627,9 +1849,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest("Content-Length required", 411)
         try:
+            if not length.strip().isdigit() or not length.strip().isascii():
+                raise ValueError  # int() would take "+5", "1_000", "-0"
             length = int(length)
-            if length < 0:
-                raise ValueError
         except ValueError:
             self.close_connection = True
             raise BadRequest("invalid Content-Length") from None
@@ -1942,7 +2164,20 @@ def _metrics_text(server):
         return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
     def number(value):
-        return repr(float(value)) if value is not None else "NaN"
+        if value is None:
+            return "NaN"
+        try:
+            return repr(float(value))
+        except OverflowError:  # a JSON integer beyond float64
+            return "+Inf" if value > 0 else "-Inf"
+
+    def ratio(t):
+        if not t["total"]:
+            return None
+        try:
+            return t["n"] / t["total"]
+        except OverflowError:
+            return float("inf")
 
     store = server.store
     per_task = [
@@ -1950,7 +2185,7 @@ def _metrics_text(server):
         ("progressista_task_total", "Units expected (tqdm's total); NaN when unknown.",
          lambda t: t["total"]),
         ("progressista_task_progress_ratio", "n / total, 0 to 1; NaN when total is unknown.",
-         lambda t: t["n"] / t["total"] if t["total"] else None),
+         ratio),
         ("progressista_task_rate", "Smoothed units per second, as tqdm computes it.",
          lambda t: t["rate"]),
         ("progressista_task_updated_timestamp_seconds", "Server time of the last progress.",
@@ -1961,7 +2196,9 @@ def _metrics_text(server):
         rows = [('task_id="%s",status="%s"' % (label(t["task_id"]), t["status"]), t)
                 for t in store.tasks.values()]
         received, rejected = store.updates_received, store.updates_rejected
-    counts = store.counts()
+    counts = dict.fromkeys(STATUSES, 0)  # from the same rows, so the two always agree
+    for _, t in rows:
+        counts[t["status"]] += 1
     for name, help_text, get in per_task:
         out.append("# HELP %s %s\n# TYPE %s gauge\n" % (name, help_text, name))
         out.extend("%s{%s} %s\n" % (name, labels, number(get(t))) for labels, t in rows)
@@ -2003,27 +2240,30 @@ def serve(host="127.0.0.1", port=8000, **options):
     if not _is_loopback(host) and not server.tokens:
         log.warning("binding %s without a token: anyone who can reach this port can read "
                     "and write progress (use --token)", host)
+
+    def on_term(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    # Before the URL is printed: whoever reads it may send SIGTERM at once.
+    previous = signal.signal(signal.SIGTERM, on_term)
     print("Progressista %s: dashboard at %s/  (POST updates to %s/progress)"
           % (__version__, server.url, server.url), flush=True)
     server.hub.start()
     if server.db is not None:
         server.db.start()
-
-    def on_term(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        server.hub.stop()
-        server.server_close()
-        server.close_connections()
-        if server.db is not None:
-            server.db.stop()
+        try:
+            server.hub.stop()
+            server.server_close()
+            server.close_connections()
+            if server.db is not None:
+                server.db.stop()  # a second SIGTERM meanwhile must not cut this short
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         print("Progressista stopped.", flush=True)
 
 
@@ -2113,6 +2353,7 @@ body.disconnected main { opacity: .72; }
 .count { font-variant-numeric: tabular-nums; color: var(--text); background: var(--chip); border-radius: 999px;
   padding: 0 8px; font-size: 12px; letter-spacing: 0; }
 .shown { font-weight: 400; text-transform: none; letter-spacing: 0; font-size: 12px; }
+.more { display: block; margin: 10px auto 0; color: var(--blue); }
 .empty { margin: 0; color: var(--muted); font-size: 13px; font-style: italic; }
 .list { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 310px), 1fr)); gap: 10px; }
 .hint { margin-top: 18px; padding: 14px 16px; border: 1px dashed var(--border); border-radius: 8px;
@@ -2140,8 +2381,8 @@ body.disconnected main { opacity: .72; }
 .card {
   min-width: 0; position: relative; background: var(--panel); border: 1px solid var(--border);
   border-left: 3px solid var(--muted); border-radius: 8px; padding: 9px 12px 10px; box-shadow: var(--shadow);
-  content-visibility: auto; contain-intrinsic-size: auto 150px;
 }
+body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; }
 .card.active { border-left-color: var(--blue); }
 .card.stale { border-left-color: var(--amber); }
 .card.error { border-left-color: var(--red); }
@@ -2161,6 +2402,9 @@ body.disconnected main { opacity: .72; }
 .close .bar-fill { background: var(--green); }
 .group-bar { margin: 0; }
 .group-bar .bar-fill { background: var(--blue); }
+.group[data-status="stale"] .group-bar .bar-fill { background: var(--amber); }
+.group[data-status="error"] .group-bar .bar-fill { background: var(--red); }
+.group[data-status="close"] .group-bar .bar-fill { background: var(--green); }
 .bar.indeterminate .bar-fill { width: 35%; animation: indet 1.4s ease-in-out infinite; transition: none; }
 .bar.unknown .bar-fill { width: 100%; opacity: .35; transition: none; }
 @keyframes indet { 0% { left: -35%; } 100% { left: 100%; } }
@@ -2182,7 +2426,8 @@ body.disconnected main { opacity: .72; }
 .error-line { margin-top: 6px; padding: 4px 8px; border-radius: 4px; background: var(--red-bg); color: var(--red);
   font-size: 12.5px; overflow-wrap: anywhere; display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 4; overflow: hidden; }
 @media (max-width: 560px) {
-  .topbar { padding: 8px 10px; }
+  .topbar { position: static; padding: 8px 10px; }
+  .actions button { padding: 4px 8px; font-size: 13px; }
   main { padding: 0 10px 32px; }
   #filter { flex-basis: 100%; order: 3; }
   .actions { order: 4; }
@@ -2215,21 +2460,25 @@ body.disconnected main { opacity: .72; }
     <h2 class="section-title"><span class="section-name">Active</span><span class="count" id="count-active">0</span><span class="shown" id="shown-active" hidden></span></h2>
     <p class="empty" id="empty-active">Nothing here.</p>
     <div class="list" id="list-active"></div>
+    <button type="button" class="more" id="more-active" data-status="active" hidden></button>
   </section>
   <section id="section-stale" class="section" data-status="stale">
     <h2 class="section-title"><span class="section-name">Needs Attention</span><span class="count" id="count-stale">0</span><span class="shown" id="shown-stale" hidden></span></h2>
     <p class="empty" id="empty-stale">Nothing here.</p>
     <div class="list" id="list-stale"></div>
+    <button type="button" class="more" id="more-stale" data-status="stale" hidden></button>
   </section>
   <section id="section-error" class="section" data-status="error">
     <h2 class="section-title"><span class="section-name">Failed</span><span class="count" id="count-error">0</span><span class="shown" id="shown-error" hidden></span></h2>
     <p class="empty" id="empty-error">Nothing here.</p>
     <div class="list" id="list-error"></div>
+    <button type="button" class="more" id="more-error" data-status="error" hidden></button>
   </section>
   <section id="section-close" class="section" data-status="close">
     <h2 class="section-title"><span class="section-name">Completed</span><span class="count" id="count-close">0</span><span class="shown" id="shown-close" hidden></span></h2>
     <p class="empty" id="empty-close">Nothing here.</p>
     <div class="list" id="list-close"></div>
+    <button type="button" class="more" id="more-close" data-status="close" hidden></button>
   </section>
 </main>
 <div id="toast" class="toast" role="status" hidden></div>
@@ -2327,30 +2576,41 @@ body.disconnected main { opacity: .72; }
     if (t.status === 'error') return ['failed ' + fmtAge(sinceUpd) + ' ago', 'age'];
     if (t.status === 'active' && sinceUpd < STUCK_AFTER) return ['updated ' + fmtAge(sinceUpd) + ' ago', 'age'];
     if (sinceSeen < ALIVE_WITHIN) {
-      return ['no progress for ' + fmtAge(sinceUpd) + ', alive (heartbeat ' + fmtAge(sinceSeen) + ' ago)', 'age stuck'];
+      if (seen - upd >= 1) {  // contact after the last progress: a heartbeat
+        return ['no progress for ' + fmtAge(sinceUpd) + ', alive (heartbeat ' + fmtAge(sinceSeen) + ' ago)', 'age stuck'];
+      }
+      return ['no progress for ' + fmtAge(sinceUpd), 'age stuck'];
     }
     return ['no contact for ' + fmtAge(sinceSeen), 'age silent'];
   }
 
   // ---- state ------------------------------------------------------------
+  // A section (and a group) keeps its items in an array sorted newest first;
+  // only the first `limit` items that pass the filter are in the DOM, so the
+  // cost of a frame follows what is on screen, not the number of tasks. A
+  // card's element is made the first time it is shown.
   var tasks = new Map();    // task_id -> latest task object
   var cards = new Map();    // task_id -> card record
   var groups = new Map();   // status + '\n' + prefix -> group record
   var pending = new Map();  // task_id -> task object, or null for removal
-  var fullLayout = true;    // next render rebuilds every section from scratch
+  var refileAll = true;     // next render files every card again (snapshot, grouping)
   var gotSnapshot = false;
   var grouping = store('group') !== '0';
   var collapsed = new Set();
   var filterTerms = [];
   var counts = { active: 0, stale: 0, error: 0, close: 0 };
-
-  var lists = {}, countEls = {}, shownEls = {}, emptyEls = {};
+  var PAGE = 100;           // cards shown per section (group members included) before "Show more"
+  var sections = {};
   STATUSES.forEach(function (s) {
-    lists[s] = $('list-' + s); countEls[s] = $('count-' + s);
-    shownEls[s] = $('shown-' + s); emptyEls[s] = $('empty-' + s);
+    sections[s] = {
+      status: s, items: [], limit: PAGE, sort: false, dirty: true, matching: 0, beyond: 0,
+      list: $('list-' + s), count: $('count-' + s), shown: $('shown-' + s),
+      empty: $('empty-' + s), more: $('more-' + s)
+    };
   });
   var tplCard = $('tpl-card').content.firstElementChild;
   var tplGroup = $('tpl-group').content.firstElementChild;
+  var byKey = function (a, b) { return b.key - a.key; };
 
   function prefixOf(id) {
     var i = id.indexOf(':');
@@ -2358,11 +2618,21 @@ body.disconnected main { opacity: .72; }
   }
 
   function setText(el, s) {
-    if (el._t !== s) { el._t = s; el.textContent = s; }
+    if (el._t === s) return;
+    el._t = s;
+    var node = el.firstChild;
+    if (node && node.nodeType === 3 && !node.nextSibling) node.data = s;
+    else el.textContent = s;
+  }
+  function setHidden(el, yes) {
+    if (el._h !== yes) { el._h = yes; el.hidden = yes; }
   }
   function setShown(el, s) {  // text, hidden when empty
     setText(el, s);
-    el.hidden = !s;
+    setHidden(el, !s);
+  }
+  function setTitle(el, s) {
+    if (el._title !== s) { el._title = s; el.title = s; }
   }
 
   // ---- incoming messages ------------------------------------------------
@@ -2390,14 +2660,13 @@ body.disconnected main { opacity: .72; }
       tasks.forEach(function (_, oldId) { if (!next.has(oldId)) pending.set(oldId, null); });
       tasks.clear();
       next.forEach(function (task, tid) { tasks.set(tid, task); pending.set(tid, task); });
-      fullLayout = true;
+      refileAll = true;
       gotSnapshot = true;
     } else if (msg.type === 'delta') {
       for (id in incoming) {
         t = incoming[id];
         if (!t || typeof t !== 'object') continue;
         prev = tasks.get(id);
-        if (prev) t = Object.assign({}, prev, t);
         t.task_id = id;
         noteTransition(prev, t);
         tasks.set(id, t);
@@ -2438,34 +2707,52 @@ body.disconnected main { opacity: .72; }
   }
 
   // ---- cards ------------------------------------------------------------
-  function createCard(id) {
-    var el = tplCard.cloneNode(true);
-    var q = function (sel) { return el.querySelector(sel); };
-    var rec = {
-      id: id, el: el, t: null, status: null, group: null, search: '', metaKey: null, pct: null,
-      idEl: q('.task-id'), descEl: q('.desc'), bar: q('.bar'), fill: q('.bar-fill'),
-      percent: q('.percent'), progress: q('.progress-text'), rate: q('.rate'),
-      elapsed: q('.elapsed'), eta: q('.eta'), age: q('.age'), host: q('.host'),
-      postfix: q('.postfix'), meta: q('.meta'), error: q('.error-line'), discard: q('.discard')
-    };
-    el.dataset.taskId = id;
-    el._key = 0;
-    setText(rec.idEl, id);
-    rec.idEl.title = id;
-    rec.discard.setAttribute('aria-label', 'Discard task ' + id);
-    rec.discard.title = 'Discard';
-    rec.meta.hidden = true;
-    return rec;
+  function newRecord(id) {
+    return { id: id, t: null, el: null, status: null, group: null, key: 0, match: true,
+      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0 };
   }
 
-  function updateCard(rec, t, now) {
-    rec.t = t;
-    var el = rec.el, status = STATUSES.indexOf(t.status) >= 0 ? t.status : 'active';
-    if (t.status !== status) t.status = status;
+  function cardElement(rec) {
+    if (rec.el) return rec.el;
+    // walk #tpl-card's fixed structure (cheaper than a querySelector per field)
+    var el = tplCard.cloneNode(true), head = el.firstElementChild, titles = head.firstElementChild;
+    var stats, times, discard = titles.nextElementSibling;
+    rec.el = el;
+    rec.idEl = titles.firstElementChild; rec.descEl = rec.idEl.nextElementSibling;
+    rec.bar = head.nextElementSibling; rec.fill = rec.bar.firstElementChild;
+    stats = rec.bar.nextElementSibling; times = stats.nextElementSibling;
+    rec.percent = stats.children[0]; rec.progress = stats.children[1]; rec.rate = stats.children[2];
+    rec.elapsed = times.children[0]; rec.eta = times.children[1];
+    rec.age = times.nextElementSibling; rec.host = rec.age.nextElementSibling;
+    rec.postfix = rec.host.nextElementSibling; rec.meta = rec.postfix.nextElementSibling;
+    rec.error = rec.meta.nextElementSibling;
+    el.dataset.taskId = rec.id;
+    setText(rec.idEl, rec.id);
+    rec.idEl.title = rec.id;
+    discard.setAttribute('aria-label', 'Discard task ' + rec.id);
+    discard.title = 'Discard';
+    setHidden(rec.meta, true);
+    return el;
+  }
+
+  function searchOf(rec) {
+    if (rec.search === null) {
+      var t = rec.t, parts = [rec.id, t.desc == null ? '' : t.desc, t.host == null ? '' : t.host];
+      var meta = t.meta && typeof t.meta === 'object' ? t.meta : null;
+      for (var k in meta) parts.push(k, metaValue(meta[k]));
+      rec.search = parts.join('\n').toLowerCase();
+    }
+    return rec.search;
+  }
+
+  // Write a card's DOM from its task (only for cards that are shown).
+  function paint(rec, now) {
+    var t = rec.t, el = cardElement(rec), status = t.status;
+    rec.painted = true;
     if (el._status !== status) { el._status = status; el.className = 'card ' + status; el.dataset.status = status; }
     var desc = t.desc == null ? '' : String(t.desc);
     setShown(rec.descEl, desc);
-    if (rec.descEl.title !== desc) rec.descEl.title = desc;
+    setTitle(rec.descEl, desc);
 
     var n = num(t.n) || 0, total = num(t.total), rate = num(t.rate), elapsed = num(t.elapsed);
     if (!(total > 0)) total = null;
@@ -2489,8 +2776,6 @@ body.disconnected main { opacity: .72; }
     setText(rec.progress, total ? fmtNum(n) + ' / ' + fmtNum(total) + ' ' + unit : fmtNum(n) + ' ' + unit);
     setShown(rec.rate, fmtRate(rate, unit));
     setShown(rec.elapsed, elapsed === null ? '' : 'elapsed ' + fmtInterval(elapsed));
-    var live = status === 'active' || status === 'stale';
-    setShown(rec.eta, live && total && rate > 0 && n < total ? 'ETA ' + fmtInterval((total - n) / rate) : '');
     setAge(rec, now);
 
     var host = t.host == null ? '' : String(t.host);
@@ -2499,11 +2784,10 @@ body.disconnected main { opacity: .72; }
     setShown(rec.postfix, t.postfix == null ? '' : String(t.postfix));
     var err = t.error == null ? '' : String(t.error);
     setShown(rec.error, err);
-    if (err && rec.error.title !== err) rec.error.title = err;
+    setTitle(rec.error, err);
 
     var meta = t.meta && typeof t.meta === 'object' ? t.meta : null;
     var metaKey = meta ? metaValue(meta) : '';
-    var searchMeta = '';
     if (metaKey !== rec.metaKey) {
       rec.metaKey = metaKey;
       rec.meta.textContent = '';
@@ -2516,195 +2800,250 @@ body.disconnected main { opacity: .72; }
         chip.title = text;
         rec.meta.appendChild(chip);
       }
-      rec.meta.hidden = keys.length === 0;
+      setHidden(rec.meta, keys.length === 0);
     }
-    if (meta) {
-      for (var k in meta) searchMeta += '\n' + k + '\n' + metaValue(meta[k]);
-    }
-    rec.search = (rec.id + '\n' + desc + '\n' + (t.host == null ? '' : t.host) + searchMeta).toLowerCase();
-    el.hidden = !matches(rec.search);
   }
 
+  // The ticking part of a card: its age line, and the ETA while progress is recent.
   function setAge(rec, now) {
-    var info = ageInfo(rec.t, now);
+    var t = rec.t, info = ageInfo(t, now);
     setText(rec.age, info[0]);
     if (rec.age._cls !== info[1]) { rec.age._cls = info[1]; rec.age.className = info[1]; }
+    var n = num(t.n) || 0, total = num(t.total), rate = num(t.rate), eta = '';
+    if (t.status === 'active' && total > n && rate > 0 && info[1] === 'age') {
+      eta = 'ETA ' + fmtInterval((total - n) / rate);
+    }
+    setShown(rec.eta, eta);
   }
 
   // ---- groups -----------------------------------------------------------
   function getGroup(status, prefix) {
-    var key = status + '\n' + prefix;
-    var g = groups.get(key);
+    var gkey = status + '\n' + prefix;
+    var g = groups.get(gkey);
     if (!g) {
       var el = tplGroup.cloneNode(true);
       g = {
-        key: key, status: status, prefix: prefix, el: el, members: new Set(), newKey: 0,
+        isGroup: true, gkey: gkey, status: status, prefix: prefix, el: el, items: [], size: 0, key: 0,
+        win: [], take: 0, matching: 0, collapsed: collapsed.has(prefix),
+        sort: false, dirty: true, summary: true, bodyDirty: true,
         body: el.querySelector('.group-body'), toggle: el.querySelector('.group-toggle'),
         name: el.querySelector('.group-name'), count: el.querySelector('.group-count'),
         progress: el.querySelector('.group-progress'), bar: el.querySelector('.group-bar'),
         fill: el.querySelector('.bar-fill')
       };
-      el._key = -Infinity;
       el._group = g;
       el.dataset.group = prefix;
+      el.dataset.status = status;
       setText(g.name, prefix);
       g.name.title = prefix;
-      setCollapsed(g, collapsed.has(prefix));
-      groups.set(key, g);
+      setCollapsed(g, g.collapsed);
+      groups.set(gkey, g);
     }
     return g;
   }
 
   function setCollapsed(g, yes) {
-    g.body.hidden = yes;
+    g.collapsed = yes;
+    g.dirty = true;
+    setHidden(g.body, yes);
     g.el.classList.toggle('collapsed', yes);
     g.toggle.setAttribute('aria-expanded', yes ? 'false' : 'true');
   }
 
   function updateGroup(g) {
-    var sumN = 0, sumT = 0, withTotal = 0, visible = 0, unit = null, sameUnit = true;
-    g.members.forEach(function (rec) {
-      var t = rec.t, n = num(t.n) || 0, total = num(t.total);
+    var sumN = 0, sumT = 0, withTotal = 0, unit = null, sameUnit = true;
+    for (var i = 0; i < g.items.length; i++) {
+      var t = g.items[i].t, n = num(t.n) || 0, total = num(t.total), u = t.unit || 'it';
       if (total > 0) { sumN += n; sumT += total; withTotal++; }
-      var u = t.unit || 'it';
       if (unit === null) unit = u; else if (unit !== u) sameUnit = false;
-      if (!rec.el.hidden) visible++;
-    });
-    var size = g.members.size;
+    }
+    var size = g.items.length;
     setText(g.count, size + (size === 1 ? ' task' : ' tasks'));
-    var u = sameUnit && unit ? ' ' + unit : '';
     var text = '', w = '';
     if (withTotal) {
       var pct = Math.min(100, sumN / sumT * 100);
-      text = fmtNum(sumN) + ' / ' + fmtNum(sumT) + u + ' \u00b7 ' + (sumN >= sumT ? 100 : Math.min(99, Math.floor(pct))) + '%';
+      text = fmtNum(sumN) + ' / ' + fmtNum(sumT) + (sameUnit && unit ? ' ' + unit : '') + ' \u00b7 ' +
+        (sumN >= sumT ? 100 : Math.min(99, Math.floor(pct))) + '%';
       if (withTotal < size) text += ' (' + withTotal + ' of ' + size + ' with a total)';
       w = pct.toFixed(2) + '%';
     }
     setText(g.progress, text);
-    g.bar.hidden = !withTotal;
+    setHidden(g.bar, !withTotal);
     if (g.fill._w !== w) { g.fill._w = w; g.fill.style.width = w; }
-    g.el.hidden = visible === 0;
   }
 
-  // ---- placement ----------------------------------------------------------
-  // Every list (a section's list or a group's body) is kept sorted by el._key,
-  // newest first. Changed items are detached, then inserted in ascending key
-  // order by a scan from the top, which is O(1) for the usual "just updated".
-  function insertSorted(el) {
-    var container = el._container, key = el._key;
-    var c = container.firstElementChild;
-    while (c && c._key > key) c = c.nextElementSibling;
-    container.insertBefore(el, c);
-  }
-
-  function detach(rec, dirtyGroups) {
-    if (rec.status) counts[rec.status]--;
-    rec.status = null;
-    rec.el.remove();
-    if (rec.group) {
-      rec.group.members.delete(rec);
-      dirtyGroups.add(rec.group);
-      rec.group = null;
+  // Sort a group's members, refresh its header, count those passing the filter.
+  function settleGroup(g) {
+    var sec = sections[g.status];
+    if (!g.size) {
+      groups.delete(g.gkey);
+      sec.sort = sec.dirty = sec.stale = true;
+      return;
     }
+    if (g.sort) {
+      if (g.stale) g.items = g.items.filter(function (r) { return r.group === g; });
+      g.stale = false;
+      g.items.sort(byKey);
+      g.sort = false;
+      g.dirty = true;
+      if (g.items[0].key !== g.key) { g.key = g.items[0].key; sec.sort = true; }
+    }
+    if (g.summary) { updateGroup(g); g.summary = false; }
+    if (g.dirty) {
+      var matching = 0;
+      for (var i = 0; i < g.items.length; i++) if (g.items[i].match) matching++;
+      g.matching = matching;
+      g.dirty = false;
+      g.bodyDirty = true;
+      sec.dirty = true;
+    }
+  }
+
+  // ---- filing and rendering -----------------------------------------------
+  function file(rec, status) {
+    rec.status = status;
+    counts[status]++;
+    var prefix = grouping ? prefixOf(rec.id) : null, box = sections[status];
+    if (prefix !== null) {
+      var g = getGroup(status, prefix);
+      if (!g.listed) { g.listed = true; box.items.push(g); box.sort = box.dirty = true; }
+      g.size++;
+      g.summary = true;
+      rec.group = g;
+      box = g;
+    }
+    box.items.push(rec);
+    box.sort = box.dirty = true;
+  }
+
+  function unfile(rec) {
+    if (!rec.status) return;
+    counts[rec.status]--;
+    var box = rec.group || sections[rec.status];
+    box.sort = box.dirty = true;
+    box.stale = true;  // its entry in box.items is dropped at the next sort, this frame
+    if (rec.group) { rec.group.size--; rec.group.summary = true; }
+    rec.status = null;
+    rec.group = null;
+  }
+
+  function refile() {
+    refileAll = false;
+    STATUSES.forEach(function (s) {
+      var sec = sections[s];
+      counts[s] = 0;
+      sec.items = [];
+      sec.sort = sec.dirty = true;
+      sec.stale = false;
+    });
+    groups.forEach(function (g) {
+      g.items = [];
+      g.size = 0;
+      g.sort = g.dirty = g.summary = true;
+      g.stale = g.listed = false;
+    });
+    cards.forEach(function (rec) { rec.status = null; rec.group = null; file(rec, rec.t.status); });
+  }
+
+  // Make container's element children exactly the items of win, in order,
+  // touching only what differs.
+  var stamp = 0;
+  function reconcile(container, win, now) {
+    var mark = ++stamp, i, el, next;
+    for (i = 0; i < win.length; i++) (win[i].isGroup ? win[i].el : cardElement(win[i]))._stamp = mark;
+    for (el = container.firstElementChild; el; el = next) {
+      next = el.nextElementSibling;
+      if (el._stamp !== mark) el.remove();
+    }
+    var c = container.firstElementChild;
+    for (i = 0; i < win.length; i++) {
+      var it = win[i];
+      el = it.el;
+      if (!it.isGroup) {
+        if (!it.painted) paint(it, now);
+        else if (!el.parentNode) setAge(it, now);
+      }
+      if (c === el) c = c.nextElementSibling;
+      else container.insertBefore(el, c);
+      if (it.isGroup && it.bodyDirty) {
+        reconcile(it.body, it.win, now);
+        it.bodyDirty = false;
+      }
+    }
+  }
+
+  function renderSection(sec, now) {
+    if (sec.sort) {
+      if (sec.stale) {
+        sec.items = sec.items.filter(function (it) {
+          return it.isGroup ? groups.get(it.gkey) === it : it.status === sec.status && !it.group;
+        });
+        sec.stale = false;
+      }
+      sec.items.sort(byKey);
+      sec.sort = false;
+    }
+    // the budget counts cards; a group takes what is left of it for its
+    // members (a collapsed group costs one line)
+    var win = [], matching = 0, beyond = 0, budget = sec.limit;
+    for (var i = 0; i < sec.items.length; i++) {
+      var it = sec.items[i], m = it.isGroup ? it.matching : (it.match ? 1 : 0);
+      if (!m) continue;
+      matching += m;
+      if (budget <= 0) { beyond += m; continue; }
+      win.push(it);
+      if (!it.isGroup) { budget--; continue; }
+      var take = it.collapsed ? 0 : Math.min(m, budget);
+      budget -= it.collapsed ? 1 : take;
+      if (!it.collapsed) beyond += m - take;
+      if (take !== it.take || it.bodyDirty) {
+        var gw = [];
+        for (var j = 0; j < it.items.length && gw.length < take; j++) if (it.items[j].match) gw.push(it.items[j]);
+        it.win = gw;
+        it.take = take;
+        it.bodyDirty = true;
+      }
+    }
+    reconcile(sec.list, win, now);
+    sec.matching = matching;
+    sec.beyond = beyond;
+    sec.dirty = false;
   }
 
   function render() {
-    var now = serverNow();
-    var toPlace = [], dirtyGroups = new Set();
+    var now = serverNow(), filtering = filterTerms.length > 0;
     pending.forEach(function (t, id) {
       var rec = cards.get(id);
       if (t === null) {
-        if (rec) { detach(rec, dirtyGroups); cards.delete(id); }
+        if (rec) { unfile(rec); contribute(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
         return;
       }
-      if (!rec) { rec = createCard(id); cards.set(id, rec); }
-      updateCard(rec, t, now);
-      if (fullLayout) return;
-      var status = t.status, key = activityKey(t);
-      if (rec.status === status && key <= rec.el._key) {
-        if (rec.group) dirtyGroups.add(rec.group);
-        return;
-      }
-      detach(rec, dirtyGroups);
-      rec.status = status;
-      counts[status]++;
-      rec.el._key = key;
-      var prefix = grouping ? prefixOf(id) : null;
-      if (prefix !== null) {
-        var g = getGroup(status, prefix);
-        g.members.add(rec);
-        rec.group = g;
-        if (key > g.newKey) g.newKey = key;
-        dirtyGroups.add(g);
-        rec.el._container = g.body;
+      if (!rec) { rec = newRecord(id); cards.set(id, rec); }
+      if (STATUSES.indexOf(t.status) < 0) t.status = 'active';
+      rec.t = t;
+      rec.search = null;
+      rec.painted = false;
+      contribute(rec, t);
+      var match = filtering ? matches(searchOf(rec)) : true, key = activityKey(t);
+      if (refileAll) { rec.key = key; rec.match = match; return; }
+      if (rec.status !== t.status) {
+        unfile(rec);
+        rec.key = key;
+        rec.match = match;
+        file(rec, t.status);
       } else {
-        rec.el._container = lists[status];
+        var box = rec.group || sections[rec.status];
+        if (key !== rec.key) { rec.key = key; box.sort = box.dirty = true; }
+        if (match !== rec.match) { rec.match = match; box.dirty = true; }
+        if (rec.group) rec.group.summary = true;
       }
-      toPlace.push(rec.el);
+      if (rec.el && rec.el.isConnected) paint(rec, now);
     });
     pending.clear();
-
-    if (fullLayout) {
-      layoutAll();
-    } else {
-      dirtyGroups.forEach(function (g) {
-        if (!g.members.size) {
-          g.el.remove();
-          groups.delete(g.key);
-          return;
-        }
-        if (!g.el.parentNode || g.newKey > g.el._key) {
-          g.el.remove();
-          g.el._key = Math.max(g.el._key, g.newKey);
-          g.el._container = lists[g.status];
-          toPlace.push(g.el);
-        }
-        g.newKey = 0;
-      });
-      toPlace.sort(function (a, b) { return a._key - b._key; });
-      for (var i = 0; i < toPlace.length; i++) insertSorted(toPlace[i]);
-      dirtyGroups.forEach(function (g) { if (g.members.size) updateGroup(g); });
-    }
+    if (refileAll) refile();
+    groups.forEach(function (g) { if (!g.size || g.sort || g.dirty || g.summary) settleGroup(g); });
+    STATUSES.forEach(function (s) { if (sections[s].dirty || sections[s].sort) renderSection(sections[s], now); });
     updateChrome();
-  }
-
-  function layoutAll() {
-    fullLayout = false;
-    groups.forEach(function (g) { g.el.remove(); });
-    groups.clear();
-    var items = { active: [], stale: [], error: [], close: [] };
-    STATUSES.forEach(function (s) { counts[s] = 0; lists[s].textContent = ''; });
-    cards.forEach(function (rec) {
-      var status = rec.t.status, key = activityKey(rec.t);
-      rec.status = status;
-      rec.group = null;
-      counts[status]++;
-      rec.el._key = key;
-      var prefix = grouping ? prefixOf(rec.id) : null;
-      if (prefix === null) { items[status].push(rec.el); return; }
-      var g = getGroup(status, prefix);
-      if (!g.members.size) items[status].push(g.el);
-      g.members.add(rec);
-      rec.group = g;
-      if (key > g.el._key) g.el._key = key;
-    });
-    var desc = function (a, b) { return b._key - a._key; };
-    groups.forEach(function (g) {
-      var els = [];
-      g.members.forEach(function (rec) { rec.el._container = g.body; els.push(rec.el); });
-      els.sort(desc);
-      var frag = document.createDocumentFragment();
-      for (var i = 0; i < els.length; i++) frag.appendChild(els[i]);
-      g.body.appendChild(frag);
-      updateGroup(g);
-    });
-    STATUSES.forEach(function (s) {
-      var arr = items[s];
-      arr.sort(desc);
-      var frag = document.createDocumentFragment();
-      for (var i = 0; i < arr.length; i++) { arr[i]._container = lists[s]; frag.appendChild(arr[i]); }
-      lists[s].appendChild(frag);
-    });
   }
 
   // ---- filter -------------------------------------------------------------
@@ -2718,40 +3057,56 @@ body.disconnected main { opacity: .72; }
   function applyFilter() {
     var value = $('filter').value.trim().toLowerCase();
     filterTerms = value ? value.split(/\s+/) : [];
-    cards.forEach(function (rec) { rec.el.hidden = !matches(rec.search); });
-    groups.forEach(updateGroup);
-    updateChrome();
+    var filtering = filterTerms.length > 0;
+    cards.forEach(function (rec) {
+      var m = filtering ? matches(searchOf(rec)) : true;
+      if (m !== rec.match && rec.status) {
+        rec.match = m;
+        (rec.group || sections[rec.status]).dirty = true;
+      }
+    });
+    renderNow();
   }
 
   // ---- counts, empty lines, title ----------------------------------------
   function updateChrome() {
     var filtering = filterTerms.length > 0;
-    var visible = { active: 0, stale: 0, error: 0, close: 0 };
-    if (filtering) cards.forEach(function (rec) { if (rec.status && !rec.el.hidden) visible[rec.status]++; });
     STATUSES.forEach(function (s) {
-      setText(countEls[s], String(counts[s]));
-      var shown = filtering ? visible[s] : counts[s];
-      setShown(shownEls[s], filtering && counts[s] ? shown + ' shown' : '');
-      emptyEls[s].hidden = shown > 0;
-      setText(emptyEls[s], filtering && counts[s] ? 'No matches.' : 'Nothing here.');
+      var sec = sections[s], matching = sec.matching;
+      setText(sec.count, String(counts[s]));
+      setShown(sec.shown, filtering && counts[s] ? matching + (matching === 1 ? ' match' : ' matches') : '');
+      setShown(sec.more, sec.beyond > 0 ? 'Show ' + PAGE + ' more (' + sec.beyond + ' not shown)' : '');
+      setHidden(sec.empty, matching > 0);
+      setText(sec.empty, filtering && counts[s] ? 'No matches.' : 'Nothing here.');
     });
     $('btn-clear-close').disabled = counts.close === 0;
     $('btn-clear-stale').disabled = counts.stale === 0;
-    $('empty-hint').hidden = !(gotSnapshot && cards.size === 0);
-    updateTitle();
+    setHidden($('empty-hint'), !(gotSnapshot && cards.size === 0));
+    document.body.classList.toggle('many', cards.size > 300);
+    updateTitle(false);
   }
 
-  function updateTitle() {
-    var running = 0, sumN = 0, sumT = 0;
-    tasks.forEach(function (t) {
-      if (t.status !== 'active' && t.status !== 'stale') return;
-      running++;
-      var total = num(t.total);
-      if (total > 0) { sumN += Math.min(num(t.n) || 0, total); sumT += total; }
-    });
-    var title = TITLE;
+  // Overall progress of the running (active + stale) bars with a known total,
+  // kept as running sums by render() and recomputed exactly once a second.
+  var progN = 0, progT = 0;
+  function contribute(rec, t) {
+    var total = t && (t.status === 'active' || t.status === 'stale') ? num(t.total) : null;
+    var n = total > 0 ? Math.min(Math.max(num(t.n) || 0, 0), total) : 0;
+    if (!(total > 0)) total = 0;
+    progN += n - (rec.cN || 0);
+    progT += total - (rec.cT || 0);
+    rec.cN = n;
+    rec.cT = total;
+  }
+
+  function updateTitle(exact) {
+    if (exact) {
+      progN = progT = 0;
+      cards.forEach(function (rec) { progN += rec.cN; progT += rec.cT; });
+    }
+    var running = counts.active + counts.stale, title = TITLE;
     if (running) {
-      title = '(' + running + ' active' + (sumT ? ', ' + Math.floor(sumN / sumT * 100) + '%' : '') + ') ' + TITLE;
+      title = '(' + running + ' active' + (progT > 0 ? ', ' + Math.floor(Math.min(progN / progT, 1) * 100 + 1e-9) + '%' : '') + ') ' + TITLE;
     }
     if (document.title !== title) document.title = title;
   }
@@ -2760,12 +3115,9 @@ body.disconnected main { opacity: .72; }
     updateConnText();
     if (!document.hidden) {
       var now = serverNow();
-      cards.forEach(function (rec) {
-        if (rec.el.hidden || (rec.group && rec.group.body.hidden)) return;
-        setAge(rec, now);
-      });
+      cards.forEach(function (rec) { if (rec.el && rec.el.isConnected) setAge(rec, now); });
     }
-    updateTitle();
+    updateTitle(true);
   }
 
   // ---- REST actions ---------------------------------------------------------
@@ -2817,7 +3169,9 @@ body.disconnected main { opacity: .72; }
     var perm = Notification.permission;
     notifyBtn.disabled = perm === 'denied';
     notifyBtn.setAttribute('aria-pressed', notifyOn ? 'true' : 'false');
-    notifyBtn.textContent = perm === 'denied' ? 'Notify: blocked' : (notifyOn ? 'Notify: on' : 'Notify');
+    notifyBtn.textContent = perm === 'denied' ? 'Notify: blocked' : 'Notify';
+    notifyBtn.title = perm === 'denied' ? 'Notifications are blocked in this browser'
+      : 'Browser notification when a task completes or fails (' + (notifyOn ? 'on' : 'off') + ')';
   }
 
   function flushNotifications() {
@@ -2892,17 +3246,47 @@ body.disconnected main { opacity: .72; }
     b.hidden = !text;
   }
 
+  function parseJson(text) {
+    try { return JSON.parse(text); } catch (e) { /* maybe bare NaN / Infinity */ }
+    try {
+      return JSON.parse(String(text).replace(/("(?:[^"\\]|\\.)*")|-?\bInfinity\b|\bNaN\b/g,
+        function (m, str) { return str || 'null'; }));
+    } catch (e) { return null; }
+  }
+
+  // The first attempt opens the socket at once. Later attempts ask /health
+  // first: a server that is down then costs one failed request per attempt,
+  // and a token problem is told apart from a network one.
+  var probing = false;
   function connect() {
     clearTimeout(retryTimer);
     retryTimer = 0;
-    if (ws) return;
+    if (ws || probing) return;
+    if (attempt === 0 && !authBlocked) { openSocket(); return; }
+    probing = true;
+    if (!authBlocked) setConn('reconnecting');
+    probe(function (health) {
+      probing = false;
+      if (!health) backoff();
+      else if (health.auth_required && !health.authorized) blockAuth();
+      else openSocket();
+    });
+  }
+
+  function probe(done) {
+    fetch(apiUrl('/health'), { cache: 'no-store' })
+      .then(function (r) { return r.json(); })
+      .then(done, function () { done(null); });
+  }
+
+  function openSocket() {
     if (!authBlocked) setConn(attempt ? 'reconnecting' : 'connecting');
-    var sock;
-    try { sock = new WebSocket(wsUrl); } catch (e) { onDown(); return; }
+    var sock, heard = false;
+    try { sock = new WebSocket(wsUrl); } catch (e) { backoff(); return; }
     ws = sock;
     sock.onmessage = function (ev) {
-      var msg;
-      try { msg = JSON.parse(ev.data); } catch (e) { return; }
+      var msg = parseJson(ev.data);
+      heard = true;
       if (msg && msg.type === 'snapshot') {
         attempt = 0;
         authBlocked = false;
@@ -2916,31 +3300,30 @@ body.disconnected main { opacity: .72; }
     sock.onclose = function () {
       if (ws !== sock) return;
       ws = null;
-      onDown();
+      if (heard) { backoff(); return; }
+      probe(function (health) {
+        if (health && health.auth_required && !health.authorized) blockAuth();
+        else backoff();
+      });
     };
   }
 
-  function onDown() {
-    var done = function (health) {
-      if (health && health.auth_required && !health.authorized) {
-        authBlocked = true;
-        setConn('unauthorized');
-        showBanner(token
-          ? 'Unauthorized: the token in the URL was not accepted. Add ?token=... with a valid token to the URL.'
-          : 'Unauthorized: this server needs a token. Add ?token=... to the URL.');
-        scheduleRetry(30);
-        return;
-      }
-      authBlocked = false;
-      showBanner('');
-      var delay = Math.min(10, 0.5 * Math.pow(2, attempt)) * (0.8 + Math.random() * 0.4);
-      attempt++;
-      scheduleRetry(delay);
-      setConn(navigator.onLine === false ? 'offline' : 'reconnecting');
-    };
-    fetch(apiUrl('/health'), { cache: 'no-store' })
-      .then(function (r) { return r.json(); })
-      .then(done, function () { done(null); });
+  function blockAuth() {
+    authBlocked = true;
+    setConn('unauthorized');
+    showBanner(token
+      ? 'Unauthorized: the token in the URL was not accepted. Add ?token=... with a valid token to the URL.'
+      : 'Unauthorized: this server needs a token. Add ?token=... to the URL.');
+    scheduleRetry(30);
+  }
+
+  function backoff() {
+    authBlocked = false;
+    showBanner('');
+    var delay = Math.min(10, 0.5 * Math.pow(2, attempt)) * (0.8 + Math.random() * 0.4);
+    attempt++;
+    scheduleRetry(delay);
+    setConn(navigator.onLine === false ? 'offline' : 'reconnecting');
   }
 
   function scheduleRetry(seconds) {
@@ -2976,13 +3359,21 @@ body.disconnected main { opacity: .72; }
       if (card) discard(card.dataset.taskId, btn);
       return;
     }
+    var more = target.closest && target.closest('.more');
+    if (more) {
+      var box = more.dataset.status ? sections[more.dataset.status] : more.closest('.group')._group;
+      box.limit += PAGE;
+      box.dirty = true;
+      renderNow();
+      return;
+    }
     var toggle = target.closest && target.closest('.group-toggle');
     if (toggle) {
       var g = toggle.closest('.group')._group;
-      var yes = !g.body.hidden;
+      var yes = !g.collapsed;
       if (yes) collapsed.add(g.prefix); else collapsed.delete(g.prefix);
       groups.forEach(function (other) { if (other.prefix === g.prefix) setCollapsed(other, yes); });
-      if (!yes) tick();
+      renderNow();
     }
   });
 
@@ -2992,13 +3383,13 @@ body.disconnected main { opacity: .72; }
   var groupBtn = $('btn-group');
   function updateGroupButton() {
     groupBtn.setAttribute('aria-pressed', grouping ? 'true' : 'false');
-    groupBtn.textContent = grouping ? 'Group: on' : 'Group: off';
+    groupBtn.title = 'Group tasks by the id prefix before the first colon (' + (grouping ? 'on' : 'off') + ')';
   }
   groupBtn.addEventListener('click', function () {
     grouping = !grouping;
     store('group', grouping ? '1' : '0');
     updateGroupButton();
-    fullLayout = true;
+    refileAll = true;
     renderNow();
   });
   updateGroupButton();
@@ -3173,7 +3564,8 @@ def main(argv=None):
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command != "run":  # a run target configures logging itself, as under python
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if args.command == "serve":
         tokens = args.token or _env_list("PROGRESSISTA_API_TOKEN", "PROGRESSISTA_API_TOKENS")
