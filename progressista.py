@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
@@ -126,7 +127,9 @@ class _Sender:
     def __init__(self):
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.bars = {}      # id(bar) -> bar, the open bars of this process
+        # id(bar) -> bar, the open bars of this process; weak, so a bar the job
+        # drops unclosed is still collected (and closed by tqdm's __del__)
+        self.bars = weakref.WeakValueDictionary()
         self.finals = {}    # id(bar) -> _Final, closed bars not yet delivered
         self.conns = {}     # (scheme, netloc) -> http.client connection
         self.send_lock = threading.Lock()  # one request on the wire at a time
@@ -190,20 +193,28 @@ class _Sender:
             final.done.wait(left)
 
     def shutdown(self):
-        """At interpreter exit: deliver what is left once, then go quiet."""
+        """At interpreter exit: one last bounded delivery, then go quiet.
+
+        The sender thread still does the sending (so nothing can overtake a
+        final state); a server that just timed out is not waited for again,
+        one that refused gets one more quick try.
+        """
         with self.lock:
             for key, bar in list(self.bars.items()):
                 bar._pst_closed = True
                 self.finals[key] = _Final(bar, bar._pst_payload("close"), 0.0, None)
             self.bars.clear()
-            for final in self.finals.values():
+            waits = list(self.finals.values())
+            for final in waits:
                 final.hold_until = 0.0
-            timeout = max([f.bar._pst_timeout for f in self.finals.values()] or [0.0])
-            self.stopped = True
-        if timeout and not self.stalled:
-            # Send from this thread, once: at exit nothing else is left to do,
-            # and a server that just timed out is not waited for again.
-            self._tick(force=True)
+            if waits and not self.stalled:
+                self.failing, self.backoff_until = False, 0.0
+                self._ensure_thread()
+        if waits and not self.stalled:
+            self.wake.set()
+            self.flush(waits, max(f.bar._pst_timeout for f in waits))
+        self.stopped = True
+        self.wake.set()
 
     # The sender thread's side.
 
@@ -218,7 +229,10 @@ class _Sender:
             self.wake.wait(self._next_wait())
             self.wake.clear()
             if not self.stopped:
-                self._tick()
+                try:
+                    self._tick()
+                except Exception:  # never let one odd bar end the reporting
+                    log.debug("progressista sender tick failed", exc_info=True)
 
     def _next_wait(self):
         now = time.monotonic()
@@ -270,7 +284,7 @@ class _Sender:
         started = time.monotonic()
         try:
             owner._post(payloads[0] if len(payloads) == 1 else payloads)
-        except Exception:
+        except BaseException:  # whatever _post raises is swallowed, by contract
             self.failing = True
             self.stalled = time.monotonic() - started >= owner._pst_timeout * 0.5
             self.backoff_until = time.monotonic() + min(owner._pst_every * 4 + 0.5, 5.0)
@@ -815,6 +829,7 @@ _STR_LIMITS = {"task_id": MAX_ID, "desc": 1024, "unit": 64, "error": 4096,
                "host": 256, "postfix": 1024}
 _NUMBER_FIELDS = ("n", "total", "rate", "elapsed", "timestamp")
 _INCOMING_STATUS = {"start": "active", "update": "active", "close": "close", "error": "error"}
+_ENDING_OR_START = ("start", "close", "error")
 _PLAIN_FIELDS = ("desc", "unit", "rate", "elapsed", "error", "host", "pid", "postfix", "meta")
 
 
@@ -949,6 +964,13 @@ class TaskStore:
             self._live[task_id] = None
             self.removed.discard(task_id)  # removed and made again: a delta says it once
             progressed = True
+        elif (task["status"] == "close" or task["status"] == "error") \
+                and update.get("status") not in _ENDING_OR_START:
+            # An ended task takes only a new start (a rerun) or a new ending: a
+            # late update that lost a race with its own close changes nothing.
+            task["seen_at"] = now
+            self.dirty.add(task_id)
+            return
         else:
             progressed = False
         for key in _PLAIN_FIELDS:
@@ -1908,7 +1930,11 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as exc:
             self._error(exc.status, str(exc))
 
-    do_HEAD = do_GET
+    def do_HEAD(self):
+        if self.path.partition("?")[0] == "/ws":
+            self._split()
+            return self._error(405, "the WebSocket needs GET", [("Allow", "GET")])
+        self.do_GET()
 
     def do_POST(self):
         self._split()
@@ -2184,7 +2210,7 @@ def _metrics_text(server):
         ("progressista_task_n", "Units done (tqdm's n).", lambda t: t["n"]),
         ("progressista_task_total", "Units expected (tqdm's total); NaN when unknown.",
          lambda t: t["total"]),
-        ("progressista_task_progress_ratio", "n / total, 0 to 1; NaN when total is unknown.",
+        ("progressista_task_progress_ratio", "n / total (1 when done); NaN when total is unknown.",
          ratio),
         ("progressista_task_rate", "Smoothed units per second, as tqdm computes it.",
          lambda t: t["rate"]),
@@ -2432,6 +2458,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   #filter { flex-basis: 100%; order: 3; }
   .actions { order: 4; }
   .group { padding: 6px; }
+  .group-bar { max-width: none; }
 }
 </style>
 </head>
@@ -2526,15 +2553,33 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     }
     return x.toFixed(1) + 'Y';
   }
-  function fmtNum(x) {
+  // Units an SI prefix joins, as in "61.3 GB" (other units read "312k row").
+  var PREFIXED = { B: 1, b: 1, bit: 1, Hz: 1 };
+  function fmtNum(x, scale) {
     if (typeof x !== 'number' || !isFinite(x)) return '?';
+    if (!scale) return x.toLocaleString('en-US', { maximumFractionDigits: 2 });
     if (Math.abs(x) < 1000) return Number.isInteger(x) ? String(x) : String(+x.toFixed(2));
     return sizeof(x);
+  }
+  function withUnit(s, unit) {  // "61.3G" + "B" -> "61.3 GB"
+    if (!unit) return s;
+    if (!PREFIXED[unit]) return s + ' ' + unit;
+    var last = s.charAt(s.length - 1);
+    return /[kMGTPEZY]/.test(last) ? s.slice(0, -1) + ' ' + last + unit : s + ' ' + unit;
+  }
+  // "n / total unit" (or "n unit"): exact counts, as tqdm shows them, while
+  // they are short; SI-scaled from 100k on, and always for bytes and the like.
+  function fmtProgress(n, total, unit) {
+    var big = Math.max(Math.abs(n) || 0, total ? Math.abs(total) : 0);
+    var scale = PREFIXED[unit] ? big >= 1000 : big >= 1e5;
+    if (!total) return withUnit(fmtNum(n, scale), unit);
+    if (PREFIXED[unit]) return withUnit(fmtNum(n, scale), unit) + ' / ' + withUnit(fmtNum(total, scale), unit);
+    return withUnit(fmtNum(n, scale) + ' / ' + fmtNum(total, scale), unit);
   }
   function fmtRate(rate, unit) {
     if (typeof rate !== 'number' || !isFinite(rate) || rate <= 0) return '';
     if (rate < 1) return sizeof(1 / rate) + ' s/' + unit;
-    return sizeof(rate) + ' ' + unit + '/s';
+    return withUnit(sizeof(rate), unit) + '/s';
   }
   function pad2(v) { return v < 10 ? '0' + v : String(v); }
   function fmtInterval(t) {
@@ -2773,7 +2818,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       else rec.bar.setAttribute('aria-valuenow', String(Math.floor(pct)));
     }
     setShown(rec.percent, pct === null ? '' : (n >= total ? '100' : String(Math.min(99, Math.floor(pct)))) + '%');
-    setText(rec.progress, total ? fmtNum(n) + ' / ' + fmtNum(total) + ' ' + unit : fmtNum(n) + ' ' + unit);
+    setText(rec.progress, fmtProgress(n, total, unit));
     setShown(rec.rate, fmtRate(rate, unit));
     setShown(rec.elapsed, elapsed === null ? '' : 'elapsed ' + fmtInterval(elapsed));
     setAge(rec, now);
@@ -2862,7 +2907,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     var text = '', w = '';
     if (withTotal) {
       var pct = Math.min(100, sumN / sumT * 100);
-      text = fmtNum(sumN) + ' / ' + fmtNum(sumT) + (sameUnit && unit ? ' ' + unit : '') + ' \u00b7 ' +
+      text = fmtProgress(sumN, sumT, sameUnit && unit ? unit : '') + ' \u00b7 ' +
         (sumN >= sumT ? 100 : Math.min(99, Math.floor(pct))) + '%';
       if (withTotal < size) text += ' (' + withTotal + ' of ' + size + ' with a total)';
       w = pct.toFixed(2) + '%';
@@ -3533,24 +3578,36 @@ _RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log
 def _split_run_args(argv):
     """Split ``run`` arguments into ours and the target's.
 
-    Everything after ``--`` is the target's.  Without ``--``, everything after
-    the script (or ``-m module``) is, as with ``python script.py args``.
+    As with ``python script.py args``, everything after the script (or ``-m
+    module``) is the target's, and a ``--`` right after it is dropped.  Our
+    own options may also stand between the target and a ``--``:
+    ``run train.py --server-url URL -- --lr 3``.
     """
-    if "--" in argv:
-        cut = argv.index("--")
-        return argv[:cut], argv[cut + 1:]
     i = 1
     while i < len(argv):
         token = argv[i]
+        if token == "--":
+            return argv[:i], argv[i + 1:]
         if token == "-m":
-            return argv[:i + 2], argv[i + 2:]
+            i += 1
+            break
         if token in _RUN_VALUED:
             i += 2
         elif token.startswith("-"):
             i += 1
         else:
-            return argv[:i + 1], argv[i + 1:]
-    return argv, []
+            break
+    else:
+        return argv, []
+    ours, rest = argv[:i + 1], argv[i + 1:]
+    if "--" in rest:
+        cut = rest.index("--")
+        between, k = rest[:cut], 0
+        while k < len(between) and between[k] in _RUN_VALUED[1:]:
+            k += 2
+        if k == len(between):
+            return ours + between, rest[cut + 1:]
+    return ours, rest
 
 
 def main(argv=None):

@@ -3,20 +3,33 @@
 Servers bind 127.0.0.1 on a free port and are stopped by the test that made
 them; the ``no_leaks`` fixture fails a test that leaves threads behind.
 """
+import base64
+import http.client
 import io
 import json
+import logging
+import math
 import os
+import re
+import select
+import shutil
+import signal
 import socket
+import sqlite3
+import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
 
 import progressista
+from progressista import BadRequest, ProtocolError, TaskStore, check_update, parse_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "progressista.py")
@@ -150,6 +163,51 @@ def start_cli_server(*args, env=None, cwd=None, python_flags=()):
     raise AssertionError("server did not start: %r" % line)
 
 
+
+INDEX_PATH = os.path.join(HERE, "index.html")
+MASK = b"\x11\x22\x33\x44"
+
+
+def make_store(**options):
+    clock = FakeClock()
+    return TaskStore(clock=clock, **options), clock
+
+
+def port_of(srv):
+    return srv.server_address[1]
+
+
+def raw_http(srv, data, timeout=5, shut_write=False):
+    """Send raw bytes; return (status, headers dict, body bytes) of the first response."""
+    with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=timeout) as sock:
+        sock.sendall(data)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        rfile = sock.makefile("rb")
+        return read_response(rfile)
+
+
+def read_response(rfile):
+    status_line = rfile.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    status = int(status_line.split()[1])
+    headers = {}
+    while True:
+        line = rfile.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = rfile.read(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+def assert_json_error(status, body, hdrs, expected):
+    assert status == expected, (status, body)
+    assert "json" in hdrs.get("Content-Type", ""), hdrs
+    assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+
+
 # -- wire helpers ------------------------------------------------------------
 
 def test_finite_makes_anything_json_safe():
@@ -167,25 +225,3018 @@ def test_summarize_is_one_line():
 
 # -- client ------------------------------------------------------------------
 
+# Most client tests run the job in a subprocess, so that the process-wide
+# sender thread, the crash hooks and the atexit flush are the real ones and
+# never leak into the test process.
+
+PRELUDE = "import sys\nsys.path.insert(0, %r)\nimport progressista\nfrom progressista import RemoteTqdm\n" % HERE
+
+
+def _clean_env(extra=None, **more):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROGRESSISTA_")}
+    env["PYTHONPATH"] = HERE
+    env.pop("PYTHONSTARTUP", None)
+    for source in (more, extra or {}):  # ``extra`` wins
+        env.update({k: v for k, v in source.items() if v is not None})
+    return env
+
+
+def run_job(code, srv=None, url=None, env=None, timeout=60, prelude=True, args=(),
+            input=None, cwd=None, setup=""):
+    """Run ``code`` in a fresh interpreter; returns (CompletedProcess, seconds)."""
+    if url is None and srv is not None:
+        url = srv.url + "/progress"
+    full_env = _clean_env(env, PROGRESSISTA_SERVER_URL=url)
+    source = (PRELUDE if prelude else "") + setup + textwrap.dedent(code)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", source, *args], env=full_env,
+                          capture_output=True, timeout=timeout, input=input, cwd=cwd)
+    return proc, time.monotonic() - started
+
+
+def run_cli(*args, srv=None, env=None, timeout=60, input=None, cwd=None):
+    full_env = _clean_env(env, PROGRESSISTA_SERVER_URL=srv.url + "/progress" if srv else None)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, SCRIPT, *args], env=full_env, capture_output=True,
+                          timeout=timeout, input=input, cwd=cwd)
+    return proc, time.monotonic() - started
+
+
+def ok(proc):
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def task(srv, task_id):
+    status, body, _ = request(srv.url + "/tasks/" + task_id)
+    return body if status == 200 else None
+
+
+def wait_task(srv, task_id, timeout=8.0, **expected):
+    """Wait until the task exists and has every ``expected`` field value."""
+    def check():
+        t = task(srv, task_id)
+        if t is not None and all(t.get(k) == v for k, v in expected.items()):
+            return t
+        return None
+    try:
+        return wait_for(check, timeout=timeout)
+    except AssertionError:
+        raise AssertionError("task %r never matched %r; last: %r"
+                             % (task_id, expected, task(srv, task_id)))
+
+
+def only_task(srv):
+    all_tasks = tasks(srv)
+    assert len(all_tasks) == 1, all_tasks
+    return next(iter(all_tasks.values()))
+
+
+def test_bar_reports_its_fields_while_open_and_when_done(server):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent("""
+            b = RemoteTqdm(total=50, desc="copying", unit="file", meta={"lr": 0.5, "run": "x"},
+                           task_id="job:open", disable=None)
+            b.update(5)
+            print("ready", flush=True)
+            sys.stdin.readline()
+            b.update(45)
+            b.close()
+        """)],
+        env=_clean_env(PROGRESSISTA_SERVER_URL=server.url + "/progress"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        t = wait_task(server, "job:open", n=5, status="active")
+        assert t["total"] == 50 and t["desc"] == "copying" and t["unit"] == "file"
+        assert t["meta"] == {"lr": 0.5, "run": "x"}
+        assert t["host"] == socket.gethostname()
+        assert t["pid"] == proc.pid
+        out, err = proc.communicate(b"go\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert err == b""
+    t = task(server, "job:open")
+    assert t["status"] == "close" and t["n"] == 50
+
+
+def test_for_loop_final_n_is_exact(server):
+    ok(run_job("""
+        for _ in RemoteTqdm(range(1000), desc="loop", task_id="loop"):
+            pass
+    """, server)[0])
+    t = task(server, "loop")
+    assert t["n"] == 1000 and t["total"] == 1000 and t["status"] == "close"
+    assert t["error"] is None and t["elapsed"] is not None
+
+
+def test_with_block_exception_marks_error(server):
+    proc, _ = run_job("""
+        try:
+            with RemoteTqdm(total=10, task_id="with-err") as b:
+                b.update(3)
+                raise ValueError("bad row 17")
+        except ValueError:
+            print("caught")
+    """, server)
+    ok(proc)
+    assert proc.stdout == b"caught\n"
+    t = task(server, "with-err")
+    assert t["status"] == "error" and t["error"] == "ValueError: bad row 17" and t["n"] == 3
+
+
+def test_with_block_without_exception_closes(server):
+    ok(run_job("""
+        with RemoteTqdm(total=10, task_id="with-ok") as b:
+            b.update(10)
+    """, server)[0])
+    t = task(server, "with-ok")
+    assert t["status"] == "close" and t["error"] is None and t["n"] == 10
+
+
+STATUS_LOG_CLASS = """
+import os, threading
+class Logged(RemoteTqdm):
+    def _post(self, payload):
+        items = payload if isinstance(payload, list) else [payload]
+        with open(os.environ["STATUS_LOG"], "a") as f:
+            for item in items:
+                f.write("%s %s %s\\n" % (item["task_id"], item["status"], item["n"]))
+        return super()._post(payload)
+"""
+
+
+def _statuses(path, task_id):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.split()[1] for line in f if line.split()[0] == task_id]
+
+
+def test_uncaught_exception_in_script_loop_is_error_never_close(server, tmp_path):
+    log = str(tmp_path / "log")
+    script = tmp_path / "job.py"
+    script.write_text(PRELUDE + STATUS_LOG_CLASS + textwrap.dedent("""
+        for i in Logged(range(100), task_id="crash"):
+            if i == 50:
+                raise ValueError("row 50 is broken")
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60,
+                          env=_clean_env(PROGRESSISTA_SERVER_URL=server.url + "/progress",
+                                         STATUS_LOG=log))
+    assert proc.returncode == 1
+    assert b"Traceback (most recent call last):" in proc.stderr
+    assert proc.stderr.endswith(b"ValueError: row 50 is broken\n")
+    t = task(server, "crash")
+    assert t["status"] == "error" and t["error"] == "ValueError: row 50 is broken"
+    assert t["n"] == 50
+    sent = _statuses(log, "crash")
+    assert sent and sent[-1] == "error" and "close" not in sent
+
+
+def test_uncaught_exception_in_function_loop_is_error(server):
+    proc, _ = run_job("""
+        def work():
+            for i in RemoteTqdm(range(10), task_id="fn-crash"):
+                if i == 4:
+                    {}["missing"]
+        work()
+    """, server)
+    assert proc.returncode == 1 and b"KeyError" in proc.stderr
+    t = task(server, "fn-crash")
+    assert t["status"] == "error" and t["error"] == "KeyError: 'missing'"
+
+
+def test_uncaught_exception_in_thread_marks_its_bar_error(server, tmp_path):
+    log = str(tmp_path / "log")
+    proc, _ = run_job(setup=STATUS_LOG_CLASS, code="""
+        import threading
+        def work():
+            for i in Logged(range(100), task_id="thread-crash"):
+                if i == 20:
+                    raise RuntimeError("worker died")
+        main = Logged(total=3, task_id="main-bar")
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        main.update(3)
+        main.close()
+        print("main done")
+    """, srv=server, env={"STATUS_LOG": log})
+    ok(proc)
+    assert proc.stdout == b"main done\n"
+    assert b"RuntimeError: worker died" in proc.stderr  # the usual thread traceback
+    t = task(server, "thread-crash")
+    assert t["status"] == "error" and t["error"] == "RuntimeError: worker died"
+    assert "close" not in _statuses(log, "thread-crash")
+    m = task(server, "main-bar")
+    assert m["status"] == "close" and m["n"] == 3
+
+
+def test_break_out_of_loop_closes(server):
+    proc, _ = run_job("""
+        import time
+        for i in RemoteTqdm(range(100), task_id="brk"):
+            if i == 10:
+                break
+        time.sleep(1.5)
+        print("after")
+    """, server)
+    ok(proc)
+    t = wait_task(server, "brk", status="close")
+    assert t["n"] == 10 and t["error"] is None
+
+
+def test_caught_exception_out_of_loop_is_not_error(server):
+    ok(run_job("""
+        import time
+        try:
+            for i in RemoteTqdm(range(100), task_id="caught"):
+                if i == 5:
+                    raise ValueError("handled")
+        except ValueError:
+            pass
+        time.sleep(1.0)
+    """, server)[0])
+    assert wait_task(server, "caught", status="close")["n"] == 5
+
+
+def test_bar_never_closed_is_flushed_at_exit(server):
+    ok(run_job("""
+        b = RemoteTqdm(total=10, task_id="left-open", push_every=60)
+        b.update(7)
+    """, server)[0])
+    t = task(server, "left-open")
+    assert t["status"] == "close" and t["n"] == 7
+
+
+def test_disable_true_makes_no_task_and_no_output(server):
+    proc, _ = run_job("""
+        for _ in RemoteTqdm(range(100), disable=True, task_id="off"):
+            pass
+        b = RemoteTqdm(total=5, disable=True)
+        b.update(1)
+        b.close()
+        import threading
+        print(sorted(t.name for t in threading.enumerate() if t.name.startswith("progressista")))
+    """, server)
+    ok(proc)
+    assert proc.stdout == b"[]\n" and proc.stderr == b""
+    assert tasks(server) == {}
+
+
+def test_disable_none_without_tty_still_reports_and_prints_nothing(server):
+    proc, _ = run_job("""
+        for _ in RemoteTqdm(range(100), disable=None, task_id="batch"):
+            pass
+    """, server)
+    ok(proc)
+    assert proc.stderr == b"" and proc.stdout == b""
+    t = task(server, "batch")
+    assert t["status"] == "close" and t["n"] == 100
+
+
+def test_local_display_is_still_tqdms(server):
+    proc, _ = run_job("""
+        for _ in RemoteTqdm(range(10), desc="shown", task_id="shown", mininterval=0):
+            pass
+    """, server)
+    ok(proc)
+    assert b"shown: 100%" in proc.stderr and b"10/10" in proc.stderr
+
+
+def test_heartbeat_advances_seen_at_but_not_updated_at(server):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent("""
+            progressista.HEARTBEAT_SECONDS = 0.3
+            b = RemoteTqdm(total=10, task_id="hb", push_every=0.05, disable=None)
+            b.update(2)
+            print("ready", flush=True)
+            sys.stdin.readline()
+            b.close()
+        """)],
+        env=_clean_env(PROGRESSISTA_SERVER_URL=server.url + "/progress"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        first = wait_task(server, "hb", n=2)
+        later = wait_for(lambda: (lambda t: t if t["seen_at"] > first["seen_at"] + 0.5 else None)(
+            task(server, "hb")), timeout=8)
+        assert later["updated_at"] == first["updated_at"]
+        assert later["n"] == 2 and later["status"] == "active"
+        proc.communicate(b"\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+
+
+def test_idle_bar_does_not_spin_the_sender(server):
+    # With no progress, the sender looks at a bar every push_every seconds,
+    # not in a tight loop (it would steal the job's CPU and GIL).
+    proc, _ = run_job("""
+        import time
+        ticks = [0]
+        original = progressista._Sender._tick
+        def counting(self, force=False):
+            ticks[0] += 1
+            return original(self, force)
+        progressista._Sender._tick = counting
+        b = RemoteTqdm(total=10, push_every=0.25, disable=None)
+        b.update(1)
+        time.sleep(2.0)
+        print(ticks[0])
+        b.close()
+    """, server)
+    ok(proc)
+    assert int(proc.stdout) <= 30  # about 8 expected; a busy loop makes hundreds
+
+
+def test_post_override_sees_payloads_on_sender_thread(server):
+    proc, _ = run_job("""
+        import threading
+        seen = []
+        class Spy(RemoteTqdm):
+            def _post(self, payload):
+                items = payload if isinstance(payload, list) else [payload]
+                for item in items:
+                    seen.append((threading.current_thread().name, item["task_id"],
+                                 item["n"], item["status"]))
+                return super()._post(payload)
+        b = Spy(total=4, task_id="spy", disable=None)
+        for _ in range(4):
+            b.update(1)
+        b.close()
+        import json
+        print(json.dumps(seen))
+    """, server)
+    ok(proc)
+    seen = json.loads(proc.stdout)
+    assert seen[-1][1:] == ["spy", 4, "close"]
+    assert all(item[1] == "spy" and item[3] in ("start", "update", "close") for item in seen)
+    assert {name for name, *_ in seen} == {"progressista-sender"}
+    assert task(server, "spy")["status"] == "close"
+
+
+def test_post_that_raises_is_swallowed():
+    proc, took = run_job("""
+        class Broken(RemoteTqdm):
+            def _post(self, payload):
+                raise RuntimeError("boom from _post")
+        for _ in Broken(range(1000), disable=None, request_timeout=0.5):
+            pass
+        b = Broken(total=3, disable=None, request_timeout=0.5)
+        b.update(1)
+        print("done")
+    """, url="http://127.0.0.1:9/progress")
+    ok(proc)
+    assert proc.stdout == b"done\n" and proc.stderr == b""
+    assert took < 20
+
+
+def test_post_override_can_redirect_without_a_server():
+    proc, _ = run_job("""
+        got = []
+        class Local(RemoteTqdm):
+            def _post(self, payload):
+                got.extend(payload if isinstance(payload, list) else [payload])
+        for _ in Local(range(10), task_id="a", disable=None):
+            pass
+        print(got[-1]["task_id"], got[-1]["n"], got[-1]["status"])
+    """, url="http://127.0.0.1:9/progress")
+    ok(proc)
+    assert proc.stdout == b"a 10 close\n"
+
+
+def test_tight_loop_makes_a_handful_of_sends(server):
+    proc, _ = run_job("""
+        import time
+        sends = [0]
+        class Count(RemoteTqdm):
+            def _post(self, payload):
+                sends[0] += 1
+                return super()._post(payload)
+        started = time.monotonic()
+        for _ in Count(range(100000), task_id="tight", push_every=0.25, disable=None):
+            pass
+        took = time.monotonic() - started
+        print(sends[0], took)
+    """, server)
+    ok(proc)
+    sends, took = proc.stdout.split()
+    # one start, one close, and at most one send per push_every in between
+    assert int(sends) <= 3 + float(took) / 0.25 + 2
+    assert task(server, "tight")["n"] == 100000
+
+
+def test_many_bars_are_batched(server):
+    proc, _ = run_job("""
+        sends = []
+        class Count(RemoteTqdm):
+            def _post(self, payload):
+                sends.append(len(payload) if isinstance(payload, list) else 1)
+                return super()._post(payload)
+        import time
+        bars = [Count(total=5, task_id="b%d" % i, disable=None, push_every=0.2) for i in range(50)]
+        for b in bars:
+            b.update(5)
+        time.sleep(1.0)
+        print(sum(sends), len(sends))
+        for b in bars:
+            b.close()
+    """, server)
+    ok(proc)
+    updates, requests = map(int, proc.stdout.split())
+    assert updates >= 50  # every bar was sent while open...
+    assert requests <= updates / 5  # ...in a few batched requests
+    all_tasks = tasks(server)
+    assert len(all_tasks) == 50
+    assert all(t["status"] == "close" and t["n"] == 5 for t in all_tasks.values())
+
+
+def test_close_delivers_before_returning(server):
+    proc, _ = run_job("""
+        import json, urllib.request
+        b = RemoteTqdm(total=10, task_id="sync", disable=None, push_every=60)
+        b.update(10)
+        b.close()
+        url = %r
+        with urllib.request.urlopen(url, timeout=5) as r:
+            t = json.load(r)
+        print(t["status"], t["n"])
+    """ % (server.url + "/tasks/sync"), server)
+    ok(proc)
+    assert proc.stdout == b"close 10\n"
+
+
+# failure modes: the job is never hurt.
+class RawServer:
+    """A misbehaving TCP server: accepts and then does ``mode`` to every request."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        self.conns = []
+        self.workers = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        self.sock.settimeout(0.05)
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+            worker = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.workers.append(worker)
+            worker.start()
+
+    def _serve(self, conn):
+        try:
+            conn.settimeout(0.2)
+            try:
+                conn.recv(65536)
+            except socket.timeout:
+                pass
+            if self.mode == "blackhole":
+                self.stopping.wait()
+            elif self.mode == "500":
+                body = b'{"error": "boom"}'
+                conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                self.stopping.wait(0.5)
+            elif self.mode == "garbage":
+                conn.sendall(b"\x00\xff\xfegarbage \x1b[31m not http\r\n\r\n" * 10)
+            elif self.mode == "trickle":  # a stalled proxy: a byte now and then
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+                while not self.stopping.wait(0.1):
+                    conn.sendall(b"x")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+        for worker in self.workers:
+            worker.join(5)
+
+
+@pytest.fixture
+def raw_server():
+    made = []
+
+    def start(mode):
+        srv = RawServer(mode)
+        made.append(srv)
+        return srv
+
+    yield start
+    for srv in made:
+        srv.stop()
+
+
+FAILURE_JOB = """
+    import time
+    for _ in RemoteTqdm(range(300000), disable=None, request_timeout=0.5, task_id="f1"):
+        pass
+    with RemoteTqdm(total=3, disable=None, request_timeout=0.5) as b:
+        b.update(3)
+    open_bar = RemoteTqdm(total=5, disable=None, request_timeout=0.5)
+    open_bar.update(2)
+    print("done")
+"""
+
+
+@pytest.mark.parametrize("mode", ["refused", "blackhole", "500", "garbage", "trickle"])
+def test_unreachable_or_broken_server_never_hurts_the_job(mode, raw_server):
+    if mode == "refused":
+        url = "http://127.0.0.1:%d/progress" % free_port()
+    else:
+        url = raw_server(mode).url + "/progress"
+    baseline, _ = run_job(FAILURE_JOB.replace("RemoteTqdm(", "__import__('tqdm').tqdm("),
+                          url="http://127.0.0.1:%d/progress" % free_port())
+    ok(baseline)
+    proc, took = run_job(FAILURE_JOB, url=url, timeout=60)
+    assert proc.returncode == baseline.returncode == 0
+    assert proc.stdout == baseline.stdout == b"done\n"
+    assert proc.stderr == baseline.stderr == b""
+    # three bounded flushes of request_timeout=0.5 at most, plus startup
+    assert took < 6.0, took
+
+
+@pytest.mark.parametrize("mode", ["refused", "blackhole", "garbage"])
+def test_crashing_job_against_broken_server_keeps_its_own_traceback(mode, raw_server):
+    url = ("http://127.0.0.1:%d/progress" % free_port() if mode == "refused"
+           else raw_server(mode).url + "/progress")
+    proc, took = run_job("""
+        for i in RemoteTqdm(range(100), disable=None, request_timeout=0.5):
+            if i == 7:
+                raise ValueError("bad row 7")
+    """, url=url)
+    assert proc.returncode == 1
+    assert proc.stdout == b""
+    lines = proc.stderr.decode().strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: bad row 7"
+    assert "progressista" not in proc.stderr.decode()
+    assert took < 6.0, took
+
+
+# environment and options.
+def test_env_server_url_and_explicit_task_id(server):
+    ok(run_job("""
+        b = RemoteTqdm(total=2, task_id=12345, disable=None)
+        b.update(2)
+        b.close()
+    """, server)[0])
+    assert task(server, "12345")["n"] == 2
+
+
+def test_server_url_without_path_gets_progress(server):
+    ok(run_job("""
+        b = RemoteTqdm(total=2, task_id="nopath", disable=None, server_url=%r)
+        b.close()
+    """ % (server.url + "/"), url="http://127.0.0.1:9/progress")[0])
+    assert task(server, "nopath")["status"] == "close"
+
+
+def test_explicit_server_url_beats_env(server):
+    ok(run_job("""
+        RemoteTqdm(total=1, task_id="explicit", disable=None, server_url=%r).close()
+    """ % (server.url + "/progress"), url="http://127.0.0.1:9/progress")[0])
+    assert task(server, "explicit") is not None
+
+
+def test_default_task_id_is_unique_and_names_the_host(server):
+    ok(run_job("""
+        for i in range(3):
+            RemoteTqdm(total=1, disable=None).close()
+    """, server)[0])
+    ids = list(tasks(server))
+    assert len(ids) == 3
+    assert all(i.startswith(socket.gethostname()) for i in ids)
+
+
+def test_env_push_interval_and_request_timeout(raw_server):
+    hole = raw_server("blackhole")
+    proc, _ = run_job("""
+        import time
+        b = RemoteTqdm(total=2, disable=None)
+        print(b._pst_every, b._pst_timeout)
+        started = time.monotonic()
+        b.close()
+        print(time.monotonic() - started)
+        c = RemoteTqdm(total=2, disable=None, push_every=1.5, request_timeout=0.2)
+        print(c._pst_every, c._pst_timeout)
+    """, url=hole.url + "/progress", env={"PROGRESSISTA_PUSH_INTERVAL": "0.7",
+                                         "PROGRESSISTA_REQUEST_TIMEOUT": "0.3"})
+    ok(proc)
+    lines = proc.stdout.decode().split("\n")
+    assert lines[0] == "0.7 0.3"
+    assert float(lines[1]) < 1.8  # close() waits at most request_timeout (not 2 s)
+    assert lines[2] == "1.5 0.2"
+
+
+def test_bad_env_values_fall_back_to_defaults():
+    proc, _ = run_job("""
+        b = RemoteTqdm(total=2, disable=None, request_timeout=0.2)
+        print(b._pst_every)
+    """, url="http://127.0.0.1:9/progress", env={"PROGRESSISTA_PUSH_INTERVAL": "soon"})
+    ok(proc)
+    assert proc.stdout == b"0.25\n"
+
+
+def test_api_token_env(server_factory):
+    srv = server_factory(tokens=["t0k"])
+    code = """
+        for _ in RemoteTqdm(range(10), task_id=%r, disable=None, request_timeout=0.5):
+            pass
+        print("done")
+    """
+    proc, _ = run_job(code % "with-token", srv, env={"PROGRESSISTA_API_TOKEN": "t0k"})
+    assert ok(proc).stdout == b"done\n" and proc.stderr == b""
+    proc, took = run_job(code % "no-token", srv)
+    assert ok(proc).stdout == b"done\n" and proc.stderr == b""
+    assert took < 10
+    got = tasks(srv, headers={"Authorization": "Bearer t0k"})
+    assert set(got) == {"with-token"} and got["with-token"]["n"] == 10
+
+
+def test_headers_keyword(server_factory):
+    srv = server_factory(tokens=["t0k"])
+    ok(run_job("""
+        for _ in RemoteTqdm(range(3), task_id="hdr", disable=None,
+                            headers={"Authorization": "Bearer t0k"}):
+            pass
+    """, srv)[0])
+    assert tasks(srv, headers={"Authorization": "Bearer t0k"})["hdr"]["status"] == "close"
+
+
+def test_meta_that_is_not_json_is_made_safe(server):
+    ok(run_job("""
+        import datetime
+        b = RemoteTqdm(total=1, task_id="m", disable=None,
+                       meta={"when": datetime.date(2024, 1, 2), "n": 1})
+        b.close()
+    """, server)[0])
+    assert task(server, "m")["meta"] == {"when": "2024-01-02", "n": 1}
+
+
+def test_unknown_total_and_float_progress(server):
+    ok(run_job("""
+        b = RemoteTqdm(task_id="unk", disable=None, unit="B", unit_scale=True)
+        b.update(1.5)
+        b.update(2)
+        b.close()
+    """, server)[0])
+    t = task(server, "unk")
+    assert t["total"] is None and t["n"] == 3.5 and t["status"] == "close"
+
+
+# processes, threads and tqdm flavours.
+def test_fork_child_makes_its_own_bar(server):
+    proc, _ = run_job("""
+        import os, json, urllib.request
+        parent = RemoteTqdm(total=100, task_id="parent", disable=None)
+        parent.update(5)
+        pid = os.fork()
+        if pid == 0:
+            parent.update(50)
+            parent.close()  # the parent's bar: local only in the child
+            child = RemoteTqdm(total=3, task_id="child", disable=None)
+            child.update(3)
+            child.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        with urllib.request.urlopen(%r, timeout=5) as r:
+            t = json.load(r)
+        print(t["status"], t["n"])
+        parent.update(95)
+        parent.close()
+    """ % (server.url + "/tasks/parent"), server)
+    ok(proc)
+    assert proc.stdout == b"active 5\n"
+    assert task(server, "child")["status"] == "close" and task(server, "child")["n"] == 3
+    p = task(server, "parent")
+    assert p["status"] == "close" and p["n"] == 100 and p["pid"] != task(server, "child")["pid"]
+
+
+def test_multiprocessing_pool_ranks(server):
+    ok(run_job("""
+        import multiprocessing
+        def rank(i):
+            for _ in RemoteTqdm(range(100 + i), task_id="run-x:rank-%d" % i, disable=None):
+                pass
+            return i
+        if __name__ == "__main__":
+            with multiprocessing.Pool(4) as pool:
+                print(sorted(pool.map(rank, range(4))))
+    """, server)[0])
+    got = tasks(server)
+    assert set(got) == {"run-x:rank-%d" % i for i in range(4)}
+    for i in range(4):
+        t = got["run-x:rank-%d" % i]
+        assert t["status"] == "close" and t["n"] == 100 + i
+
+
+def test_process_map_under_install(server):
+    proc, _ = run_job("""
+        from tqdm.contrib.concurrent import process_map
+        progressista.install()
+        def square(x):
+            return x * x
+        if __name__ == "__main__":
+            print(sum(process_map(square, range(40), max_workers=2, desc="pmap")))
+    """, server)
+    ok(proc)
+    assert proc.stdout.strip() == str(sum(x * x for x in range(40))).encode()
+    t = only_task(server)
+    assert t["desc"] == "pmap" and t["n"] == 40 and t["status"] == "close"
+
+
+def test_process_map_imported_after_install_and_thread_map(server):
+    proc, _ = run_job("""
+        progressista.install()
+        from tqdm.contrib.concurrent import process_map, thread_map
+        from tqdm.contrib import tenumerate
+        def double(x):
+            return 2 * x
+        if __name__ == "__main__":
+            print(sum(process_map(double, range(30), max_workers=2, task_id="pm")),
+                  sum(thread_map(double, range(20), max_workers=2, task_id="tm")))
+            for _ in tenumerate(range(5), task_id="te"):
+                pass
+    """, server)
+    ok(proc)
+    assert proc.stdout == b"870 380\n"
+    got = tasks(server)
+    assert got["pm"]["n"] == 30 and got["tm"]["n"] == 20 and got["te"]["n"] == 5
+
+
+def test_process_map_with_spawn_under_install(server, tmp_path):
+    script = tmp_path / "pm.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing, progressista
+        from tqdm.contrib.concurrent import process_map
+        def square(x):
+            return x * x
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("spawn")  # macOS's default; 3.14 uses forkserver
+            progressista.install()
+            print(sum(process_map(square, range(10), max_workers=2, desc="spawned")))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=120,
+                          env=_clean_env(PROGRESSISTA_SERVER_URL=server.url + "/progress"))
+    ok(proc)
+    assert proc.stdout.strip() == b"285"
+    t = only_task(server)
+    assert t["desc"] == "spawned" and t["n"] == 10 and t["status"] == "close"
+
+
+def test_threads_with_positions(server):
+    ok(run_job("""
+        import threading
+        def work(i):
+            for _ in RemoteTqdm(range(200), position=i, task_id="thr-%d" % i, leave=False):
+                pass
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+    """, server)[0])
+    got = tasks(server)
+    assert set(got) == {"thr-%d" % i for i in range(4)}
+    assert all(t["n"] == 200 and t["status"] == "close" for t in got.values())
+
+
+def test_nested_bars(server):
+    ok(run_job("""
+        for epoch in RemoteTqdm(range(3), task_id="outer", position=0):
+            for _ in RemoteTqdm(range(10), task_id="inner-%d" % epoch, position=1, leave=False):
+                pass
+    """, server)[0])
+    got = tasks(server)
+    assert got["outer"]["n"] == 3 and got["outer"]["status"] == "close"
+    assert all(got["inner-%d" % e]["n"] == 10 for e in range(3))
+
+
+def test_trange_pandas_auto_asyncio_under_install(server):
+    proc, _ = run_job("""
+        import asyncio
+        progressista.install()
+        import tqdm, tqdm.auto, tqdm.asyncio
+        import pandas as pd
+        for _ in tqdm.trange(7, task_id="trange", disable=None):
+            pass
+        for _ in tqdm.auto.tqdm(range(8), task_id="auto", disable=None):
+            pass
+        tqdm.tqdm.pandas(task_id="pandas", disable=None)
+        print(pd.Series(range(9)).progress_apply(lambda v: v * 2).sum())
+        async def main():
+            async for _ in tqdm.asyncio.tqdm(range(6), task_id="async", disable=None):
+                await asyncio.sleep(0)
+        asyncio.run(main())
+    """, server)
+    ok(proc)
+    assert proc.stdout == b"72\n"
+    got = tasks(server)
+    expected = {"trange": 7, "auto": 8, "pandas": 9, "async": 6}
+    for task_id, n in expected.items():
+        assert got[task_id]["status"] == "close" and got[task_id]["n"] == n, got[task_id]
+
+
 # (client tests go here)
 
 
 # -- patch -------------------------------------------------------------------
+
+def test_install_patches_every_name_and_uninstall_restores(tmp_path):
+    (tmp_path / "early.py").write_text("from tqdm import tqdm, trange\n"
+                                       "from tqdm.auto import tqdm as auto_tqdm\n")
+    proc, _ = run_job("""
+        sys.path.insert(0, %r)
+        import early
+        import tqdm, tqdm.std, tqdm.auto, tqdm.autonotebook, tqdm.asyncio
+        names = [(tqdm, "tqdm"), (tqdm.std, "tqdm"), (tqdm.auto, "tqdm"),
+                 (tqdm.autonotebook, "tqdm"), (tqdm.asyncio, "tqdm"),
+                 (tqdm.asyncio, "tqdm_asyncio"), (early, "tqdm"), (early, "auto_tqdm")]
+        before = [getattr(m, n) for m, n in names]
+        ranges = [tqdm.trange, tqdm.std.trange, tqdm.auto.trange, early.trange]
+        progressista.install(server_url="http://127.0.0.1:9/progress")
+        M = progressista._RemoteMixin
+        for (m, n), old in zip(names, before):
+            new = getattr(m, n)
+            assert new is not old and issubclass(new, M) and issubclass(new, old), (m, n)
+        for m in (tqdm, tqdm.auto, early):
+            bar = m.trange(3, disable=True)
+            assert isinstance(bar, M), m
+        assert isinstance(tqdm.tqdm(total=1, disable=True), M)
+        assert tqdm.auto.tqdm is tqdm.asyncio.tqdm
+        progressista.install(server_url="http://127.0.0.1:9/progress")  # twice: stable
+        assert issubclass(tqdm.tqdm, M) and tqdm.tqdm.__mro__.count(M) == 1
+        progressista.uninstall()
+        for (m, n), old in zip(names, before):
+            assert getattr(m, n) is old, (m, n)
+        assert [tqdm.trange, tqdm.std.trange, tqdm.auto.trange, early.trange] == ranges
+        assert not isinstance(tqdm.tqdm(total=1, disable=True), M)
+        print("ok")
+    """ % str(tmp_path), url="http://127.0.0.1:9/progress")
+    assert ok(proc).stdout == b"ok\n", proc.stderr
+
+
+def test_installed_bars_use_install_defaults(server):
+    ok(run_job("""
+        import tqdm
+        progressista.install(server_url=%r, meta={"run": 7}, push_every=60)
+        for _ in tqdm.tqdm(range(5), task_id="defaults", disable=None):
+            pass
+        b = tqdm.tqdm(total=1, task_id="own-meta", meta={"x": 1}, disable=None)
+        print(b._pst_every)
+        b.close()
+    """ % (server.url + "/progress"), url="http://127.0.0.1:9/progress")[0])
+    assert task(server, "defaults")["meta"] == {"run": 7}
+    assert task(server, "own-meta")["meta"] == {"run": 7, "x": 1}
+
+
+def test_remote_tqdm_after_install_is_the_patched_class(server):
+    # sitecustomize calls install(); the script then imports RemoteTqdm itself
+    proc, _ = run_job("""
+        import progressista
+        progressista.install()
+        import tqdm
+        from progressista import RemoteTqdm
+        assert RemoteTqdm is tqdm.tqdm, (RemoteTqdm, tqdm.tqdm)
+        for _ in RemoteTqdm(range(3), task_id="after", disable=None):
+            pass
+        progressista.demo  # and the demo helper can use it too
+        print("ok")
+    """, server, prelude=False)
+    assert ok(proc).stdout == b"ok\n"
+    assert task(server, "after")["n"] == 3
+
+
+def test_alias_imports(server):
+    proc, _ = run_job("""
+        import progressista
+        from progressista.patch import install, uninstall
+        from progressista.client import RemoteTqdm as R2
+        from progressista import RemoteTqdm as R1
+        import progressista.client, progressista.patch
+        assert R1 is R2 and install is progressista.install
+        print("ok")
+    """, prelude=False, url="http://127.0.0.1:9/progress")
+    assert ok(proc).stdout == b"ok\n"
+
+
+def test_vendored_copy_works_under_its_own_name(server, tmp_path):
+    vendor = tmp_path / "mypkg" / "_vendor"
+    vendor.mkdir(parents=True)
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(SCRIPT, vendor / "progressista.py")
+    code = """
+        import sys
+        sys.path.insert(0, %r)
+        from mypkg._vendor.progressista.patch import install
+        from mypkg._vendor.progressista.client import RemoteTqdm
+        import mypkg._vendor.progressista as vendored
+        assert "progressista" not in sys.modules, sorted(m for m in sys.modules if "progressista" in m)
+        assert RemoteTqdm is vendored.RemoteTqdm
+        install()
+        import tqdm
+        for _ in tqdm.tqdm(range(4), task_id="vendored", disable=None):
+            pass
+        sys.path.insert(0, %r)
+        import progressista          # another copy in the same process
+        assert progressista is not vendored
+        assert sys.modules["progressista.patch"] is progressista
+        assert sys.modules["mypkg._vendor.progressista.patch"] is vendored
+        for _ in progressista.RemoteTqdm(range(5), task_id="installed", disable=None):
+            pass
+        print("ok")
+    """ % (str(tmp_path), HERE)
+    proc, _ = run_job(code, server, prelude=False, env={"PYTHONPATH": ""})
+    assert ok(proc).stdout == b"ok\n"
+    assert task(server, "vendored")["n"] == 4 and task(server, "installed")["n"] == 5
+
+
+def test_sitecustomize_install_makes_an_unchanged_script_remote(server, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from progressista.patch import install\ninstall(server_url=%r)\n"
+        % (server.url + "/progress"))
+    script = tmp_path / "plain.py"
+    script.write_text("from tqdm import tqdm\nfor _ in tqdm(range(12), desc='plain'):\n"
+                      "    pass\nprint('ok')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60,
+                          env=_clean_env(PYTHONPATH=os.pathsep.join([str(site), HERE])))
+    assert ok(proc).stdout == b"ok\n"
+    t = only_task(server)
+    assert t["desc"] == "plain" and t["n"] == 12 and t["status"] == "close"
+
+
+def test_import_has_no_side_effects():
+    proc, _ = run_job("""
+        import sys, threading, atexit
+        hook, thook, count = sys.excepthook, threading.excepthook, threading.active_count()
+        import progressista
+        from progressista.patch import install
+        from progressista import RemoteTqdm as _  # makes the class, not a bar
+        assert threading.active_count() == count
+        assert sys.excepthook is hook and threading.excepthook is thook
+        assert progressista._sender is None
+        print("ok")
+    """, prelude=False, url="http://127.0.0.1:9/progress")
+    assert ok(proc).stdout == b"ok\n"
+    proc, _ = run_job("""
+        import sys
+        import progressista
+        print("tqdm" in sys.modules, "tqdm.std" in sys.modules)
+    """, prelude=False)
+    assert ok(proc).stdout == b"False False\n"
+
 
 # (patch and run tests go here)
 
 
 # -- store -------------------------------------------------------------------
 
+def test_store_merge_keeps_missing_fields():
+    store, clock = make_store()
+    store.ingest({"task_id": "a", "n": 1, "total": 10, "desc": "load", "unit": "row",
+                  "meta": {"lr": 0.1}, "host": "box", "pid": 42, "rate": 2.5,
+                  "elapsed": 1.0, "status": "start"})
+    store.ingest({"task_id": "a", "n": 2})
+    task = store.tasks["a"]
+    assert task["n"] == 2
+    assert (task["total"], task["desc"], task["unit"], task["meta"], task["host"],
+            task["pid"], task["rate"], task["elapsed"]) == (
+        10, "load", "row", {"lr": 0.1}, "box", 42, 2.5, 1.0)
+    # an explicit null is a value (total unknown), not "missing"
+    store.ingest({"task_id": "a", "total": None})
+    assert store.tasks["a"]["total"] is None
+    assert store.tasks["a"]["desc"] == "load"
+    assert set(store.tasks["a"]) >= {"task_id", "desc", "n", "total", "unit", "status", "rate",
+                                     "elapsed", "error", "meta", "host", "pid", "created_at",
+                                     "updated_at", "seen_at"}
+
+
+def test_store_statuses():
+    store, clock = make_store()
+    store.ingest({"task_id": "s", "status": "start"})
+    store.ingest({"task_id": "u", "status": "update", "n": 3})
+    store.ingest({"task_id": "plain"})
+    assert [store.tasks[k]["status"] for k in ("s", "u", "plain")] == ["active"] * 3
+    store.ingest({"task_id": "s", "status": "close"})
+    assert store.tasks["s"]["status"] == "close"
+    store.ingest({"task_id": "u", "status": "error", "error": "ValueError: bad row 17"})
+    assert store.tasks["u"]["status"] == "error"
+    assert store.tasks["u"]["error"] == "ValueError: bad row 17"
+    assert store.counts() == {"active": 1, "stale": 0, "close": 1, "error": 1}
+    # an ended task is reopened by start (a rerun), never by a late update
+    store.ingest({"task_id": "s", "status": "start", "n": 0})
+    seen = store.tasks["u"]["seen_at"]
+    clock.advance(1)
+    store.ingest({"task_id": "u", "status": "update", "n": 1})
+    store.ingest({"task_id": "u", "n": 2})
+    assert store.tasks["s"]["status"] == "active"
+    assert store.tasks["u"]["status"] == "error"
+    assert store.tasks["u"]["n"] == 3
+    assert store.tasks["u"]["seen_at"] == seen + 1
+    store.ingest({"task_id": "u", "status": "start"})
+    assert store.tasks["u"]["status"] == "active"
+    assert store.tasks["u"]["error"] is None
+    assert store.counts() == {"active": 3, "stale": 0, "close": 0, "error": 0}
+    # a new task may arrive already ended
+    store.ingest({"task_id": "e", "status": "error", "error": "boom"})
+    assert store.tasks["e"]["status"] == "error"
+    assert store.counts()["error"] == 1
+
+
+def test_store_timestamps_created_updated_seen():
+    store, clock = make_store()
+    t0 = clock.now
+    store.ingest({"task_id": "a", "n": 0, "total": 10})
+    task = store.tasks["a"]
+    assert task["created_at"] == task["updated_at"] == task["seen_at"] == t0
+    clock.advance(5)
+    store.ingest({"task_id": "a", "n": 1})  # progress
+    assert (task["created_at"], task["updated_at"], task["seen_at"]) == (t0, t0 + 5, t0 + 5)
+    clock.advance(5)
+    store.ingest({"task_id": "a", "n": 1, "status": "update", "rate": 0.0})  # heartbeat
+    assert (task["updated_at"], task["seen_at"]) == (t0 + 5, t0 + 10)
+    clock.advance(5)
+    store.ingest({"task_id": "a", "total": 20})  # a new total is progress too
+    assert task["updated_at"] == t0 + 15
+    clock.advance(5)
+    store.ingest({"task_id": "a", "status": "close"})  # the end is progress
+    assert (task["updated_at"], task["seen_at"]) == (t0 + 20, t0 + 20)
+    clock.advance(5)
+    store.ingest({"task_id": "a", "status": "close"})  # a repeated close is only contact
+    assert (task["created_at"], task["updated_at"], task["seen_at"]) == (t0, t0 + 20, t0 + 25)
+
+
+def test_store_stale_sweep_and_heartbeat():
+    store, clock = make_store(stale_seconds=10)
+    store.ingest({"task_id": "a", "n": 1})
+    store.ingest({"task_id": "b", "n": 1})
+    for _ in range(3):  # heartbeats only: contact, but no progress
+        clock.advance(4)
+        store.ingest({"task_id": "a", "n": 1, "status": "update"})
+        store.ingest({"task_id": "b", "n": 1 + _ + 1})  # b progresses
+        store.sweep()
+    assert store.tasks["a"]["status"] == "stale"
+    assert store.tasks["b"]["status"] == "active"
+    store.take_changes()
+    # a heartbeat does not un-stale a stale task
+    clock.advance(1)
+    store.ingest({"task_id": "a", "n": 1, "status": "update"})
+    assert store.tasks["a"]["status"] == "stale"
+    assert store.tasks["a"]["seen_at"] == clock.now
+    assert store.tasks["a"]["updated_at"] < clock.now - 10
+    store.sweep()
+    assert store.tasks["a"]["status"] == "stale"
+    # progress does
+    store.ingest({"task_id": "a", "n": 2})
+    assert store.tasks["a"]["status"] == "active"
+    store.sweep()
+    assert store.tasks["a"]["status"] == "active"
+    assert store.counts()["stale"] == 0
+    clock.advance(10.5)
+    store.sweep()
+    assert store.tasks["a"]["status"] == "stale"
+    assert "a" in store.take_changes()[0]
+    # sweeping with an explicit time works too, and off means off
+    off, off_clock = make_store(stale_seconds=0)
+    off.ingest({"task_id": "x"})
+    off.sweep(off_clock.now + 10 ** 6)
+    assert off.tasks["x"]["status"] == "active"
+
+
+def test_store_stale_sweep_explicit_now():
+    store, clock = make_store(stale_seconds=30)
+    store.ingest({"task_id": "a"})
+    store.sweep(clock.now + 29)
+    assert store.tasks["a"]["status"] == "active"
+    store.sweep(clock.now + 31)
+    assert store.tasks["a"]["status"] == "stale"
+
+
+def test_store_retention_forgets_ended_tasks_only():
+    store, clock = make_store(retention_seconds=100, stale_seconds=10)
+    store.ingest({"task_id": "done", "status": "close"})
+    store.ingest({"task_id": "failed", "status": "error", "error": "x"})
+    store.ingest({"task_id": "running", "n": 1})
+    clock.advance(50)
+    store.ingest({"task_id": "late", "status": "close"})
+    store.sweep()
+    assert set(store.tasks) == {"done", "failed", "running", "late"}
+    store.take_changes()
+    clock.advance(51)
+    store.sweep()
+    assert set(store.tasks) == {"running", "late"}
+    assert store.tasks["running"]["status"] == "stale"  # stale, never forgotten
+    changed, removed = store.take_changes()
+    assert sorted(removed) == ["done", "failed"]
+    clock.advance(50)
+    store.sweep()
+    assert set(store.tasks) == {"running"}
+
+
+def test_store_task_cap_evicts_ended_then_stale():
+    store, clock = make_store(max_tasks=4, stale_seconds=10)
+    store.ingest({"task_id": "stale1"})
+    clock.advance(1)
+    store.ingest({"task_id": "ended1", "status": "close"})
+    clock.advance(1)
+    store.ingest({"task_id": "ended2", "status": "error", "error": "e"})
+    clock.advance(9)
+    store.sweep()
+    assert store.tasks["stale1"]["status"] == "stale"
+    store.ingest({"task_id": "live1"})
+    assert len(store) == 4
+    store.ingest({"task_id": "new1"})
+    assert "ended1" not in store.tasks and "ended2" in store.tasks  # oldest ended first
+    store.ingest({"task_id": "new2"})
+    assert "ended2" not in store.tasks and "stale1" in store.tasks
+    store.ingest({"task_id": "new3"})
+    assert "stale1" not in store.tasks  # then stale
+    assert set(store.tasks) == {"live1", "new1", "new2", "new3"}
+    store.take_changes()
+    before = json.dumps(store.tasks, sort_keys=True)
+    with pytest.raises(BadRequest) as info:
+        store.ingest({"task_id": "new4"})
+    assert info.value.status == 429
+    with pytest.raises(BadRequest) as info:
+        store.ingest([{"task_id": "new1", "n": 5}, {"task_id": "new5"}])
+    assert info.value.status == 429
+    assert json.dumps(store.tasks, sort_keys=True) == before
+    assert store.take_changes() == ({}, [])
+    # updates to known tasks still go through at the cap
+    assert store.ingest([{"task_id": "new1", "n": 5}, {"task_id": "new2", "n": 6}]) == 2
+    assert store.tasks["new1"]["n"] == 5
+
+
+def test_store_task_cap_batch_with_the_evicted_task_in_it():
+    store, clock = make_store(max_tasks=2)
+    store.ingest({"task_id": "old", "status": "close"})
+    store.ingest({"task_id": "live"})
+    # the batch touches the only evictable task and adds a new one: refused, not
+    # "evict old, then make it again" past the cap
+    with pytest.raises(BadRequest) as info:
+        store.ingest([{"task_id": "old", "n": 3, "status": "close"}, {"task_id": "fresh"}])
+    assert info.value.status == 429
+    assert set(store.tasks) == {"old", "live"} and store.tasks["old"]["n"] == 0
+    # with another ended task about, that one goes instead
+    store.max_tasks = 3
+    store.ingest({"task_id": "older", "status": "close"})
+    store.ingest([{"task_id": "old", "n": 3, "status": "close"}, {"task_id": "fresh"}])
+    assert len(store) == 3
+    assert set(store.tasks) == {"old", "live", "fresh"} and store.tasks["old"]["n"] == 3
+
+
+def test_store_batch_is_all_or_nothing():
+    store, clock = make_store()
+    store.ingest({"task_id": "keep", "n": 1, "desc": "kept"})
+    store.take_changes()
+    before = json.dumps(store.tasks, sort_keys=True)
+    for bad in ([{"task_id": "keep", "n": 9}, {"task_id": "new"}, {"task_id": "x", "n": -1}],
+                [{"task_id": "new"}, "not an object"],
+                [{"task_id": "new"}, {"n": 1}],
+                [{"task_id": "new"}, [{"task_id": "nested"}]]):
+        with pytest.raises(BadRequest):
+            store.ingest(bad)
+    assert json.dumps(store.tasks, sort_keys=True) == before
+    assert store.take_changes() == ({}, [])
+    assert store.updates_rejected >= 4
+    assert store.ingest([]) == 0
+    assert store.ingest([{"task_id": "keep", "n": 2}, {"task_id": "new"}]) == 2
+    assert store.tasks["keep"]["n"] == 2 and "new" in store.tasks
+
+
+BAD_UPDATES = [
+    [], "x", 5, None, True,
+    {"n": 1},
+    {"task_id": ""},
+    {"task_id": 5},
+    {"task_id": None},
+    {"task_id": ["a"]},
+    {"task_id": "a", "n": "1"},
+    {"task_id": "a", "n": True},
+    {"task_id": "a", "total": False},
+    {"task_id": "a", "rate": True},
+    {"task_id": "a", "n": -1},
+    {"task_id": "a", "total": -0.5},
+    {"task_id": "a", "n": None},
+    {"task_id": "a", "n": float("nan")},
+    {"task_id": "a", "total": float("inf")},
+    {"task_id": "a", "elapsed": [1]},
+    {"task_id": "a", "n": 10 ** 400},
+    {"task_id": "a", "desc": 5},
+    {"task_id": "a", "desc": "x" * 1025},
+    {"task_id": "x" * 257},
+    {"task_id": "a", "unit": "x" * 65},
+    {"task_id": "a", "error": "x" * 4097},
+    {"task_id": "a", "host": "x" * 257},
+    {"task_id": "a", "status": "running"},
+    {"task_id": "a", "status": "active"},
+    {"task_id": "a", "status": None},
+    {"task_id": "a", "status": ["close"]},
+    {"task_id": "a", "status": {"x": 1}},
+    {"task_id": "a", "meta": [1, 2]},
+    {"task_id": "a", "meta": "x"},
+    {"task_id": "a", "meta": {"k": "v" * 20000}},
+    {"task_id": "a", "pid": "1"},
+    {"task_id": "a", "pid": 1.5},
+    {"task_id": "a", "pid": True},
+]
+
+
+@pytest.mark.parametrize("update", BAD_UPDATES, ids=lambda u: repr(u)[:40])
+def test_check_update_rejects(update):
+    with pytest.raises(BadRequest) as info:
+        check_update(update)
+    assert info.value.status == 400
+    store, _ = make_store()
+    if update != []:  # an empty array is a valid (empty) batch
+        with pytest.raises(BadRequest):
+            store.ingest(update)
+    with pytest.raises(BadRequest):
+        store.ingest([{"task_id": "ok"}, update])
+    assert len(store) == 0 and store.take_changes() == ({}, [])
+
+
+def test_check_update_accepts_the_protocol():
+    check_update({"task_id": "x" * 256, "n": 1.5, "total": None, "desc": "d" * 1024,
+                  "unit": "u" * 64, "status": "close", "meta": {"a": [1, {"b": None}]},
+                  "error": None, "rate": None, "elapsed": 0, "timestamp": 1.7e9,
+                  "host": "h", "pid": 7, "postfix": "loss=1", "unknown_field": [1]})
+    for status in ("start", "update", "close", "error"):
+        check_update({"task_id": "a", "status": status})
+    # an unchanged big meta is not measured again, a changed one is
+    current = {"meta": {"k": "v" * 20000}}
+    check_update({"task_id": "a", "meta": {"k": "v" * 20000}}, current)
+    with pytest.raises(BadRequest):
+        check_update({"task_id": "a", "meta": {"k": "w" * 20000}}, current)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"task_id": "a", "n": NaN}', b'{"task_id": "a", "n": Infinity}',
+    b'{"task_id": "a", "n": -Infinity}', b'{"task_id": ', b"", b"\xff\xfe{}",
+    b"[" * 100000 + b"]" * 100000, b'{"a": 1} trailing', b"{'a': 1}",
+])
+def test_parse_json_rejects(body):
+    with pytest.raises(BadRequest) as info:
+        parse_json(body)
+    assert info.value.status == 400
+
+
+def test_parse_json_then_check_rejects_overflowing_numbers():
+    data = parse_json(b'{"task_id": "a", "n": 1e400}')  # Python reads inf
+    with pytest.raises(BadRequest):
+        check_update(data)
+    assert parse_json('{"task_id": "\u00e9"}'.encode()) == {"task_id": "\u00e9"}
+
+
+def test_store_take_changes_tracks_dirty_and_removed():
+    store, clock = make_store(retention_seconds=10)
+    assert store.take_changes() == ({}, [])
+    store.ingest([{"task_id": "a", "n": 1}, {"task_id": "b"}])
+    assert store.changed.is_set()
+    changed, removed = store.take_changes()
+    assert set(changed) == {"a", "b"} and removed == []
+    assert changed["a"]["n"] == 1
+    assert store.take_changes() == ({}, [])
+    store.ingest({"task_id": "a", "n": 2})
+    store.ingest({"task_id": "a", "n": 3})
+    changed, removed = store.take_changes()
+    assert list(changed) == ["a"] and changed["a"]["n"] == 3
+    assert store.delete("b") is True and store.delete("b") is False
+    changed, removed = store.take_changes()
+    assert changed == {} and removed == ["b"]
+    # changed then removed in one window: only "removed"
+    store.ingest({"task_id": "a", "n": 4})
+    store.delete("a")
+    assert store.take_changes() == ({}, ["a"])
+    # removed then made again in one window: only the new task, not "removed"
+    store.ingest({"task_id": "c", "n": 1})
+    store.take_changes()
+    store.delete("c")
+    store.ingest({"task_id": "c", "n": 7})
+    changed, removed = store.take_changes()
+    assert list(changed) == ["c"] and changed["c"]["n"] == 7
+    assert "c" not in removed
+    # bad input marks nothing
+    with pytest.raises(BadRequest):
+        store.ingest({"task_id": "c", "n": -1})
+    assert store.take_changes() == ({}, [])
+
+
+def test_store_delete_where():
+    store, clock = make_store()
+    store.ingest({"task_id": "old", "status": "close"})
+    store.ingest({"task_id": "err", "status": "error"})
+    clock.advance(100)
+    store.ingest({"task_id": "new", "status": "close"})
+    store.ingest({"task_id": "live"})
+    assert store.delete_where({"close"}, older_than=50) == ["old"]
+    assert sorted(store.delete_where({"close", "error"})) == ["err", "new"]
+    assert set(store.tasks) == {"live"}
+
+
+def test_hub_snapshot_comes_before_any_delta():
+    store, clock = make_store()
+    hub = progressista.Hub(store)
+    server_side, client_side = socket.socketpair()
+    ws = progressista.WebSocket(server_side, server_side.makefile("rb"))
+    ws.start()
+    try:
+        store.ingest({"task_id": "a", "n": 1})
+        hub.attach(ws)
+        store.ingest({"task_id": "a", "n": 2})
+        hub.broadcast()
+        hub.detach(ws)
+        store.ingest({"task_id": "a", "n": 3})
+        hub.broadcast()  # a detached dashboard gets nothing more
+        client_side.settimeout(5)
+        rfile = client_side.makefile("rb")
+        messages = [json.loads(progressista.read_frame(rfile, 1 << 20, False)[2])
+                    for _ in range(2)]
+        assert [m["type"] for m in messages] == ["snapshot", "delta"]
+        assert messages[0]["tasks"]["a"]["n"] == 1 and messages[1]["tasks"]["a"]["n"] == 2
+        assert messages[0]["server_time"] == clock.now
+        ws.abort()
+        assert rfile.read() == b""  # nothing after the delta
+    finally:
+        ws.abort()
+        client_side.close()
+        server_side.close()
+
+
+def _updates(count=200, prefix="t"):
+    """``count`` tasks in every state, with distinct n, total, meta, desc."""
+    out = []
+    for i in range(count):
+        update = {"task_id": "%s%03d" % (prefix, i), "n": i * 3 + 1, "total": 1000 + i,
+                  "desc": "job %d" % i, "unit": "it", "rate": i / 4.0,
+                  "meta": {"i": i, "tag": "x" * (i % 7), "nested": {"k": [i, None, True]}}}
+        if i % 10 == 0:
+            update["status"] = "close"
+        elif i % 10 == 1:
+            update["status"] = "error"
+            update["error"] = "ValueError: row %d" % i
+        else:
+            update["status"] = "start" if i % 2 else "update"
+        out.append(update)
+    return out
+
+
+_EXPECTED_STATUS = {"start": "active", "update": "active", "close": "close", "error": "error"}
+
+
+def _check_restored(got, updates):
+    assert set(got) >= {u["task_id"] for u in updates}
+    for u in updates:
+        task = got[u["task_id"]]
+        for key in ("n", "total", "meta", "desc", "unit", "rate"):
+            assert task[key] == u[key], (u["task_id"], key)
+        assert task["status"] == _EXPECTED_STATUS[u["status"]], u["task_id"]
+        assert task["error"] == u.get("error")
+
+
+def _stop_proc(proc, sig=signal.SIGTERM, timeout=15):
+    """Signal a CLI server by PID and reap it; returns its exit status and output."""
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError("server did not exit on signal %d" % sig)
+    return proc.returncode, out.decode("utf-8", "replace")
+
+
+def _kill_quietly(proc):
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def _cli_tasks(url, **kw):
+    status, body, _ = request(url + "/tasks", **kw)
+    assert status == 200, body
+    return body["tasks"]
+
+
+def _cli_post(url, data, **kw):
+    status, body, _ = request(url + "/progress", "POST", data, **kw)
+    assert status == 200, body
+    return body
+
+
+def _rows(path):
+    """The tasks in a (closed) database file, read with plain sqlite3."""
+    conn = sqlite3.connect(path)
+    try:
+        return {k: json.loads(v) for k, v in conn.execute("SELECT task_id, data FROM tasks")}
+    finally:
+        conn.close()
+
+
+def test_db_200_tasks_survive_in_process_restart(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    updates = _updates()
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        for i in range(0, 200, 50):
+            assert post(srv, updates[i:i + 50])[0] == 200
+        before = tasks(srv)
+    finally:
+        srv.stop()
+    assert len(_rows(path)) == 200
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        after = tasks(srv)
+        assert after == before  # every field, timestamps included
+        _check_restored(after, updates)
+    finally:
+        srv.stop()
+
+
+def test_db_stop_without_start_still_flushes(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path)
+    srv.store.ingest({"task_id": "a", "n": 4, "total": 9})
+    srv.stop()
+    assert _rows(path)["a"]["n"] == 4
+
+
+def test_db_200_tasks_survive_sigterm_of_cli_server(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    updates = _updates()
+    proc = None
+    try:
+        proc, url = start_cli_server("--db", path)
+        _cli_post(url, updates)
+        # more updates on top, and SIGTERM at once: a clean stop loses nothing
+        bumped = [dict(u, n=u["n"] + 5) for u in updates[100:]]
+        _cli_post(url, bumped)
+        expected = updates[:100] + bumped
+        code, out = _stop_proc(proc, signal.SIGTERM)
+        assert code == 0, out
+        assert "Traceback" not in out
+        assert "Progressista stopped." in out
+        proc, url = start_cli_server("--db", path)
+        got = _cli_tasks(url)
+        assert len(got) == 200
+        _check_restored(got, expected)
+        code, out = _stop_proc(proc, signal.SIGINT)  # Ctrl-C: clean too
+        assert code == 0, out
+        assert "Traceback" not in out
+    finally:
+        _kill_quietly(proc)
+    assert len(_rows(path)) == 200
+
+
+def test_db_kill_9_keeps_updates_older_than_a_second(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    old = _updates(200)
+    proc = None
+    try:
+        proc, url = start_cli_server("--db", path)
+        _cli_post(url, old[:100])
+        _cli_post(url, old[100:])
+        for u in old[150:160]:
+            _cli_post(url, dict(u, n=u["n"] + 1))  # one request each, keep-alive or not
+        old = old[:150] + [dict(u, n=u["n"] + 1) for u in old[150:160]] + old[160:]
+        assert request(url + "/tasks/t002", "DELETE")[1] == {"removed": True}
+        time.sleep(1.5)
+        # These may or may not make it: younger than a second at the kill.
+        young = [dict(u, n=u["n"] + 100) for u in old[:20]]
+        young.append({"task_id": "young", "n": 1})
+        _cli_post(url, young)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+
+        proc, url = start_cli_server("--db", path)
+        got = _cli_tasks(url)
+    finally:
+        _kill_quietly(proc)
+    assert "t002" not in got  # deleted more than a second before the kill
+    young_ids = {u["task_id"] for u in young}
+    for u in old:
+        if u["task_id"] == "t002":
+            continue
+        task = got[u["task_id"]]
+        if u["task_id"] in young_ids:
+            assert task["n"] in (u["n"], u["n"] + 100)
+        else:
+            assert task["n"] == u["n"], u["task_id"]
+        assert task["total"] == u["total"] and task["meta"] == u["meta"]
+        assert task["status"] == _EXPECTED_STATUS[u["status"]]
+
+
+def test_db_closed_and_deleted_tasks_stay_so_in_process(tmp_path, clock):
+    path = str(tmp_path / "tasks.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path, clock=clock).start()
+    try:
+        post(srv, [{"task_id": k, "n": 1, "total": 5} for k in "abcdefg"])
+        post(srv, {"task_id": "g", "status": "close"})
+        clock.advance(10)
+        post(srv, [{"task_id": "b", "n": 5, "status": "close"},
+                   {"task_id": "e", "status": "error", "error": "boom"}])
+        assert request(srv.url + "/tasks/c", "DELETE")[1] == {"removed": True}
+        # only g closed long enough ago
+        status, body, _ = request(srv.url + "/tasks?status=close&older_than=5", "DELETE")
+        assert (status, body) == (200, {"removed": ["g"]})
+        post(srv, {"task_id": "d", "status": "close"})
+        post(srv, {"task_id": "d", "status": "start", "n": 2})  # reopened: active again
+    finally:
+        srv.stop()
+    srv = progressista.make_server("127.0.0.1", 0, db=path, clock=clock).start()
+    try:
+        got = tasks(srv)
+        assert sorted(got) == ["a", "b", "d", "e", "f"]
+        assert got["b"]["status"] == "close" and got["b"]["n"] == 5
+        assert got["e"]["status"] == "error" and got["e"]["error"] == "boom"
+        assert got["d"]["status"] == "active" and got["d"]["n"] == 2
+        assert got["a"]["status"] == "active"
+        assert request(srv.url + "/tasks/c")[0] == 404
+    finally:
+        srv.stop()
+
+
+def test_db_delete_and_recreate_between_flushes(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path)  # no thread: we flush by hand
+    store, db = srv.store, srv.db
+    try:
+        store.ingest([{"task_id": "x", "n": 1}, {"task_id": "y", "n": 1}])
+        assert db.flush() == 2
+        assert db.flush() == 0
+        store.delete("x")
+        store.ingest({"task_id": "x", "n": 7})  # deleted, then back: the new one wins
+        store.ingest({"task_id": "z", "n": 3})
+        store.delete("z")  # created, then deleted before any flush: never stored
+        store.delete("y")
+        db.flush()
+    finally:
+        srv.stop()
+    rows = _rows(path)
+    assert sorted(rows) == ["x"] and rows["x"]["n"] == 7
+
+
+def test_db_closed_and_deleted_stay_so_after_kill_9(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    proc = None
+    try:
+        proc, url = start_cli_server("--db", path)
+        _cli_post(url, [{"task_id": k, "n": 1, "total": 3} for k in ("keep", "done", "gone")])
+        _cli_post(url, {"task_id": "done", "n": 3, "status": "close"})
+        assert request(url + "/tasks/gone", "DELETE")[1] == {"removed": True}
+        time.sleep(1.5)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+        proc, url = start_cli_server("--db", path)
+        got = _cli_tasks(url)
+    finally:
+        _kill_quietly(proc)
+    assert sorted(got) == ["done", "keep"]
+    assert got["done"]["status"] == "close" and got["done"]["n"] == 3
+
+
+def test_db_env_variable_selects_the_file(tmp_path):
+    path = str(tmp_path / "env.db")
+    proc = None
+    try:
+        proc, url = start_cli_server(env={"PROGRESSISTA_DB": path})
+        _cli_post(url, {"task_id": "from-env", "n": 2})
+        assert _stop_proc(proc)[0] == 0
+        proc = None
+    finally:
+        _kill_quietly(proc)
+    assert _rows(path)["from-env"]["n"] == 2
+
+
+def _ws_connect(url, path="/ws"):
+    host, port = url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n" % (path, host, port, key)).encode())
+    rfile = sock.makefile("rb")
+    status = rfile.readline()
+    assert b" 101 " in status, status
+    while rfile.readline() not in (b"\r\n", b""):
+        pass
+    return sock, rfile
+
+
+def _ws_message(rfile):
+    while True:
+        fin, opcode, payload = progressista.read_frame(rfile, require_mask=False)
+        if opcode == 0x1:
+            assert fin
+            return json.loads(payload)
+
+
+def test_db_restored_tasks_are_in_the_first_websocket_snapshot(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    updates = _updates(30)
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        post(srv, updates)
+    finally:
+        srv.stop()
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        sock, rfile = _ws_connect(srv.url)
+        try:
+            first = _ws_message(rfile)
+        finally:
+            rfile.close()
+            sock.close()
+        assert first["type"] == "snapshot"
+        assert len(first["tasks"]) == 30
+        _check_restored(first["tasks"], updates)
+    finally:
+        srv.stop()
+
+
+def test_db_restored_active_task_goes_stale_then_resumes(tmp_path, clock):
+    path = str(tmp_path / "tasks.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path, stale_seconds=30, clock=clock)
+    try:
+        srv.store.ingest([{"task_id": "job", "n": 1, "total": 10},
+                          {"task_id": "quiet", "n": 1, "total": 10}])
+    finally:
+        srv.stop()
+    clock.advance(10)
+    srv = progressista.make_server("127.0.0.1", 0, db=path, stale_seconds=30, clock=clock)
+    store = srv.store
+    try:
+        assert store.tasks["job"]["status"] == "active"
+        clock.advance(15)
+        store.sweep()
+        assert store.tasks["job"]["status"] == "active"  # 25 s without progress
+        clock.advance(10)
+        store.sweep()
+        assert store.tasks["job"]["status"] == "stale"  # 35 s: the usual rule
+        assert store.counts()["stale"] == 2
+        store.ingest({"task_id": "job", "n": 1})  # contact, no progress: still stale
+        assert store.tasks["job"]["status"] == "stale"
+        store.ingest({"task_id": "job", "n": 2})  # progress: resumes
+        job = store.tasks["job"]
+        assert job["status"] == "active" and job["updated_at"] == clock()
+        clock.advance(31)
+        store.sweep()
+        assert job["status"] == "stale"  # and is watched again
+        store.ingest({"task_id": "job", "n": 3})
+        assert job["status"] == "active"
+    finally:
+        srv.stop()
+    rows = _rows(path)
+    assert rows["job"]["status"] == "active" and rows["job"]["n"] == 3
+    assert rows["quiet"]["status"] == "stale"
+
+
+def test_db_stored_stale_task_is_judged_by_the_new_servers_rule(tmp_path, clock):
+    path = str(tmp_path / "tasks.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path, stale_seconds=5, clock=clock)
+    try:
+        srv.store.ingest({"task_id": "s", "n": 1})
+        clock.advance(6)
+        srv.store.sweep()
+        assert srv.store.tasks["s"]["status"] == "stale"
+    finally:
+        srv.stop()
+    # Still past the limit: stale at once, before any sweep thread runs.
+    srv = progressista.make_server("127.0.0.1", 0, db=path, stale_seconds=5, clock=clock)
+    try:
+        assert srv.store.tasks["s"]["status"] == "stale"
+        assert srv.store.counts() == {"active": 0, "stale": 1, "close": 0, "error": 0}
+        srv.store.ingest({"task_id": "s", "n": 2})
+        assert srv.store.tasks["s"]["status"] == "active"
+        clock.advance(6)
+        srv.store.sweep()
+    finally:
+        srv.stop()
+    # With stale off, no task is stale, restored or not.
+    srv = progressista.make_server("127.0.0.1", 0, db=path, stale_seconds=0, clock=clock)
+    try:
+        assert srv.store.tasks["s"]["status"] == "active"
+        assert srv.store.counts()["active"] == 1
+        clock.advance(1000)
+        srv.store.sweep()
+        assert srv.store.tasks["s"]["status"] == "active"
+    finally:
+        srv.stop()
+
+
+def test_db_retention_applies_to_restored_tasks(tmp_path, clock):
+    path = str(tmp_path / "tasks.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path, retention_seconds=100, clock=clock)
+    try:
+        srv.store.ingest({"task_id": "old", "n": 1, "status": "close"})
+        clock.advance(50)
+        srv.store.ingest([{"task_id": "new", "n": 1, "status": "close"},
+                          {"task_id": "live", "n": 1}])
+    finally:
+        srv.stop()
+    clock.advance(60)  # old ended 110 s ago, new 60 s ago
+    srv = progressista.make_server("127.0.0.1", 0, db=path, retention_seconds=100, clock=clock)
+    try:
+        assert sorted(srv.store.tasks) == ["live", "new"]
+        clock.advance(50)
+        srv.store.sweep()
+        assert sorted(srv.store.tasks) == ["live"]
+    finally:
+        srv.stop()
+    assert sorted(_rows(path)) == ["live"]  # the forgetting is persisted too
+
+
+def _run_cli_expecting_failure(*args, env=None):
+    try:
+        result = subprocess.run([sys.executable, SCRIPT, "serve", "--port", "0", *args],
+                                capture_output=True, timeout=30,
+                                env=dict(os.environ, **(env or {})))
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the server started instead of refusing the database")
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode != 0, (result.stdout, err)
+    assert "Traceback" not in err and "Traceback" not in result.stdout.decode()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("progressista: error: "), err
+    return lines[0]
+
+
+def _corrupt(tmp_path):
+    path = tmp_path / "corrupt.db"
+    path.write_bytes(os.urandom(16384))
+    return str(path)
+
+
+def _newer(tmp_path):
+    path = str(tmp_path / "newer.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE tasks (task_id TEXT PRIMARY KEY, data TEXT NOT NULL)")
+    conn.execute("INSERT INTO tasks VALUES ('a', '{}')")
+    conn.execute("PRAGMA user_version=99")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def _bad_row(tmp_path):
+    path = str(tmp_path / "badrow.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE tasks (task_id TEXT PRIMARY KEY, data TEXT NOT NULL)")
+    conn.execute("INSERT INTO tasks VALUES ('a', '[1, 2]')")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    return path
+
+
+BAD_DATABASES = {
+    "corrupt": (_corrupt, "not a usable SQLite database"),
+    "missing-dir": (lambda tmp: str(tmp / "no" / "such" / "dir" / "t.db"), "cannot open"),
+    "is-a-directory": (lambda tmp: str(tmp), "cannot open"),
+    "newer-schema": (_newer, "schema version 99"),
+    "bad-row": (_bad_row, "can't be read"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATABASES))
+def test_db_bad_database_is_a_clear_cli_error(tmp_path, case):
+    make, words = BAD_DATABASES[case]
+    path = make(tmp_path)
+    before = open(path, "rb").read() if os.path.isfile(path) else None
+    line = _run_cli_expecting_failure("--db", path)
+    assert words in line and path in line
+    if case in ("corrupt", "newer-schema"):  # refused, and left exactly as it was
+        assert open(path, "rb").read() == before
+        assert not os.path.exists(path + "-wal")
+    elif case == "bad-row":  # nothing thrown away
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("SELECT data FROM tasks").fetchall() == [("[1, 2]",)]
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATABASES))
+def test_db_bad_database_raises_database_error_in_process(tmp_path, case):
+    make, words = BAD_DATABASES[case]
+    path = make(tmp_path)
+    with pytest.raises(progressista.DatabaseError) as info:
+        progressista.make_server("127.0.0.1", 0, db=path)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    if case in ("newer-schema", "bad-row"):
+        # the refused file is not left locked by a leaked connection
+        conn = sqlite3.connect(path, timeout=0)
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS probe (x)")
+            conn.commit()
+            if case == "newer-schema":
+                assert conn.execute("PRAGMA user_version").fetchone()[0] == 99
+                assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        finally:
+            conn.close()
+
+
+def test_db_locked_by_another_cli_server(tmp_path):
+    path = str(tmp_path / "shared.db")
+    proc = None
+    try:
+        proc, url = start_cli_server("--db", path)
+        _cli_post(url, {"task_id": "first", "n": 1})
+        time.sleep(0.8)  # let it write once, so the file is in use for real
+        line = _run_cli_expecting_failure("--db", path)
+        assert "in use by another Progressista server" in line and path in line
+        # the first server is unharmed and still persists
+        _cli_post(url, {"task_id": "first", "n": 2})
+        assert _stop_proc(proc)[0] == 0
+        proc = None
+    finally:
+        _kill_quietly(proc)
+    assert _rows(path)["first"]["n"] == 2
+
+
+def test_db_locked_in_process_then_free_after_stop(tmp_path):
+    path = str(tmp_path / "shared.db")
+    first = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        post(first, {"task_id": "a", "n": 1})
+        with pytest.raises(progressista.DatabaseError, match="in use by another"):
+            progressista.make_server("127.0.0.1", 0, db=path)
+        post(first, {"task_id": "a", "n": 2})
+    finally:
+        first.stop()
+    second = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        assert tasks(second)["a"]["n"] == 2
+    finally:
+        second.stop()
+
+
+def test_db_fresh_file_is_wal_with_schema_version(tmp_path):
+    path = str(tmp_path / "fresh.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path)
+    srv.stop()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == progressista.SCHEMA_VERSION
+    finally:
+        conn.close()
+
+
+def test_db_port_in_use_releases_the_file(tmp_path):
+    path = str(tmp_path / "t.db")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError):
+            progressista.make_server("127.0.0.1", port, db=path)
+    srv = progressista.make_server("127.0.0.1", 0, db=path)  # not left locked
+    srv.stop()
+
+
 # (store tests go here)
 
 
 # -- websocket ---------------------------------------------------------------
 
+def test_accept_key_rfc_example():
+    assert progressista.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_frame_round_trip(length):
+    payload = bytes(i % 251 for i in range(length))
+    frame = progressista.encode_frame(payload, 0x2, mask=MASK)
+    assert frame[0] == 0x82
+    assert frame[1] & 0x80  # masked
+    if length < 126:
+        assert frame[1] & 0x7F == length
+        head = 2
+    elif length < 65536:
+        assert frame[1] & 0x7F == 126
+        assert struct.unpack("!H", frame[2:4])[0] == length
+        head = 4
+    else:
+        assert frame[1] & 0x7F == 127
+        assert struct.unpack("!Q", frame[2:10])[0] == length
+        head = 10
+    assert frame[head:head + 4] == MASK
+    assert len(frame) == head + 4 + length
+    if length:
+        assert frame[head + 4:] != payload or not any(payload)  # really masked
+    stream = io.BytesIO(frame + b"rest")
+    assert progressista.read_frame(stream, max_payload=1 << 20) == (True, 0x2, payload)
+    assert stream.read() == b"rest"
+    # a server frame is unmasked, and reads back when no mask is required
+    server_frame = progressista.encode_frame(payload, 0x1, fin=False)
+    assert not server_frame[1] & 0x80
+    assert progressista.read_frame(io.BytesIO(server_frame), 1 << 20, require_mask=False) \
+        == (False, 0x1, payload)
+
+
+def _protocol_error(data, **kw):
+    stream = io.BytesIO(data)
+    with pytest.raises(ProtocolError) as info:
+        progressista.read_frame(stream, **kw)
+    return info.value, stream
+
+
+def test_read_frame_refuses_unmasked_client_frame():
+    exc, _ = _protocol_error(progressista.encode_frame(b"hello"))
+    assert exc.code == 1002
+
+
+@pytest.mark.parametrize("bit", [0x40, 0x20, 0x10])
+def test_read_frame_refuses_reserved_bits(bit):
+    frame = bytearray(progressista.encode_frame(b"hi", mask=MASK))
+    frame[0] |= bit
+    assert _protocol_error(bytes(frame))[0].code == 1002
+
+
+def test_read_frame_refuses_64bit_length_with_top_bit():
+    data = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", (1 << 63) | 5) + MASK + b"x" * 5
+    assert _protocol_error(data, max_payload=1 << 62)[0].code == 1002
+
+
+def test_read_frame_refuses_oversized_before_reading_payload():
+    # the header announces 1 MiB, but no payload follows: the refusal must come first
+    data = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 20) + MASK
+    exc, stream = _protocol_error(data, max_payload=65536)
+    assert exc.code == 1009
+    data = bytes([0x81, 0x80 | 126]) + struct.pack("!H", 1000) + MASK
+    exc, stream = _protocol_error(data, max_payload=999)
+    assert exc.code == 1009
+    assert progressista.read_frame(io.BytesIO(progressista.encode_frame(b"x" * 999, mask=MASK)),
+                                   max_payload=999)[2] == b"x" * 999
+
+
+def test_read_frame_refuses_bad_control_frames():
+    assert _protocol_error(progressista.encode_frame(b"x" * 126, 0x9, mask=MASK))[0].code == 1002
+    assert _protocol_error(progressista.encode_frame(b"x", 0x9, fin=False, mask=MASK))[0].code \
+        == 1002
+    assert _protocol_error(progressista.encode_frame(b"", 0x8, fin=False, mask=MASK))[0].code \
+        == 1002
+    for opcode in (0x3, 0x7, 0xB, 0xF):
+        assert _protocol_error(progressista.encode_frame(b"x", opcode, mask=MASK))[0].code == 1002
+    assert progressista.read_frame(io.BytesIO(progressista.encode_frame(b"p" * 125, 0x9,
+                                                                        mask=MASK)))[1] == 0x9
+
+
+def test_read_frame_truncated_is_a_connection_error():
+    frame = progressista.encode_frame(b"hello", mask=MASK)
+    with pytest.raises(ConnectionError):
+        progressista.read_frame(io.BytesIO(frame[:-2]))
+    with pytest.raises(ConnectionError):
+        progressista.read_frame(io.BytesIO(b"\x81"))
+
+
+class RawWS:
+    """A bare-socket WebSocket client: sends masked frames, reads the server's."""
+
+    def __init__(self, srv, path="/ws", headers=None, key=None, timeout=5, rcvbuf=None):
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port_of(srv)))
+        self.key = key or base64.b64encode(os.urandom(16)).decode()
+        hdrs = {"Host": "127.0.0.1:%d" % port_of(srv), "Upgrade": "websocket",
+                "Connection": "Upgrade", "Sec-WebSocket-Key": self.key,
+                "Sec-WebSocket-Version": "13"}
+        hdrs.update(headers or {})
+        text = "GET %s HTTP/1.1\r\n" % path + "".join(
+            "%s: %s\r\n" % (k, v) for k, v in hdrs.items() if v is not None) + "\r\n"
+        self.sock.sendall(text.encode())
+        self.rfile = self.sock.makefile("rb")
+        self.status, self.headers, self.body = self._read_head()
+
+    def _read_head(self):
+        status_line = self.rfile.readline()
+        status = int(status_line.split()[1])
+        headers = {}
+        while True:
+            line = self.rfile.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = b""
+        if status != 101:
+            body = self.rfile.read(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    def send(self, payload, opcode=0x1, fin=True, mask=MASK):
+        if isinstance(payload, str):
+            payload = payload.encode()
+        self.sock.sendall(progressista.encode_frame(payload, opcode, fin, mask))
+
+    def recv(self):
+        return progressista.read_frame(self.rfile, max_payload=1 << 28, require_mask=False)
+
+    def recv_json(self):
+        while True:
+            fin, opcode, payload = self.recv()
+            if opcode == 0x1:
+                assert fin
+                return json.loads(payload)
+            assert opcode in (0x9, 0xA), (opcode, payload)
+
+    def recv_control(self, wanted):
+        """Skip text frames until a control frame with opcode ``wanted``."""
+        while True:
+            fin, opcode, payload = self.recv()
+            if opcode == wanted:
+                return payload
+            assert opcode in (0x1, 0x9, 0xA), (opcode, payload)
+
+    def expect_close(self, code):
+        payload = self.recv_control(0x8)
+        assert struct.unpack("!H", payload[:2])[0] == code, payload
+        assert self.rfile.read(1) == b""  # and then the server hangs up
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def raw_ws():
+    made = []
+
+    def connect(srv, **kw):
+        ws = RawWS(srv, **kw)
+        made.append(ws)
+        return ws
+
+    yield connect
+    for ws in made:
+        ws.close()
+
+
+def ws_connect(srv, path="/ws", **kw):
+    from websockets.sync.client import connect
+    return connect("ws://127.0.0.1:%d%s" % (port_of(srv), path), proxy=None,
+                   open_timeout=5, close_timeout=5, **kw)
+
+
+def test_ws_snapshot_then_deltas_raw(server, raw_ws):
+    post(server, [{"task_id": "a", "n": 1, "total": 10}, {"task_id": "b", "n": 2}])
+    wait_for(lambda: not server.store.dirty)  # so the first delta is only what comes next
+    ws = raw_ws(server)
+    assert ws.status == 101
+    assert ws.headers["sec-websocket-accept"] == progressista.accept_key(ws.key)
+    first = ws.recv_json()
+    assert first["type"] == "snapshot"
+    assert set(first["tasks"]) == {"a", "b"} and first["tasks"]["a"]["total"] == 10
+    assert abs(first["server_time"] - time.time()) < 60
+    wait_for(lambda: server.ws_count == 1)
+    post(server, {"task_id": "c", "n": 5})
+    delta = ws.recv_json()
+    assert delta["type"] == "delta"
+    assert set(delta["tasks"]) == {"c"} and delta["tasks"]["c"]["n"] == 5
+    assert delta["removed"] == [] and "server_time" in delta
+    assert request(server.url + "/tasks/a", "DELETE")[1] == {"removed": True}
+    delta = ws.recv_json()
+    assert delta["type"] == "delta" and delta["removed"] == ["a"] and delta["tasks"] == {}
+
+
+def test_ws_snapshot_then_deltas_with_websockets_package(server):
+    post(server, {"task_id": "x", "n": 1})
+    wait_for(lambda: not server.store.dirty)
+    with ws_connect(server) as ws:
+        first = json.loads(ws.recv(timeout=5))
+        assert first["type"] == "snapshot" and list(first["tasks"]) == ["x"]
+        post(server, {"task_id": "x", "n": 2})
+        delta = json.loads(ws.recv(timeout=5))
+        assert delta == {"type": "delta", "tasks": {"x": delta["tasks"]["x"]}, "removed": [],
+                         "server_time": delta["server_time"]}
+        assert delta["tasks"]["x"]["n"] == 2
+        ws.ping(b"hi").wait(5)
+        ws.send("hello from a custom UI")  # text from a dashboard is accepted
+        ws.close()
+        assert ws.close_code == 1000
+    wait_for(lambda: server.ws_count == 0)
+
+
+def test_ws_deltas_are_coalesced(server):
+    with ws_connect(server) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "snapshot"
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=5)
+        started = time.monotonic()
+        for i in range(300):
+            conn.request("POST", "/progress", json.dumps({"task_id": "fast", "n": i, "total": 299}),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+        conn.close()
+        messages = []
+        while True:
+            message = json.loads(ws.recv(timeout=5))
+            messages.append(message)
+            if message["tasks"].get("fast", {}).get("n") == 299:
+                break
+        elapsed = time.monotonic() - started
+    assert all(m["type"] == "delta" for m in messages)
+    assert len(messages) < 60, len(messages)  # far fewer messages than updates
+    assert len(messages) <= elapsed / 0.1 + 2, (len(messages), elapsed)
+    assert tasks(server)["fast"]["n"] == 299
+
+
+def test_ws_ping_pong_same_payload(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    ws.send(b"are you there?", 0x9)
+    assert ws.recv_control(0xA) == b"are you there?"
+    ws.send(b"", 0x9)
+    assert ws.recv_control(0xA) == b""
+    ws.send(b"unsolicited", 0xA)  # an unsolicited pong is ignored
+    ws.send(b"again", 0x9)
+    assert ws.recv_control(0xA) == b"again"
+
+
+def test_ws_fragmented_message_with_ping_between(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    ws.send('{"hello": ', 0x1, fin=False)
+    ws.send(b"p1", 0x9)
+    ws.send('"wor', 0x0, fin=False)
+    ws.send('ld \u00e9"}'.encode()[:-3], 0x0, fin=False)  # splits the UTF-8 of the e-acute
+    ws.send('ld \u00e9"}'.encode()[-3:], 0x0, fin=True)
+    assert ws.recv_control(0xA) == b"p1"
+    ws.send(b"p2", 0x9)
+    assert ws.recv_control(0xA) == b"p2"
+    assert server.ws_count == 1
+    post(server, {"task_id": "after-fragments"})
+    assert "after-fragments" in ws.recv_json()["tasks"]
+
+
+def test_ws_close_handshake_echoed(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    ws.send(struct.pack("!H", 1000) + b"bye", 0x8)
+    ws.expect_close(1000)
+    wait_for(lambda: server.ws_count == 0)
+
+
+def test_ws_close_with_bad_code_answers_1002(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    ws.send(struct.pack("!H", 1005), 0x8)
+    ws.expect_close(1002)
+
+
+def test_ws_unmasked_frame_closes_1002(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    ws.send(b"hello", mask=None)
+    ws.expect_close(1002)
+    wait_for(lambda: server.ws_count == 0)
+
+
+def test_ws_oversized_frame_closes_1009(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    # announce 16 MiB and send none of it: the server must not wait for it
+    ws.sock.sendall(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 24) + MASK)
+    ws.expect_close(1009)
+
+
+def test_ws_oversized_fragmented_message_closes_1009(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    chunk = b"x" * 40000
+    ws.send(chunk, 0x2, fin=False)
+    ws.send(chunk, 0x0, fin=False)
+    ws.expect_close(1009)
+
+
+def test_ws_invalid_utf8_closes_1007(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    ws.send(b'{"a": "\xff\xfe"}', 0x1)
+    ws.expect_close(1007)
+
+
+def test_ws_continuation_without_start_closes_1002(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    ws.send(b"orphan", 0x0, fin=True)
+    ws.expect_close(1002)
+
+
+def test_ws_new_message_inside_fragmented_one_closes_1002(server, raw_ws):
+    ws = raw_ws(server)
+    ws.recv_json()
+    ws.send(b"part", 0x1, fin=False)
+    ws.send(b"another", 0x1, fin=True)
+    ws.expect_close(1002)
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({"Upgrade": None}, 426),
+    ({"Upgrade": "h2c"}, 426),
+    ({"Connection": "keep-alive"}, 400),
+    ({"Sec-WebSocket-Key": "c2hvcnQ="}, 400),
+    ({"Sec-WebSocket-Key": "not base64!!"}, 400),
+    ({"Sec-WebSocket-Key": None}, 400),
+    ({"Sec-WebSocket-Version": "8"}, 426),
+    ({"Sec-WebSocket-Version": None}, 426),
+])
+def test_ws_bad_handshakes(server, raw_ws, headers, status):
+    ws = raw_ws(server, headers=headers)
+    assert ws.status == status
+    assert json.loads(ws.body)["error"]
+    assert "sec-websocket-accept" not in ws.headers
+    assert server.ws_count == 0
+
+
+def test_ws_slow_dashboard_is_dropped(server_factory, raw_ws, monkeypatch):
+    monkeypatch.setattr(progressista, "MAX_WS_BACKLOG", 3)
+    srv = server_factory()
+    slow = raw_ws(srv, rcvbuf=4096)  # never reads a byte
+    assert slow.status == 101
+    wait_for(lambda: srv.ws_count == 1)
+    desc = "d" * 1000
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(srv), timeout=5)
+    for round_ in range(200):
+        batch = [{"task_id": "t%d" % i, "n": round_, "desc": desc} for i in range(800)]
+        conn.request("POST", "/progress", json.dumps(batch), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        resp.read()
+        if srv.ws_count == 0:
+            break
+        time.sleep(0.12)  # let each round become its own delta
+    conn.close()
+    wait_for(lambda: srv.ws_count == 0, timeout=10)
+    assert post(srv, {"task_id": "still-served"})[0] == 200
+    # a healthy dashboard connects and gets everything
+    with ws_connect(srv, max_size=1 << 24) as ws:
+        snapshot = json.loads(ws.recv(timeout=5))
+        assert len(snapshot["tasks"]) == 801
+
+
+def test_stop_does_not_hang_on_a_stuck_dashboard(server_factory, raw_ws):
+    srv = server_factory()
+    stuck = raw_ws(srv, rcvbuf=4096)  # never reads: the writer blocks in sendall
+    assert stuck.status == 101
+    wait_for(lambda: srv.ws_count == 1)
+    desc = "d" * 1000
+    for round_ in range(12):  # ~10 MB: far beyond the socket buffers, within the backlog
+        post(srv, [{"task_id": "t%d" % i, "n": round_, "desc": desc} for i in range(800)])
+        time.sleep(0.12)
+    assert srv.ws_count == 1  # still connected, its writer stuck
+    stopper = threading.Thread(target=srv.stop, daemon=True)
+    stopper.start()
+    stopper.join(15)
+    assert not stopper.is_alive(), "server.stop() hangs on a dashboard that does not read"
+
+
+def test_ws_needs_token_and_same_origin(server_factory, raw_ws):
+    srv = server_factory(tokens=["s3cret"])
+    assert raw_ws(srv).status == 401
+    assert raw_ws(srv, path="/ws?token=wrong").status == 401
+    ok = raw_ws(srv, path="/ws?token=s3cret")
+    assert ok.status == 101 and ok.recv_json()["type"] == "snapshot"
+    with ws_connect(srv, "/ws?token=s3cret") as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "snapshot"
+    foreign = raw_ws(srv, path="/ws?token=s3cret", headers={"Origin": "http://evil.example"})
+    assert foreign.status == 403 and json.loads(foreign.body)["error"]
+    same = raw_ws(srv, path="/ws?token=s3cret",
+                  headers={"Origin": "http://127.0.0.1:%d" % port_of(srv)})
+    assert same.status == 101
+
+
+def test_ws_allowed_origin(server_factory, raw_ws):
+    srv = server_factory(allow_origins=["http://ok.example"])
+    assert raw_ws(srv, headers={"Origin": "http://ok.example"}).status == 101
+    assert raw_ws(srv, headers={"Origin": "http://evil.example"}).status == 403
+    assert raw_ws(srv, headers={"Origin": "null"}).status == 403
+
+
 # (websocket tests go here)
 
 
 # -- http --------------------------------------------------------------------
+
+def test_post_single_and_array(server):
+    status, body, hdrs = post(server, {"task_id": "one", "n": 1, "total": 4, "desc": "d"})
+    assert status == 200 and body == {"ok": True, "accepted": 1}
+    assert hdrs["Content-Type"].startswith("application/json")
+    status, body, _ = post(server, [{"task_id": "two"}, {"task_id": "three", "status": "close"},
+                                    {"task_id": "one", "n": 2}])
+    assert status == 200 and body["accepted"] == 3
+    all_tasks = tasks(server)
+    assert set(all_tasks) == {"one", "two", "three"}
+    assert all_tasks["one"]["n"] == 2 and all_tasks["one"]["desc"] == "d"
+    assert all_tasks["three"]["status"] == "close"
+    assert post(server, [])[0] == 200
+
+
+def test_get_tasks_and_status_filter(server):
+    post(server, [{"task_id": "a"}, {"task_id": "b", "status": "close"},
+                  {"task_id": "c", "status": "error", "error": "boom"}])
+    assert set(tasks(server)) == {"a", "b", "c"}
+    status, body, _ = request(server.url + "/tasks?status=close")
+    assert status == 200 and set(body["tasks"]) == {"b"}
+    assert set(request(server.url + "/tasks?status=close,error")[1]["tasks"]) == {"b", "c"}
+    assert set(request(server.url + "/tasks?status=active&status=error")[1]["tasks"]) == {"a", "c"}
+    assert request(server.url + "/tasks?status=stale")[1] == {"tasks": {}}
+    assert_json_error(*request(server.url + "/tasks?status=bogus"), 400)
+    assert_json_error(*request(server.url + "/tasks?status=close,nope"), 400)
+
+
+@pytest.mark.parametrize("task_id", ["plain", "run:7/rank 0", "a/b/c", "spaces in id",
+                                     "pct%41", "q?x=1#frag", "\u00e9t\u00e9:1"])
+def test_get_one_task_with_odd_ids(server, task_id):
+    post(server, {"task_id": task_id, "n": 3})
+    status, body, _ = request(server.url + "/tasks/" + urllib.parse.quote(task_id, safe=""))
+    assert status == 200 and body["task_id"] == task_id and body["n"] == 3
+    if all(c not in task_id for c in "%?# "):
+        status, body, _ = request(server.url + "/tasks/" + urllib.parse.quote(task_id, safe=":/"))
+        assert status == 200 and body["task_id"] == task_id
+    assert request(server.url + "/tasks/" + urllib.parse.quote(task_id, safe=""),
+                   "DELETE")[1] == {"removed": True}
+    assert_json_error(*request(server.url + "/tasks/" + urllib.parse.quote(task_id, safe="")),
+                      404)
+
+
+def test_get_task_404(server):
+    assert_json_error(*request(server.url + "/tasks/nope"), 404)
+    assert_json_error(*request(server.url + "/tasks/"), 404)
+
+
+def test_delete_one_task(server):
+    post(server, [{"task_id": "run:1/a"}, {"task_id": "b"}])
+    status, body, _ = request(server.url + "/tasks/" + urllib.parse.quote("run:1/a", safe=""),
+                              "DELETE")
+    assert status == 200 and body == {"removed": True}
+    assert request(server.url + "/tasks/run:1/a", "DELETE")[1] == {"removed": False}
+    assert set(tasks(server)) == {"b"}
+
+
+def test_delete_tasks_by_status_and_age(server_factory, clock):
+    srv = server_factory(clock=clock)
+    post(srv, [{"task_id": "old", "status": "close"}, {"task_id": "olderr", "status": "error"}])
+    clock.advance(100)
+    post(srv, [{"task_id": "new", "status": "close"}, {"task_id": "live"}])
+    status, body, _ = request(srv.url + "/tasks?status=close&older_than=50", "DELETE")
+    assert status == 200 and body == {"removed": ["old"]}
+    status, body, _ = request(srv.url + "/tasks?status=close,error", "DELETE")
+    assert sorted(body["removed"]) == ["new", "olderr"]
+    assert set(tasks(srv)) == {"live"}
+    for query in ("", "?older_than=5", "?status=close&older_than=abc",
+                  "?status=close&older_than=-1", "?status=close&older_than=nan",
+                  "?status=weird"):
+        assert_json_error(*request(srv.url + "/tasks" + query, "DELETE"), 400)
+    assert set(tasks(srv)) == {"live"}
+
+
+def test_health_needs_no_token(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    post(srv, {"task_id": "a"}, headers={"Authorization": "Bearer s3cret"})
+    status, body, _ = request(srv.url + "/health")
+    assert status == 200 and body["status"] == "ok" and body["tasks"] == 1
+
+
+def test_page_bytes_and_csp(server):
+    with open(INDEX_PATH, "rb") as f:
+        expected = f.read()
+    for path in ("/", "/static/index.html"):
+        with urllib.request.urlopen(server.url + path, timeout=5) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/html")
+            csp = resp.headers["Content-Security-Policy"]
+            assert "default-src 'none'" in csp and "script-src" in csp
+            assert resp.read() == expected
+
+
+def test_embedded_page_matches_index_html():
+    with open(INDEX_PATH, "rb") as f:
+        assert f.read() == progressista.INDEX_HTML_BYTES
+
+
+def test_metrics_exposition(server):
+    post(server, [{"task_id": 'we"ird\\id', "n": 5, "total": 10}, {"task_id": "u", "n": 1}])
+    status, text, hdrs = request(server.url + "/metrics")
+    assert status == 200 and hdrs["Content-Type"].startswith("text/plain")
+    assert 'progressista_task_progress_ratio{task_id="we\\"ird\\\\id",status="active"} 0.5' in text
+    assert "progressista_updates_received_total 2" in text
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        return
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert "progressista_task_n" in names
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", "/nope", 404), ("POST", "/nope", 404), ("DELETE", "/nope", 404),
+    ("PUT", "/nope", 404), ("GET", "/progress", 405), ("POST", "/tasks", 405),
+    ("POST", "/health", 405), ("PUT", "/progress", 405), ("DELETE", "/health", 405),
+    ("PATCH", "/tasks/a", 405), ("OPTIONS", "/progress", 405), ("DELETE", "/progress", 405),
+])
+def test_unknown_paths_and_wrong_methods_are_json(server, method, path, status):
+    data = {"task_id": "sneaky"} if method in ("POST", "PUT", "PATCH") else None
+    got = request(server.url + path, method, data)
+    assert_json_error(*got, status)
+    if status == 405:
+        assert got[2]["Allow"]
+    assert tasks(server) == {}
+
+
+def test_head_has_no_body(server):
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=5)
+    conn.request("HEAD", "/health")
+    resp = conn.getresponse()
+    assert resp.status == 200 and int(resp.headers["Content-Length"]) > 0
+    assert resp.read() == b""
+    conn.request("GET", "/health")
+    assert json.loads(conn.getresponse().read())["status"] == "ok"
+    conn.close()
+
+
+# Bad input: a clear 4xx, always JSON, and nothing changes.
+
+@pytest.fixture
+def seeded(server):
+    post(server, {"task_id": "base", "n": 5, "total": 10, "desc": "seed"})
+    return server, tasks(server)
+
+
+BAD_BODIES = [
+    (b'{"task_id": "x", ', 400),
+    (b'{"task_id": "x", "n": "3"}', 400),
+    (b'{"task_id": "base", "n": true}', 400),
+    (b'{"n": 3}', 400),
+    (b'[{"task_id": "x"}, {"n": 3}]', 400),
+    (b'[{"task_id": "base", "n": 9}, 7]', 400),
+    (b'"just a string"', 400),
+    (b'null', 400),
+    (b'', 400),
+    (b'   \n', 400),
+    (b'{"task_id": "\xff\xfe"}', 400),
+    (b"[" * 50000 + b"]" * 50000, 400),
+    (b'{"task_id": "base", "n": NaN}', 400),
+    (b'{"task_id": "base", "total": Infinity}', 400),
+    (b'{"task_id": "base", "n": 1e999}', 400),
+    (b'{"task_id": "base", "status": ["close"]}', 400),
+    (b'{"task_id": "base", "desc": "' + b"x" * 2000 + b'"}', 400),
+    (b'{"task_id": "' + b"x" * 300 + b'"}', 400),
+    (b'{"task_id": "base", "meta": {"k": "' + b"v" * 20000 + b'"}}', 400),
+]
+
+
+@pytest.mark.parametrize("body,status", BAD_BODIES, ids=lambda b: repr(b)[:30])
+def test_bad_bodies_change_nothing(seeded, body, status):
+    srv, before = seeded
+    got = request(srv.url + "/progress", "POST", raw=body)
+    assert_json_error(*got, status)
+    assert tasks(srv) == before
+
+
+def test_too_large_body_is_refused_without_reading_it(seeded):
+    srv, before = seeded
+    head = (b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (50 * (1 << 20)))
+    status, headers, body = raw_http(srv, head + b'[{"task_id": "x"}')
+    assert status == 413 and json.loads(body)["error"]
+    assert headers.get("connection", "").lower() == "close"
+    # just over the limit, sent in full through a normal client, is refused too
+    big = json.dumps([{"task_id": "y%d" % i, "desc": "d" * 1000} for i in range(1100)]).encode()
+    assert len(big) > (1 << 20)
+    try:
+        got = request(srv.url + "/progress", "POST", raw=big)
+        assert_json_error(*got, 413)
+    except (ConnectionError, OSError):
+        pass  # the server may hang up before the whole body is sent
+    assert tasks(srv) == before
+
+
+def test_missing_content_length_is_411(seeded):
+    srv, before = seeded
+    status, headers, body = raw_http(
+        srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n'
+             b'{"task_id": "x"}', shut_write=True)
+    assert status == 411 and json.loads(body)["error"]
+    status, headers, body = raw_http(
+        srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+             b'10\r\n{"task_id": "x"}\r\n0\r\n\r\n')
+    assert status == 411 and json.loads(body)["error"]
+    for length in (b"-1", b"abc", b"1_5", b"+15", b" 0x0f", b"\xd9\xa1\xd9\xa5"):
+        status, headers, body = raw_http(
+            srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: ' + length
+                 + b'\r\n\r\n{"task_id":"x"}')
+        assert status == 400 and json.loads(body)["error"], length
+    assert tasks(srv) == before
+
+
+def test_short_body_is_400(seeded):
+    srv, before = seeded
+    status, headers, body = raw_http(
+        srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"task_id"',
+        shut_write=True)
+    assert status == 400 and json.loads(body)["error"]
+    assert tasks(srv) == before
+
+
+@pytest.mark.parametrize("line", [
+    b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    b"GET /health HTTP/9.9\r\n\r\n", b"GET /health HTTP/1.1 extra words\r\n\r\n",
+    b"POST /progress HTTP/1.1\r\nBad Header Line\r\n\r\n",
+])
+def test_garbage_request_line_is_json_400(seeded, line):
+    srv, before = seeded
+    status, headers, body = raw_http(srv, line)
+    assert 400 <= status < 600 and status != 500
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"]
+    assert tasks(srv) == before
+
+
+def test_delete_and_get_bad_input_change_nothing(seeded):
+    srv, before = seeded
+    assert_json_error(*request(srv.url + "/tasks?status=", "DELETE"), 400)
+    assert_json_error(*request(srv.url + "/tasks?status=active&older_than=inf", "DELETE"), 400)
+    assert request(srv.url + "/tasks/nope", "DELETE")[1] == {"removed": False}
+    assert_json_error(*request(srv.url + "/tasks?status=running"), 400)
+    assert tasks(srv) == before
+
+
+def test_keep_alive_many_requests_one_connection(server):
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=5)
+    conn.connect()
+    sock = conn.sock
+    steps = [("POST", "/progress", json.dumps({"task_id": "k", "n": 1}), 200),
+             ("GET", "/tasks/k", None, 200),
+             ("POST", "/progress", json.dumps({"task_id": "k", "n": "bad"}), 400),
+             ("GET", "/nope", None, 404),
+             ("GET", "/progress", None, 405),
+             ("POST", "/progress", json.dumps([{"task_id": "k", "n": 2}]), 200),
+             ("DELETE", "/tasks/zzz", None, 200),
+             ("GET", "/health", None, 200),
+             ("GET", "/tasks", None, 200)]
+    for method, path, body, status in steps:
+        headers = {"Content-Type": "application/json"} if body else {}
+        conn.request(method, path, body, headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        assert resp.status == status, (method, path, data)
+        assert json.loads(data)
+        assert conn.sock is sock, "the server closed a keep-alive connection after %s %s" % (
+            method, path)
+    assert json.loads(data)["tasks"]["k"]["n"] == 2
+    conn.close()
+
+
+def test_error_with_unread_body_does_not_poison_keep_alive(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(srv), timeout=5)
+    body = json.dumps({"task_id": "x"})
+    for method, path, auth in (("POST", "/progress", "Bearer wrong"),
+                               ("POST", "/nowhere", "Bearer s3cret"),
+                               ("POST", "/tasks", "Bearer s3cret"),
+                               ("PUT", "/progress", "Bearer s3cret")):
+        conn.request(method, path, body, {"Content-Type": "application/json",
+                                          "Authorization": auth})
+        resp = conn.getresponse()
+        assert resp.status in (401, 404, 405), resp.status
+        assert json.loads(resp.read())["error"]
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        assert json.loads(resp.read())["status"] == "ok"
+    conn.close()
+    assert tasks(srv, headers={"Authorization": "Bearer s3cret"}) == {}
+
+
+def test_get_with_a_body_does_not_poison_keep_alive(server):
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=5)
+    conn.request("GET", "/health", body=b'{"task_id": "smuggled"}')
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+    conn.request("GET", "/tasks")
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    assert json.loads(resp.read()) == {"tasks": {}}
+    conn.close()
+
+
+def test_response_arrives_in_one_piece(server):
+    post(server, {"task_id": "one-piece", "desc": "x" * 500})
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        for path in ["/tasks/one-piece", "/health", "/nope", "/tasks"] * 10:
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+            # the first read after the socket turns readable has it all: headers
+            # and body were written together, not as two segments
+            select.select([sock], [], [], 5)
+            data = sock.recv(1 << 20)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            assert len(body) == length, (path, data)
+
+
+# Auth.
+
+def test_auth_tokens(server_factory, raw_ws):
+    srv = server_factory(tokens=["s3cret", "other"])
+    url = srv.url
+    for headers in ({"Authorization": "Bearer s3cret"}, {"Authorization": "Bearer other"},
+                    {"Authorization": "bearer s3cret"}):
+        assert request(url + "/tasks", headers=headers)[0] == 200
+    assert request(url + "/tasks?token=s3cret")[0] == 200
+    assert request(url + "/tasks?token=other")[0] == 200
+    for bad in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"},
+                {"Authorization": "Bearer "}, {"Authorization": "Bearer s3cretX"}):
+        got = request(url + "/tasks", headers=bad)
+        assert_json_error(*got, 401)
+    assert_json_error(*request(url + "/tasks?token=wrong"), 401)
+    assert_json_error(*request(url + "/tasks?token="), 401)
+    assert_json_error(*request(url + "/metrics"), 401)
+    assert_json_error(*request(url + "/tasks/a"), 401)
+    assert_json_error(*request(url + "/tasks/a", "DELETE"), 401)
+    assert_json_error(*post(srv, {"task_id": "nope"}), 401)
+    assert_json_error(*post(srv, {"task_id": "nope"}, headers={"Authorization": "Bearer x"}),
+                      401)
+    assert request(url + "/health")[0] == 200
+    assert request(url + "/")[0] == 200
+    assert request(url + "/static/index.html")[0] == 200
+    assert post(srv, {"task_id": "yes"}, headers={"Authorization": "Bearer other"})[0] == 200
+    assert request(url + "/progress?token=s3cret", "POST", {"task_id": "yes2"})[0] == 200
+    assert set(tasks(srv, headers={"Authorization": "Bearer s3cret"})) == {"yes", "yes2"}
+    assert raw_ws(srv).status == 401
+    assert raw_ws(srv, path="/ws?token=other").status == 101
+
+
+def test_token_never_logged(server_factory, raw_ws, caplog):
+    caplog.set_level(logging.DEBUG, logger="progressista")
+    srv = server_factory(tokens=["s3cret"])
+    url = srv.url
+    request(url + "/tasks?token=s3cret")
+    request(url + "/progress?token=s3cret", "POST", {"task_id": "a"})
+    request(url + "/progress?token=s3cret", "POST", raw=b"{bad json")
+    request(url + "/tasks/a?token=s3cret", "DELETE")
+    request(url + "/nope?token=s3cret")
+    request(url + "/tasks?token=s3cretWRONG")
+    request(url + "/tasks", headers={"Authorization": "Bearer s3cret"})
+    raw_http(srv, b"GET /tasks?token=s3cret HTTP/1.1 bogus\r\n\r\n")
+    ws = raw_ws(srv, path="/ws?token=s3cret")
+    ws.recv_json()
+    ws.send(b"x", mask=None)  # a protocol error is logged too
+    ws.expect_close(1002)
+    request(url + "/health?token=s3cret&marker=1")
+    wait_for(lambda: "/health" in caplog.text)
+    assert "/tasks" in caplog.text and "/ws" in caplog.text  # requests were logged...
+    assert "s3cret" not in caplog.text  # ...but never the token
+
+
+# Cross-site.
+
+def test_no_cors_headers_by_default(server):
+    origin = {"Origin": "http://evil.example"}
+    status, body, hdrs = request(server.url + "/tasks", headers=origin)
+    assert status == 200
+    assert not [h for h in hdrs if h.lower().startswith("access-control-")]
+    status, body, hdrs = request(server.url + "/tasks", "OPTIONS", headers=dict(
+        origin, **{"Access-Control-Request-Method": "POST"}))
+    assert status in (404, 405) and not [h for h in hdrs if h.lower().startswith("access-")]
+    assert_json_error(*post(server, {"task_id": "x"}, headers=origin), 403)
+    assert_json_error(*request(server.url + "/tasks?status=active", "DELETE", headers=origin), 403)
+    assert tasks(server) == {}
+    # same origin (Origin matches Host) is fine
+    same = {"Origin": server.url}
+    assert post(server, {"task_id": "mine"}, headers=same)[0] == 200
+    assert set(tasks(server)) == {"mine"}
+
+
+def test_allowed_origin_gets_cors(server_factory):
+    srv = server_factory(allow_origins=["http://ok.example"])
+    ok = {"Origin": "http://ok.example"}
+    status, body, hdrs = request(srv.url + "/tasks", headers=ok)
+    assert status == 200 and hdrs["Access-Control-Allow-Origin"] == "http://ok.example"
+    status, body, hdrs = request(srv.url + "/progress", "OPTIONS", headers=dict(
+        ok, **{"Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "content-type, authorization"}))
+    assert status == 204
+    assert hdrs["Access-Control-Allow-Origin"] == "http://ok.example"
+    assert "POST" in hdrs["Access-Control-Allow-Methods"]
+    assert "authorization" in hdrs["Access-Control-Allow-Headers"].lower()
+    assert post(srv, {"task_id": "from-ok"}, headers=ok)[0] == 200
+    evil = {"Origin": "http://evil.example"}
+    status, body, hdrs = request(srv.url + "/tasks", headers=evil)
+    assert "Access-Control-Allow-Origin" not in hdrs
+    assert_json_error(*post(srv, {"task_id": "from-evil"}, headers=evil), 403)
+    assert request(srv.url + "/progress", "OPTIONS", headers=evil)[0] in (404, 405)
+    assert set(tasks(srv)) == {"from-ok"}
+
+
+# Idle connections.
+
+def test_idle_connections_do_not_starve_others(server):
+    idle = []
+    try:
+        for i in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", port_of(server)), timeout=5))
+        for sock in idle[:20]:
+            sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        for sock in idle[20:40]:
+            sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\n")  # headers never end
+        started = time.monotonic()
+        status, body, _ = post(server, {"task_id": "alive"}, timeout=10)
+        assert status == 200
+        assert time.monotonic() - started < 5  # liveness, not a benchmark
+        assert "alive" in tasks(server)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_idle_connection_times_out(server, monkeypatch):
+    monkeypatch.setattr(progressista.Handler, "timeout", 0.5)
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+        assert sock.recv(100) == b""  # the server hung up on us
+
+
+# The CLI server.
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=10)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out = proc.communicate()[0]
+    return proc.returncode, out.decode("utf-8", "replace")
+
+
+def test_cli_serve_without_site_packages():
+    proc, url = start_cli_server(python_flags=("-S",))
+    try:
+        status, body, _ = request(url + "/health")
+        assert status == 200 and body["status"] == "ok"
+        assert post(type("S", (), {"url": url}), {"task_id": "nosite"})[0] == 200
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+
+
+def test_cli_copy_alone_serves_the_page(tmp_path):
+    shutil.copy(SCRIPT, str(tmp_path / "progressista.py"))
+    proc, url = start_cli_server(cwd=str(tmp_path))
+    try:
+        with urllib.request.urlopen(url + "/static/index.html", timeout=5) as resp:
+            page = resp.read()
+        with open(INDEX_PATH, "rb") as f:
+            assert page == f.read()
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+    assert sorted(os.listdir(str(tmp_path))) in (["progressista.py"],
+                                                 ["__pycache__", "progressista.py"])
+
+
+def test_cli_port_zero_prints_real_url_and_sigterm_exits_0():
+    proc, url = start_cli_server()
+    port = int(url.rsplit(":", 1)[1])
+    assert port != 0
+    try:
+        assert request(url + "/health")[1]["status"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code, out = _stop(proc)
+    assert code == 0, out
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_cli_public_host_without_token_warns():
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "serve", "--host", "0.0.0.0", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", PROGRESSISTA_API_TOKEN="",
+                 PROGRESSISTA_API_TOKENS=""))
+    lines = []
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.decode())
+            if "http://" in lines[-1]:
+                break
+    finally:
+        code, out = _stop(proc)
+    text = "".join(lines) + out
+    assert "WARNING" in text and "without a token" in text, text
+    assert code == 0, text
+
+
+def test_cli_loopback_does_not_warn():
+    proc, url = start_cli_server()
+    code, out = _stop(proc)
+    assert "without a token" not in out and code == 0
+
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+TRICKY_IDS = ['plain', 'say "hi"', 'back\\slash', 'two\nlines', '\\"\n\\n mix',
+              'ünïcødé ✓', 'trailing\\', '{brace}=,']
+
+PER_TASK = ("progressista_task_n", "progressista_task_total",
+            "progressista_task_progress_ratio", "progressista_task_rate",
+            "progressista_task_updated_timestamp_seconds")
+
+
+def _metrics(url, **kw):
+    status, text, headers = request(url + "/metrics", **kw)
+    assert status == 200, text
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return text
+
+
+def _samples(text):
+    """{sample name: {(task_id, status) or (status,) or (): value}} via prometheus_client."""
+    out, types = {}, {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            types[sample.name] = family.type
+            labels = sample.labels
+            if "task_id" in labels:
+                key = (labels["task_id"], labels["status"])
+            elif "status" in labels:
+                key = (labels["status"],)
+            else:
+                key = ()
+            bucket = out.setdefault(sample.name, {})
+            assert key not in bucket, (sample.name, key)
+            bucket[key] = sample.value
+    return out, types
+
+
+def test_metrics_parse_with_prometheus_client_and_values_are_right(server_factory, clock):
+    srv = server_factory(clock=clock)
+    updates = []
+    for i, task_id in enumerate(TRICKY_IDS):
+        updates.append({"task_id": task_id, "n": i * 10, "total": 100, "rate": i + 0.5})
+    assert post(srv, updates)[0] == 200
+    clock.advance(7)
+    post(srv, [{"task_id": "unknown-total", "n": 3},
+               {"task_id": "zero-total", "n": 0, "total": 0},
+               {"task_id": "done", "n": 5, "total": 5, "status": "close"},
+               {"task_id": "bad", "n": 1, "total": 4, "status": "error", "error": "x"}])
+    assert post(srv, {"task_id": "", "n": 1})[0] == 400  # rejected
+    assert post(srv, [{"task_id": "ok"}, {"n": 1}])[0] == 400  # 2 rejected
+    text = _metrics(srv.url)
+    for name in PER_TASK + ("progressista_tasks", "progressista_updates_received_total",
+                            "progressista_updates_rejected_total",
+                            "progressista_websocket_clients"):
+        assert "# HELP %s " % name in text and "# TYPE %s " % name in text
+    samples, types = _samples(text)
+    assert types["progressista_updates_received_total"] == "counter"
+    assert types["progressista_task_n"] == "gauge"
+    for i, task_id in enumerate(TRICKY_IDS):
+        key = (task_id, "active")
+        assert samples["progressista_task_n"][key] == i * 10
+        assert samples["progressista_task_total"][key] == 100
+        assert samples["progressista_task_progress_ratio"][key] == pytest.approx(i / 10)
+        assert samples["progressista_task_rate"][key] == i + 0.5
+        assert samples["progressista_task_updated_timestamp_seconds"][key] == 1_000_000.0
+    assert math.isnan(samples["progressista_task_total"][("unknown-total", "active")])
+    assert math.isnan(samples["progressista_task_progress_ratio"][("unknown-total", "active")])
+    assert math.isnan(samples["progressista_task_rate"][("unknown-total", "active")])
+    assert math.isnan(samples["progressista_task_progress_ratio"][("zero-total", "active")])
+    assert samples["progressista_task_progress_ratio"][("done", "close")] == 1.0
+    assert samples["progressista_task_n"][("bad", "error")] == 1
+    assert samples["progressista_task_updated_timestamp_seconds"][("done", "close")] == 1_000_007
+    all_ids = {k[0] for k in samples["progressista_task_n"]}
+    assert all_ids == set(TRICKY_IDS) | {"unknown-total", "zero-total", "done", "bad"}
+    assert samples["progressista_tasks"] == {("active",): len(TRICKY_IDS) + 2, ("stale",): 0,
+                                             ("close",): 1, ("error",): 1}
+    assert samples["progressista_updates_received_total"][()] == len(TRICKY_IDS) + 4
+    assert samples["progressista_updates_rejected_total"][()] == 3
+    assert samples["progressista_websocket_clients"][()] == 0
+
+
+def test_metrics_status_label_follows_stale(server_factory, clock):
+    srv = server_factory(clock=clock, stale_seconds=10)
+    post(srv, {"task_id": "s", "n": 1})
+    clock.advance(11)
+    srv.store.sweep()
+    samples, _ = _samples(_metrics(srv.url))
+    assert samples["progressista_task_n"] == {("s", "stale"): 1}
+    assert samples["progressista_tasks"][("stale",)] == 1
+
+
+def test_metrics_with_no_tasks_still_parse(server):
+    samples, _ = _samples(_metrics(server.url))
+    assert "progressista_task_n" not in samples
+    assert samples["progressista_tasks"] == {("active",): 0, ("stale",): 0,
+                                             ("close",): 0, ("error",): 0}
+
+
+def test_metrics_counts_websocket_clients(server):
+    sock, rfile = _ws_connect(server.url)
+    try:
+        assert _ws_message(rfile)["type"] == "snapshot"
+        samples, _ = _samples(_metrics(server.url))
+        assert samples["progressista_websocket_clients"][()] == 1
+    finally:
+        rfile.close()
+        sock.close()
+    wait_for(lambda: _samples(_metrics(server.url))[0]
+             ["progressista_websocket_clients"][()] == 0)
+
+
+def test_metrics_survive_integers_beyond_float(tmp_path):
+    """A huge JSON integer (refused at input now, but possibly in an older --db file)."""
+    path = str(tmp_path / "huge.db")
+    progressista.make_server("127.0.0.1", 0, db=path).stop()
+    huge = 10 ** 400
+    conn = sqlite3.connect(path)
+    for task_id, n, total in (("huge", huge, 3), ("huge-total", 1, huge)):
+        task = progressista._new_task(task_id, 1000.0)
+        task.update(n=n, total=total)
+        conn.execute("INSERT INTO tasks VALUES (?, ?)", (task_id, json.dumps(task)))
+    conn.commit()
+    conn.close()
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        samples, _ = _samples(_metrics(srv.url))
+    finally:
+        srv.stop()
+    assert samples["progressista_task_n"][("huge", "active")] == float("inf")
+    assert samples["progressista_task_progress_ratio"][("huge", "active")] == float("inf")
+    assert samples["progressista_task_total"][("huge-total", "active")] == float("inf")
+    assert samples["progressista_task_progress_ratio"][("huge-total", "active")] == 0.0
+
+
+def test_metrics_require_the_token(server_factory):
+    srv = server_factory(tokens=["s3cret", "other"])
+    post(srv, {"task_id": "a", "n": 1}, headers={"Authorization": "Bearer s3cret"})
+    status, body, headers = request(srv.url + "/metrics")
+    assert status == 401 and "error" in body
+    assert headers["WWW-Authenticate"] == "Bearer"
+    assert request(srv.url + "/metrics", headers={"Authorization": "Bearer nope"})[0] == 401
+    assert request(srv.url + "/metrics?token=nope")[0] == 401
+    samples, _ = _samples(_metrics(srv.url, headers={"Authorization": "Bearer s3cret"}))
+    assert samples["progressista_task_n"] == {("a", "active"): 1}
+    samples, _ = _samples(_metrics(srv.url, headers={"Authorization": "Bearer other"}))
+    assert samples["progressista_task_n"] == {("a", "active"): 1}
+    status, text, _ = request(srv.url + "/metrics?token=s3cret")
+    assert status == 200 and "progressista_task_n" in text
+    assert request(srv.url + "/health")[0] == 200  # still open
+
+
+def test_metrics_show_restored_tasks(tmp_path):
+    path = str(tmp_path / "m.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        post(srv, [{"task_id": 'q"1', "n": 2, "total": 4}, {"task_id": "c", "status": "close"}])
+    finally:
+        srv.stop()
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        samples, _ = _samples(_metrics(srv.url))
+        assert samples["progressista_task_progress_ratio"][('q"1', "active")] == 0.5
+        assert samples["progressista_tasks"][("close",)] == 1
+    finally:
+        srv.stop()
+
 
 # (http tests go here)
 
@@ -196,5 +3247,259 @@ def test_summarize_is_one_line():
 
 
 # -- cli ---------------------------------------------------------------------
+
+def _write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_run_script_sees_its_argv(server, tmp_path):
+    script = _write(tmp_path / "s.py", """
+        import sys, json
+        from tqdm import tqdm
+        for _ in tqdm(range(5), task_id="argv"):
+            pass
+        print(json.dumps(sys.argv), __name__)
+    """)
+    proc, _ = run_cli("run", script, "--", "--flag", "x", srv=server)
+    ok(proc)
+    argv, name = proc.stdout.decode().rsplit(" ", 1)
+    assert json.loads(argv) == [script, "--flag", "x"] and name.strip() == "__main__"
+    assert task(server, "argv")["n"] == 5
+    proc, _ = run_cli("run", script, "a", "-b", srv=server)  # without --: the rest is its
+    assert json.loads(ok(proc).stdout.decode().rsplit(" ", 1)[0]) == [script, "a", "-b"]
+
+
+def test_run_module_sees_its_argv(server, tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    _write(pkg / "mod.py", """
+        import sys, json
+        import tqdm
+        for _ in tqdm.trange(4, task_id="mod"):
+            pass
+        print(json.dumps(sys.argv[1:]), __name__)
+    """)
+    proc, _ = run_cli("run", "-m", "pkg.mod", "--", "a", "--b", srv=server, cwd=str(tmp_path))
+    ok(proc)
+    assert proc.stdout == b'["a", "--b"] __main__\n'
+    assert task(server, "mod")["n"] == 4 and task(server, "mod")["status"] == "close"
+
+
+def test_run_propagates_exit_status(server, tmp_path):
+    script = _write(tmp_path / "x.py", """
+        import sys
+        from tqdm import tqdm
+        bar = tqdm(total=10, task_id="exit3")
+        bar.update(2)
+        sys.exit(3)
+    """)
+    proc, _ = run_cli("run", script, srv=server)
+    assert proc.returncode == 3
+    assert task(server, "exit3")["status"] == "error"
+    zero = _write(tmp_path / "z.py", "import sys\nsys.exit(0)\n")
+    assert run_cli("run", zero, srv=server)[0].returncode == 0
+
+
+def test_run_uncaught_exception_prints_the_usual_traceback(server, tmp_path):
+    script = _write(tmp_path / "boom.py", """
+        from tqdm import tqdm
+        other = tqdm(total=5, task_id="other-open")
+        def step(i):
+            if i == 3:
+                raise ValueError("bad row 3")
+        for i in tqdm(range(10), task_id="boom"):
+            step(i)
+    """)
+    proc, _ = run_cli("run", script, srv=server)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    err = err[err.index("Traceback"):]  # after the bars' own display
+    err = err[:err.index("ValueError: bad row 3") + len("ValueError: bad row 3")]
+    assert err.startswith("Traceback (most recent call last):\n")
+    assert 'File "%s", line 8, in <module>' % script in err
+    assert "in step" in err
+    assert err.strip().splitlines()[-1] == "ValueError: bad row 3"
+    assert "progressista.py" not in err and "runpy" not in err
+    for task_id in ("boom", "other-open"):
+        t = task(server, task_id)
+        assert t["status"] == "error" and t["error"] == "ValueError: bad row 3", t
+    assert task(server, "boom")["n"] == 3
+
+
+def test_run_exit_with_message_and_keyboard_interrupt(server, tmp_path):
+    script = _write(tmp_path / "msg.py", """
+        import sys
+        from tqdm import tqdm
+        bar = tqdm(total=4, task_id="msg", disable=None)
+        sys.exit("giving up")
+    """)
+    proc, _ = run_cli("run", script, srv=server)
+    assert proc.returncode == 1 and proc.stderr == b"giving up\n"
+    assert task(server, "msg")["status"] == "error"
+    script = _write(tmp_path / "kbd.py", """
+        from tqdm import tqdm
+        for i in tqdm(range(10), task_id="kbd", disable=None):
+            if i == 2:
+                raise KeyboardInterrupt
+    """)
+    proc, _ = run_cli("run", script, srv=server)
+    assert proc.returncode == 130
+    assert proc.stderr.strip().endswith(b"KeyboardInterrupt")
+    assert task(server, "kbd")["status"] == "error"
+
+
+def test_run_against_dead_server_is_harmless(tmp_path):
+    script = _write(tmp_path / "d.py", """
+        from tqdm import tqdm
+        for _ in tqdm(range(1000), disable=None):
+            pass
+        print("fine")
+    """)
+    proc, took = run_cli("run", "--server-url", "http://127.0.0.1:%d" % free_port(), script)
+    assert ok(proc).stdout == b"fine\n" and proc.stderr == b""
+    assert took < 10
+
+
+def test_run_meta_lands_in_every_task(server, tmp_path):
+    script = _write(tmp_path / "m.py", """
+        from tqdm import tqdm
+        for _ in tqdm(range(2), task_id="m1"):
+            pass
+        for _ in tqdm(range(2), task_id="m2", meta={"extra": True}):
+            pass
+    """)
+    ok(run_cli("run", "--meta", '{"run": 7}', script, srv=server)[0])
+    assert task(server, "m1")["meta"] == {"run": 7}
+    assert task(server, "m2")["meta"] == {"run": 7, "extra": True}
+
+
+@pytest.mark.parametrize("meta", ["not json", "[1, 2]"])
+def test_run_bad_meta_is_a_usage_error(meta, tmp_path):
+    script = _write(tmp_path / "never.py", "print('ran')\n")
+    proc, _ = run_cli("run", "--meta", meta, script)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert b"--meta must be a JSON object" in proc.stderr
+
+
+def test_run_options_server_url_push_every_token(server_factory, tmp_path):
+    srv = server_factory(tokens=["s3cret"])
+    script = _write(tmp_path / "o.py", """
+        from tqdm import tqdm
+        b = tqdm(total=3, task_id="opts")
+        print(b._pst_every, b._pst_url)
+        b.update(3)
+        b.close()
+    """)
+    proc, _ = run_cli("run", "--server-url", srv.url, "--push-every", "0.7",
+                      "--token", "s3cret", script, env={
+                          "PROGRESSISTA_SERVER_URL": "http://127.0.0.1:9/progress"})
+    ok(proc)
+    assert proc.stdout == ("0.7 %s/progress\n" % srv.url).encode()
+    got = tasks(srv, headers={"Authorization": "Bearer s3cret"})
+    assert got["opts"]["n"] == 3 and got["opts"]["status"] == "close"
+
+
+def test_run_reads_env_token(server_factory, tmp_path):
+    srv = server_factory(tokens=["envtok"])
+    script = _write(tmp_path / "e.py", "from tqdm import trange\nfor _ in trange(2, task_id='e'):\n    pass\n")
+    ok(run_cli("run", script, srv=srv, env={"PROGRESSISTA_API_TOKEN": "envtok"})[0])
+    assert "e" in tasks(srv, headers={"Authorization": "Bearer envtok"})
+
+
+def test_run_usage_errors(tmp_path):
+    proc, _ = run_cli("run", str(tmp_path / "missing.py"))
+    assert proc.returncode == 2 and b"no such script" in proc.stderr
+    proc, _ = run_cli("run")
+    assert proc.returncode == 2
+    proc, _ = run_cli("run", "--push-every", "-1", str(tmp_path / "x.py"))
+    assert proc.returncode == 2
+
+
+def test_run_leaves_the_targets_logging_alone(tmp_path):
+    script = _write(tmp_path / "log.py", """
+        import logging
+        logging.basicConfig(level=logging.DEBUG, format="mine: %(message)s")
+        logging.getLogger("job").debug("hello")
+    """)
+    direct = subprocess.run([sys.executable, script], capture_output=True, timeout=30,
+                            env=_clean_env())
+    assert direct.stderr == b"mine: hello\n"
+    proc, _ = run_cli("run", script)
+    ok(proc)
+    assert proc.stderr == direct.stderr
+
+
+def test_run_target_imports_the_same_progressista(tmp_path):
+    script = _write(tmp_path / "same.py", """
+        import sys, progressista, tqdm
+        print(issubclass(tqdm.tqdm, progressista._RemoteMixin),
+              sys.modules["progressista"] is sys.modules["progressista.patch"])
+    """)
+    proc, _ = run_cli("run", script, env={"PYTHONPATH": ""})
+    assert ok(proc).stdout == b"True True\n"
+
+
+def test_run_m_tqdm_reads_stdin(server):
+    proc, _ = run_cli("run", "-m", "tqdm", srv=server, input=b"a\nb\nc\n")
+    ok(proc)
+    assert proc.stdout == b"a\nb\nc\n"
+    t = only_task(server)
+    assert t["n"] == 3 and t["status"] == "close"
+
+
+def test_demo_shows_every_state(server):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "demo", "--duration", "2"],
+                            env=_clean_env(PROGRESSISTA_SERVER_URL=server.url + "/progress"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def live():
+            got = tasks(server)
+            states = {t["status"] for t in got.values()}
+            return got if {"active", "close", "error"} <= states else None
+        during = wait_for(live, timeout=15)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert err == b""
+    assert sum(t["status"] == "active" for t in during.values()) >= 2
+    after = tasks(server)
+    assert len(after) >= 6
+    by_status = {}
+    for t in after.values():
+        by_status.setdefault(t["status"], []).append(t)
+    assert set(by_status) <= {"close", "error"}
+    assert any(t["error"] and t["error"].startswith("ValueError") for t in by_status["error"])
+    assert any(t["meta"] for t in after.values())
+    assert any(t["total"] is None for t in after.values())
+    assert len({t["task_id"].split(":")[0] for t in after.values()}) == 1  # one run group
+
+
+def test_demo_server_url_option(server):
+    ok(run_cli("demo", "--duration", "0.3", "--server-url", server.url,
+               env={"PROGRESSISTA_SERVER_URL": "http://127.0.0.1:9/progress"})[0])
+    assert len(tasks(server)) >= 6
+
+
+def test_version_and_help():
+    import progressista
+    proc, _ = run_cli("--version")
+    assert ok(proc).stdout.strip() == ("progressista " + progressista.__version__).encode()
+    proc, _ = run_cli("--help")
+    assert b"serve" in ok(proc).stdout and b"run" in proc.stdout and b"demo" in proc.stdout
+    for sub in ("serve", "run", "demo"):
+        assert ok(run_cli(sub, "--help")[0]).stdout.startswith(b"usage:")
+    proc = subprocess.run([sys.executable, "-m", "progressista", "--version"], cwd=HERE,
+                          capture_output=True, timeout=30, env=_clean_env(PYTHONPATH=""))
+    assert ok(proc).stdout.strip() == ("progressista " + progressista.__version__).encode()
+
+
+def test_no_command_is_a_usage_error():
+    proc, _ = run_cli()
+    assert proc.returncode == 2 and b"usage" in proc.stderr
+
 
 # (cli tests go here)
