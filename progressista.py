@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import http.client
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -233,6 +234,7 @@ class _Sender:
                     self._tick()
                 except Exception:  # never let one odd bar end the reporting
                     log.debug("progressista sender tick failed", exc_info=True)
+                    self.backoff_until = time.monotonic() + 1.0
 
     def _next_wait(self):
         now = time.monotonic()
@@ -248,10 +250,10 @@ class _Sender:
         soonest = max(soonest, self.backoff_until)
         return min(1.0, max(0.005, soonest - now))
 
-    def _tick(self, force=False):
+    def _tick(self):
         """Collect the due states and send them, one batch per destination."""
         now = time.monotonic()
-        if not force and now < self.backoff_until:
+        if now < self.backoff_until:
             return
         groups = {}
         with self.lock:
@@ -436,7 +438,7 @@ class _NullFile:
 
 
 _install_defaults = {}  # what patch.install() was given, under explicit keywords
-_bar_numbers = __import__("itertools").count(1)  # default task ids; next() is atomic
+_bar_numbers = itertools.count(1)  # default task ids; next() is atomic
 
 
 class _RemoteMixin:

@@ -540,9 +540,9 @@ def test_idle_bar_does_not_spin_the_sender(server):
         import time
         ticks = [0]
         original = progressista._Sender._tick
-        def counting(self, force=False):
+        def counting(self):
             ticks[0] += 1
-            return original(self, force)
+            return original(self)
         progressista._Sender._tick = counting
         b = RemoteTqdm(total=10, push_every=0.25, disable=None)
         b.update(1)
