@@ -890,6 +890,30 @@ def _new_task(task_id, now):
             "created_at": now, "updated_at": now, "seen_at": now}
 
 
+JSON_CHUNK = 1000  # tasks per piece when a big task map is streamed
+
+
+def _json_pieces(head, tasks, tail):
+    """``head``, the tasks as JSON object members, ``tail``: in pieces, as bytes.
+
+    The last piece is exactly ``tail``.  Task dicts are read without the
+    store lock (their keys never change, so encoding can't fail; a task
+    changed meanwhile is dirty and goes out again with the next delta).
+    """
+    items = iter(tasks.items())
+    text, first = head, True
+    while True:
+        batch = dict(itertools.islice(items, JSON_CHUNK))
+        if not batch:
+            break
+        text += ("" if first else ",") + _dumps(batch)[1:-1]
+        yield text.encode()
+        text, first = "", False
+    if text:
+        yield text.encode()
+    yield tail.encode()
+
+
 class TaskStore:
     """All tasks, in memory, with the bookkeeping that keeps updates O(1).
 
@@ -1103,13 +1127,15 @@ class TaskStore:
             task = self.tasks.get(task_id)
             return None if task is None else _dumps(task)
 
-    def list_json(self, statuses=None):
-        with self.lock:  # copy the index under the lock, encode outside it
+    def select(self, statuses=None):
+        """A copy of the index (of tasks in ``statuses``), to encode outside the lock."""
+        with self.lock:
             if statuses is None:
-                tasks = dict(self.tasks)
-            else:
-                tasks = {k: t for k, t in self.tasks.items() if t["status"] in statuses}
-        return _dumps({"tasks": tasks})
+                return dict(self.tasks)
+            return {k: t for k, t in self.tasks.items() if t["status"] in statuses}
+
+    def list_json(self, statuses=None):
+        return _dumps({"tasks": self.select(statuses)})
 
     def delete(self, task_id):
         with self.lock:
@@ -1377,8 +1403,7 @@ class WebSocket:
         self.on_message = on_message
         self.send_lock = threading.Lock()
         self.cond = threading.Condition()
-        self.backlog = collections.deque()  # frames, each bytes or a tuple of parts
-        self.held = False  # deltas wait behind a snapshot still being encoded
+        self.backlog = collections.deque()  # frames: bytes, or an iterable of bytes
         self.closed = False
         self.last_seen = time.monotonic()
         self.writer = threading.Thread(target=self._write_loop, name="progressista-ws-writer",
@@ -1404,35 +1429,21 @@ class WebSocket:
             return False
         return True
 
-    def hold(self):
-        """Queue, but don't write, until ``send_first`` puts a message before it all."""
-        with self.cond:
-            self.held = True
-
-    def send_first(self, frame):
-        with self.cond:
-            self.backlog.appendleft(frame)
-            self.held = False
-            self.cond.notify()
-
-    def send_text(self, text):
-        return self.send(encode_frame(text.encode("utf-8")))
-
     def _write_loop(self):
         while True:
             with self.cond:
-                while (not self.backlog or self.held) and not self.closed:
+                while not self.backlog and not self.closed:
                     self.cond.wait()
                 if self.closed:
                     return
                 frame = self.backlog.popleft()
             try:
                 with self.send_lock:
-                    if type(frame) is tuple:
+                    if type(frame) is bytes:
+                        self.sock.sendall(frame)
+                    else:  # encoded as it goes out, on this thread (a snapshot)
                         for part in frame:
                             self.sock.sendall(part)
-                    else:
-                        self.sock.sendall(frame)
             except OSError:
                 self.abort()
                 return
@@ -1533,6 +1544,25 @@ class WebSocket:
         self.close(code)
 
 
+def _snapshot_frames(tasks, now):
+    """The snapshot message as frames, encoded lazily as they are sent.
+
+    A large state goes as one fragmented message (RFC 6455 5.4), a few
+    hundred KB per frame, so no buffer ever holds all of it.
+    """
+    if len(tasks) <= JSON_CHUNK:
+        yield encode_frame(_dumps({"type": "snapshot", "tasks": tasks,
+                                   "server_time": now}).encode())
+        return
+    pieces = _json_pieces('{"type":"snapshot","server_time":%s,"tasks":{' % _dumps(now),
+                          tasks, "}}")
+    previous, opcode = next(pieces), 0x1
+    for piece in pieces:
+        yield encode_frame(previous, opcode, fin=False)
+        previous, opcode = piece, 0x0
+    yield encode_frame(previous, opcode, fin=True)
+
+
 class Hub:
     """The set of dashboards, and the one thread that feeds them.
 
@@ -1555,17 +1585,13 @@ class Hub:
         """Send ``ws`` the snapshot and subscribe it, atomically w.r.t. deltas."""
         store = self.store
         with store.lock:
-            # A copy of the index is quick; encoding is not, so it is done
-            # outside the lock, with the deltas that come meanwhile held back
-            # behind it.  (Tasks changed during encoding are dirty, so the
-            # next delta brings their final state in any case.)
-            tasks = dict(store.tasks)
-            now = store.clock()
-            ws.hold()
+            # Copying the tasks is quick; encoding them is not, so that is
+            # left to the dashboard's writer thread, with the deltas queued
+            # behind it.  Copies, not the live tasks: every later delta must
+            # be newer than the snapshot, or a bar could step backwards.
+            tasks = {task_id: dict(task) for task_id, task in store.tasks.items()}
+            ws.send(_snapshot_frames(tasks, store.clock()))
             self.clients.add(ws)
-        payload = _dumps({"type": "snapshot", "tasks": tasks, "server_time": now}).encode()
-        del tasks
-        ws.send_first((_frame_header(len(payload)), payload))
 
     def detach(self, ws):
         with self.store.lock:
@@ -1783,13 +1809,31 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(head if self.command == "HEAD" else head + body)
         self.log_request(status, len(body))
 
+    def _respond_pieces(self, status, pieces, content_type="application/json"):
+        """A big body in chunked transfer coding, encoded as it is written."""
+        self.close_connection = self.close_connection or self.request_version != "HTTP/1.1"
+        lines = ["HTTP/1.1 %d %s" % (status, self.responses[status][0]),
+                 "Server: " + self.server_version, "Date: " + _http_date(),
+                 "Content-Type: " + content_type]
+        lines.append("Connection: close" if self.close_connection
+                     else "Transfer-Encoding: chunked")
+        lines.extend(self._cors_headers())
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if self.command != "HEAD":
+            for piece in pieces:
+                if self.close_connection:
+                    self.wfile.write(piece)
+                elif piece:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if not self.close_connection:
+                self.wfile.write(b"0\r\n\r\n")
+        self.log_request(status)
+
     def _json(self, status, text, headers=()):
         self._respond(status, text.encode() if isinstance(text, str) else text,
                       headers=headers)
 
     def _error(self, status, message, headers=()):
-        if not self._body_read and self.headers.get("Content-Length", "0").strip() != "0":
-            self.close_connection = True  # the unread body would be taken for a request
         self._json(status, _dumps({"error": message}), headers)
 
     def send_error(self, code, message=None, explain=None):
@@ -1915,7 +1959,10 @@ class Handler(BaseHTTPRequestHandler):
             if not self._guard():
                 return
             if route == "/tasks":
-                return self._json(200, self.server.store.list_json(self._statuses()))
+                tasks = self.server.store.select(self._statuses())
+                if len(tasks) <= JSON_CHUNK:
+                    return self._json(200, _dumps({"tasks": tasks}))
+                return self._respond_pieces(200, _json_pieces('{"tasks":{', tasks, "}}"))
             if route.startswith("/tasks/"):
                 text = self.server.store.get_json(urllib.parse.unquote(route[7:]))
                 if text is None:

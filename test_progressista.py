@@ -163,7 +163,6 @@ def start_cli_server(*args, env=None, cwd=None, python_flags=()):
     raise AssertionError("server did not start: %r" % line)
 
 
-
 INDEX_PATH = os.path.join(HERE, "index.html")
 MASK = b"\x11\x22\x33\x44"
 
@@ -1059,9 +1058,6 @@ def test_trange_pandas_auto_asyncio_under_install(server):
         assert got[task_id]["status"] == "close" and got[task_id]["n"] == n, got[task_id]
 
 
-# (client tests go here)
-
-
 # -- patch -------------------------------------------------------------------
 
 def test_install_patches_every_name_and_uninstall_restores(tmp_path):
@@ -1209,9 +1205,6 @@ def test_import_has_no_side_effects():
         print("tqdm" in sys.modules, "tqdm.std" in sys.modules)
     """, prelude=False)
     assert ok(proc).stdout == b"False False\n"
-
-
-# (patch and run tests go here)
 
 
 # -- store -------------------------------------------------------------------
@@ -2123,9 +2116,6 @@ def test_db_port_in_use_releases_the_file(tmp_path):
     srv.stop()
 
 
-# (store tests go here)
-
-
 # -- websocket ---------------------------------------------------------------
 
 def test_accept_key_rfc_example():
@@ -2544,9 +2534,6 @@ def test_ws_allowed_origin(server_factory, raw_ws):
     assert raw_ws(srv, headers={"Origin": "http://ok.example"}).status == 101
     assert raw_ws(srv, headers={"Origin": "http://evil.example"}).status == 403
     assert raw_ws(srv, headers={"Origin": "null"}).status == 403
-
-
-# (websocket tests go here)
 
 
 # -- http --------------------------------------------------------------------
@@ -3238,12 +3225,743 @@ def test_metrics_show_restored_tasks(tmp_path):
         srv.stop()
 
 
-# (http tests go here)
-
-
 # -- dashboard ---------------------------------------------------------------
 
-# (dashboard and browser tests go here)
+#
+# The page in a real browser: Playwright for Python driving Debian's Chromium
+# (/usr/bin/chromium; never a downloaded one).  Without a browser or without
+# playwright these tests skip, saying how to get one; with
+# PROGRESSISTA_REQUIRE_BROWSER=1 (set by .ci/run) they fail instead.
+#
+# The page is served with a strict CSP, so everything evaluated in it is a
+# function (Playwright evals a bare expression, which the CSP blocks).  The
+# browser lives for the TestDashboard class only: while Playwright's sync API
+# runs, asyncio.run() can't be used in this thread, so it must not outlive the
+# browser tests.
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+DOCS = os.path.join(HERE, "docs")
+TOKEN = "s3cret-token"
+
+
+def browser_unavailable(path=CHROMIUM):
+    """Why the browser tests can't run here, or None if they can."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as exc:
+        return ("playwright is not installed (%s): python3 -m pip install -e '.[test]', "
+                "and apt-get install -y chromium for the browser" % exc)
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        return "no browser at %s: apt-get install -y chromium" % path
+    return None
+
+
+def need_browser(path=CHROMIUM):
+    """Skip when there is no browser; fail instead under PROGRESSISTA_REQUIRE_BROWSER=1."""
+    problem = browser_unavailable(path)
+    if problem is None:
+        return
+    if os.environ.get("PROGRESSISTA_REQUIRE_BROWSER", "") not in ("", "0"):
+        pytest.fail("PROGRESSISTA_REQUIRE_BROWSER is set but the browser tests can't run: "
+                    + problem, pytrace=False)
+    pytest.skip("browser tests: " + problem)
+
+
+def test_browser_tests_skip_without_a_browser_and_say_how_to_get_one(monkeypatch):
+    monkeypatch.delenv("PROGRESSISTA_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"apt-get install -y chromium"):
+        need_browser("/nonexistent/chromium")
+    monkeypatch.setenv("PROGRESSISTA_REQUIRE_BROWSER", "0")
+    with pytest.raises(pytest.skip.Exception):
+        need_browser("/nonexistent/chromium")
+
+
+def test_browser_tests_fail_without_a_browser_when_required(monkeypatch):
+    monkeypatch.setenv("PROGRESSISTA_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match=r"apt-get install -y chromium"):
+        need_browser("/nonexistent/chromium")
+    # a missing playwright counts the same as a missing browser
+    monkeypatch.setitem(sys.modules, "playwright.sync_api", None)
+    with pytest.raises(pytest.fail.Exception, match=r"playwright is not installed"):
+        need_browser(sys.executable)
+    monkeypatch.delenv("PROGRESSISTA_REQUIRE_BROWSER")
+    with pytest.raises(pytest.skip.Exception, match=r"pip install"):
+        need_browser(sys.executable)
+
+
+# JavaScript run in the page (each one a function: see the CSP note above).
+
+CARD_JS = """(id) => {
+  const el = [...document.querySelectorAll('article.card')].find(e => e.dataset.taskId === id);
+  if (!el) return null;
+  const f = (sel) => { const x = el.querySelector(sel); return x && !x.hidden ? x.textContent : null; };
+  const section = el.closest('.section'), group = el.closest('.group');
+  return {
+    status: el.dataset.status, cls: el.className, section: section && section.id,
+    group: group && group.dataset.group, visible: el.getClientRects().length > 0,
+    task_id: f('.task-id'), desc: f('.desc'), progress: f('.progress-text'), percent: f('.percent'),
+    rate: f('.rate'), elapsed: f('.elapsed'), eta: f('.eta'), age: f('.age'), host: f('.host'),
+    postfix: f('.postfix'), error: f('.error-line'),
+    meta: [...el.querySelectorAll('.meta > li.meta-chip')].map(c => c.textContent),
+    bar: el.querySelector('.bar').className, width: parseFloat(el.querySelector('.bar-fill').style.width),
+    valuenow: el.querySelector('.bar').getAttribute('aria-valuenow'),
+    elements: [...el.querySelectorAll('*')].map(x => x.tagName.toLowerCase()),
+  };
+}"""
+
+SECTIONS_JS = """() => {
+  const out = {};
+  for (const s of ['active', 'stale', 'error', 'close']) {
+    const list = document.getElementById('list-' + s);
+    const text = (id) => { const x = document.getElementById(id); return x.hidden ? null : x.textContent; };
+    out[s] = {
+      count: document.getElementById('count-' + s).textContent,
+      ids: [...list.querySelectorAll('article.card')].filter(e => e.getClientRects().length)
+        .map(e => e.dataset.taskId),
+      empty: text('empty-' + s), shown: text('shown-' + s), more: text('more-' + s),
+    };
+  }
+  return out;
+}"""
+
+GROUPS_JS = """() => [...document.querySelectorAll('.group')].map(g => ({
+  group: g.dataset.group, status: g.dataset.status,
+  name: g.querySelector('.group-name').textContent,
+  count: g.querySelector('.group-count').textContent,
+  progress: g.querySelector('.group-progress').textContent,
+  expanded: g.querySelector('.group-toggle').getAttribute('aria-expanded'),
+  body_hidden: g.querySelector('.group-body').hidden,
+  ids: [...g.querySelectorAll('.group-body article.card')].map(e => e.dataset.taskId),
+}))"""
+
+# Installed before the page's own scripts: records CSP violations, and marks
+# anything a task string might manage to run.
+INIT_JS = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation', (e) => {
+  window.__csp.push(e.violatedDirective + ' ' + e.blockedURI);
+});
+"""
+
+
+class Tab:
+    """One page of the dashboard, with what it logged."""
+
+    def __init__(self, page):
+        self.page = page
+        self.errors = []  # console errors and uncaught exceptions
+        self.requests = []
+        page.on("console", lambda m: m.type == "error" and self.errors.append(
+            "console: %s" % m.text))
+        page.on("pageerror", lambda e: self.errors.append("pageerror: %s" % e))
+        page.on("request", lambda r: self.requests.append(r.url))
+
+    def js(self, fn, arg=None):
+        return self.page.evaluate(fn, arg)
+
+    def until(self, fn, arg=None, timeout=5.0):
+        """Wait for a JS function (string) to return something truthy in the page."""
+        return self.page.wait_for_function(fn, arg=arg, timeout=timeout * 1000).json_value()
+
+    def card(self, task_id):
+        return self.js(CARD_JS, task_id)
+
+    def wait_card(self, task_id, timeout=5.0, **expected):
+        """Poll until the card exists and its fields have the expected values."""
+        last = [None]
+
+        def ok():
+            info = last[0] = self.card(task_id)
+            return info if info and all(info.get(k) == v for k, v in expected.items()) else None
+        try:
+            return wait_for(ok, timeout=timeout, interval=0.05)
+        except AssertionError:
+            raise AssertionError("card %r never matched %r; last seen: %r"
+                                 % (task_id, expected, last[0])) from None
+
+    def wait_gone(self, task_id, timeout=5.0):
+        wait_for(lambda: self.card(task_id) is None, timeout=timeout, interval=0.05)
+
+    def sections(self):
+        return self.js(SECTIONS_JS)
+
+    def groups(self):
+        return self.js(GROUPS_JS)
+
+    def conn(self):
+        return self.js("() => document.getElementById('conn').dataset.state")
+
+    def wait_conn(self, state, timeout=5.0):
+        self.until("(s) => document.getElementById('conn').dataset.state === s", state, timeout)
+
+    def settle(self):
+        """Render anything pending now (the page renders on animation frames)."""
+        self.js("() => window.__progressista.renderNow()")
+
+    def csp_violations(self):
+        return self.js("() => window.__csp")
+
+
+@pytest.mark.usefixtures("browser")
+class TestDashboard:
+    """The live page in Chromium."""
+
+    # fixtures
+
+    @pytest.fixture(scope="class")
+    def browser(self):
+        need_browser()
+        from playwright.sync_api import sync_playwright
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                yield browser
+            finally:
+                browser.close()
+
+    @pytest.fixture
+    def open_tab(self, browser):
+        """open_tab(url, live=True, **context_options) -> Tab; contexts closed after."""
+        contexts = []
+
+        def open_(url, live=True, **options):
+            options.setdefault("viewport", {"width": 1280, "height": 900})
+            context = browser.new_context(**options)
+            contexts.append(context)
+            context.add_init_script(INIT_JS)
+            tab = Tab(context.new_page())
+            tab.page.goto(url)
+            if live:
+                tab.wait_conn("live")
+            return tab
+
+        yield open_
+        for context in contexts:
+            context.close()
+
+    # loading
+
+    def test_page_loads_with_no_errors_and_no_csp_violations(self, server, open_tab):
+        post(server, {"task_id": "run:0", "n": 3, "total": 10, "desc": "warm", "unit": "img",
+                      "meta": {"lr": 0.1}, "host": "box", "rate": 2.5, "elapsed": 4})
+        post(server, {"task_id": "bad", "n": 1, "total": None, "status": "error",
+                      "error": "ValueError: x"})
+        post(server, {"task_id": "done", "n": 5, "total": 5, "status": "close"})
+        tab = open_tab(server.url + "/")
+        tab.wait_card("run:0", percent="30%")
+        tab.wait_card("bad", status="error")
+        tab.wait_card("done", status="close")
+        tab.page.click("#btn-group")  # exercise a re-render, a filter and a tick
+        tab.page.fill("#filter", "warm")
+        tab.page.wait_for_timeout(1200)
+        assert tab.errors == []
+        assert tab.csp_violations() == []
+        # the page loads nothing but itself: no CDN, no favicon request
+        assert all(u.startswith(server.url) for u in tab.requests), tab.requests
+        assert not [u for u in tab.requests if "favicon" in u]
+        assert tab.js("() => document.getElementById('conn-text').textContent") == "live"
+
+    def test_empty_server_shows_the_hint_and_empty_sections(self, server, open_tab):
+        tab = open_tab(server.url + "/")
+        tab.until("() => !document.getElementById('empty-hint').hidden")
+        hint = tab.js("() => document.getElementById('hint-run').textContent")
+        assert server.url + "/progress" in hint
+        for s, info in tab.sections().items():
+            assert info["count"] == "0" and info["ids"] == [] and info["empty"] == "Nothing here."
+        assert tab.js("() => document.getElementById('btn-clear-close').disabled")
+        assert tab.js("() => document.getElementById('btn-clear-stale').disabled")
+        assert tab.page.title() == "Progressista"
+        # the first task hides the hint
+        post(server, {"task_id": "first", "n": 0, "total": 3})
+        tab.wait_card("first")
+        tab.until("() => document.getElementById('empty-hint').hidden")
+
+    # live updates
+
+    def test_cards_appear_with_their_text_percent_and_unit(self, server, open_tab):
+        tab = open_tab(server.url + "/")
+        # SPEC: within a second of the POST; waited for up to 5 s so a busy CI
+        # machine does not make this flaky (no timing is asserted).
+        post(server, {"task_id": "copy", "n": 3, "total": 10, "desc": "Copying files",
+                      "unit": "file", "host": "web-1", "rate": 1.5, "elapsed": 2,
+                      "meta": {"epoch": 2, "split": "train"}})
+        info = tab.wait_card("copy", timeout=5)
+        assert info["section"] == "section-active" and info["status"] == "active"
+        assert info["task_id"] == "copy"
+        assert info["desc"] == "Copying files"
+        assert info["progress"] == "3 / 10 file"
+        assert info["percent"] == "30%"
+        assert info["width"] == 30 and info["valuenow"] == "30"
+        assert info["rate"] == "1.50 file/s"
+        assert info["elapsed"] == "elapsed 00:02"
+        assert info["eta"] == "ETA 00:04"
+        assert info["host"] == "web-1"
+        assert info["meta"] == ["epoch=2", "split=train"]
+        assert info["error"] is None and info["postfix"] is None
+        assert info["age"].startswith("updated ")
+        assert tab.sections()["active"]["count"] == "1"
+        tab.until("() => document.title === '(1 active, 30%) Progressista'")
+
+        post(server, {"task_id": "copy", "n": 7, "total": 10})
+        info = tab.wait_card("copy", progress="7 / 10 file")
+        assert info["percent"] == "70%" and info["width"] == 70
+        # unknown total: no percent, an indeterminate bar, the default unit
+        post(server, {"task_id": "scan", "n": 1234})
+        info = tab.wait_card("scan")
+        assert info["progress"] == "1,234 it" and info["percent"] is None
+        assert "indeterminate" in info["bar"]
+        assert info["desc"] is None and info["host"] is None and info["meta"] == []
+        # newest activity on top
+        assert tab.sections()["active"]["ids"] == ["scan", "copy"]
+        post(server, {"task_id": "copy", "n": 8})
+        wait_for(lambda: tab.sections()["active"]["ids"] == ["copy", "scan"])
+
+    def test_numbers_read_like_tqdm(self, server, open_tab):
+        post(server, [
+            {"task_id": "exact", "n": 1090, "total": 1563, "unit": "batch", "rate": 12.4},
+            {"task_id": "big", "n": 312000, "total": 1200000, "unit": "row", "rate": 2600.0},
+            {"task_id": "bytes", "n": 61_300_000_000, "total": 147_900_000_000, "unit": "B",
+             "rate": 112_400_000.0},
+            {"task_id": "small-bytes", "n": 512, "total": 2048, "unit": "B", "rate": 0.5},
+            {"task_id": "float", "n": 2.5, "total": 10.25, "unit": "GB"},
+            {"task_id": "g:a", "n": 1500, "total": 2000, "unit": "img"},
+            {"task_id": "g:b", "n": 1000, "total": 2000, "unit": "doc"},
+        ])
+        tab = open_tab(server.url + "/")
+        got = {}
+        for task_id in ("exact", "big", "bytes", "small-bytes", "float", "g:a"):
+            info = tab.wait_card(task_id)
+            got[task_id] = (info["progress"], info["percent"], info["rate"])
+        assert got == {
+            "exact": ("1,090 / 1,563 batch", "69%", "12.4 batch/s"),
+            "big": ("312k / 1.20M row", "26%", "2.60k row/s"),
+            "bytes": ("61.3 GB / 148 GB", "41%", "112 MB/s"),
+            "small-bytes": ("512 B / 2.05 kB", "25%", "2.00 s/B"),
+            "float": ("2.5 / 10.25 GB", "24%", None),
+            "g:a": ("1,500 / 2,000 img", "75%", None),
+        }
+        # a group of mixed units adds up the counts without a unit
+        assert tab.groups()[0]["progress"] == "2,500 / 4,000 \u00b7 62%"
+
+    def test_closed_task_moves_to_completed_and_failed_one_to_failed(self, server, open_tab):
+        tab = open_tab(server.url + "/")
+        post(server, {"task_id": "ok", "n": 2, "total": 4, "desc": "fine"})
+        post(server, {"task_id": "boom", "n": 1, "total": 4, "desc": "risky"})
+        tab.wait_card("ok", section="section-active")
+        tab.wait_card("boom", section="section-active")
+
+        post(server, {"task_id": "ok", "n": 4, "total": 4, "status": "close"})
+        info = tab.wait_card("ok", section="section-close")
+        assert info["status"] == "close" and "close" in info["cls"]
+        assert info["percent"] == "100%" and info["error"] is None
+        assert info["age"].startswith("finished ")
+
+        post(server, {"task_id": "boom", "status": "error",
+                      "error": "ValueError: bad row 17"})
+        info = tab.wait_card("boom", section="section-error")
+        assert info["status"] == "error"
+        assert info["error"] == "ValueError: bad row 17"
+        assert info["progress"] == "1 / 4 it"
+        assert info["age"].startswith("failed ")
+
+        s = tab.sections()
+        assert (s["active"]["count"], s["error"]["count"], s["close"]["count"]) == ("0", "1", "1")
+        assert s["active"]["empty"] == "Nothing here." and s["active"]["ids"] == []
+        assert s["error"]["ids"] == ["boom"] and s["close"]["ids"] == ["ok"]
+        tab.until("() => document.title === 'Progressista'")
+        # a failed task that starts again is active again, without the error
+        post(server, {"task_id": "boom", "n": 2, "status": "start"})
+        info = tab.wait_card("boom", section="section-active")
+        assert info["error"] is None
+
+    def test_stale_task_needs_attention_and_comes_back(self, server_factory, open_tab):
+        clock = FakeClock(time.time())
+        srv = server_factory(stale_seconds=60, clock=clock)
+        tab = open_tab(srv.url + "/")
+        post(srv, {"task_id": "slow", "n": 1, "total": 9})
+        tab.wait_card("slow", section="section-active")
+        clock.advance(120)  # the hub's sweep (once a second) turns it stale
+        info = tab.wait_card("slow", section="section-stale")
+        assert info["status"] == "stale"
+        assert tab.sections()["stale"]["count"] == "1"
+        assert info["age"] == "no contact for 2m"
+        post(srv, {"task_id": "slow", "n": 1})  # a heartbeat: contact, no progress
+        info = tab.wait_card("slow", age="no progress for 2m, alive (heartbeat 0s ago)")
+        assert info["section"] == "section-stale"
+        assert not tab.js("() => document.getElementById('btn-clear-stale').disabled")
+        post(srv, {"task_id": "slow", "n": 2})
+        tab.wait_card("slow", section="section-active")
+
+    # untrusted strings
+
+    def test_task_strings_are_shown_as_text_never_run(self, server, open_tab):
+        # CSP bypassed on purpose: the page itself must not turn strings into
+        # HTML (the CSP is a second line, not the one under test).
+        evil = '<img src=x onerror="window.__pwned=(window.__pwned||0)+1">'
+        task_id = '<img src=y onerror="window.__pwned=1">:<b>rank</b>'
+        post(server, {"task_id": task_id, "n": 1, "total": 2, "desc": evil, "unit": "<i>u</i>",
+                      "host": evil, "postfix": evil, "meta": {"<svg onload=x>": evil}})
+        post(server, {"task_id": "err<script>window.__pwned=2</script>", "status": "error",
+                      "error": evil, "desc": "</div><img src=z onerror=window.__pwned=3>"})
+        tab = open_tab(server.url + "/", bypass_csp=True)
+        info = tab.wait_card(task_id)
+        assert info["task_id"] == task_id
+        assert info["desc"] == evil
+        assert info["host"] == evil and info["postfix"] == evil
+        assert info["progress"] == "1 / 2 <i>u</i>"
+        assert info["meta"] == ["<svg onload=x>=" + evil]
+        assert not {"img", "b", "i", "svg", "script"} & set(info["elements"])
+        assert tab.groups()[0]["name"] == '<img src=y onerror="window.__pwned=1">'
+        bad = tab.wait_card("err<script>window.__pwned=2</script>", section="section-error")
+        assert bad["error"] == evil and bad["task_id"] == "err<script>window.__pwned=2</script>"
+        tab.page.fill("#filter", "onerror")  # the filter path renders the same strings
+        tab.page.wait_for_timeout(1200)      # and a tick or two
+        assert tab.js("() => document.querySelectorAll('main img, main script, main svg').length") == 0
+        assert tab.js("() => window.__pwned") is None
+        assert not [u for u in tab.requests if u.rstrip("/").endswith(("/x", "/y", "/z"))]
+        assert tab.page.title() == "(1 active, 50%) Progressista"
+
+    # buttons that change the server
+
+    def test_discard_removes_the_task_on_the_server(self, server, open_tab):
+        post(server, {"task_id": "keep", "n": 1, "total": 2})
+        post(server, {"task_id": "odd/id ?&#%", "n": 1, "total": 2, "status": "close"})
+        tab = open_tab(server.url + "/")
+        tab.wait_card("odd/id ?&#%")
+        tab.page.locator("article.card.close .discard").click()
+        tab.wait_gone("odd/id ?&#%")
+        wait_for(lambda: set(tasks(server)) == {"keep"})
+        assert tab.sections()["close"]["count"] == "0"
+        assert tab.card("keep")["status"] == "active"
+        # removed elsewhere (another dashboard, curl): the card goes too
+        request(server.url + "/tasks/keep", "DELETE")
+        tab.wait_gone("keep")
+        tab.until("() => !document.getElementById('empty-hint').hidden")
+
+    def test_clear_completed_and_clear_stale_buttons(self, server_factory, open_tab):
+        clock = FakeClock(time.time())
+        srv = server_factory(stale_seconds=60, clock=clock)
+        post(srv, [{"task_id": "quiet%d" % i, "n": 1, "total": 5} for i in range(2)])
+        clock.advance(100)
+        post(srv, [{"task_id": "done%d" % i, "n": 5, "total": 5, "status": "close"}
+                   for i in range(3)])
+        post(srv, {"task_id": "busy", "n": 1, "total": 5})
+        post(srv, {"task_id": "failed", "status": "error", "error": "E"})
+        wait_for(lambda: sum(t["status"] == "stale" for t in tasks(srv).values()) == 2)
+        tab = open_tab(srv.url + "/")
+        wait_for(lambda: tab.sections()["close"]["count"] == "3"
+                 and tab.sections()["stale"]["count"] == "2")
+        clear_close = tab.page.locator("#btn-clear-close")
+        clear_stale = tab.page.locator("#btn-clear-stale")
+        assert clear_close.is_enabled() and clear_stale.is_enabled()
+
+        clear_close.click()
+        wait_for(lambda: tab.sections()["close"]["ids"] == [])
+        assert tab.sections()["close"]["count"] == "0"
+        wait_for(lambda: clear_close.is_disabled())
+        assert set(tasks(srv)) == {"quiet0", "quiet1", "busy", "failed"}
+
+        clear_stale.click()
+        wait_for(lambda: tab.sections()["stale"]["ids"] == [])
+        wait_for(lambda: clear_stale.is_disabled())
+        assert set(tasks(srv)) == {"busy", "failed"}
+        s = tab.sections()
+        assert s["active"]["ids"] == ["busy"] and s["error"]["ids"] == ["failed"]
+        assert tab.errors == []
+
+    def test_rest_error_shows_a_toast(self, server_factory, open_tab):
+        srv = server_factory()
+        post(srv, {"task_id": "orphan", "n": 1, "total": 2})
+        tab = open_tab(srv.url + "/")
+        tab.wait_card("orphan")
+        srv.stop()
+        tab.until("() => document.getElementById('conn').dataset.state !== 'live'")
+        tab.page.locator("article.card .discard").click()
+        text = tab.until("() => { const t = document.getElementById('toast');"
+                         " return !t.hidden && t.textContent; }")
+        assert text.startswith("Could not discard orphan")
+        assert tab.card("orphan") is not None  # kept: the server did not remove it
+
+    # tokens
+
+    def test_token_server_without_token_in_the_url_says_unauthorized(self, server_factory,
+                                                                       open_tab):
+        srv = server_factory(tokens=[TOKEN])
+        post(srv, {"task_id": "secret", "n": 1, "total": 2},
+             headers={"Authorization": "Bearer " + TOKEN})
+        tab = open_tab(srv.url + "/", live=False)
+        tab.wait_conn("unauthorized")
+        banner = tab.until("() => { const b = document.getElementById('banner');"
+                           " return !b.hidden && b.textContent; }")
+        assert "needs a token" in banner and "?token=" in banner
+        assert tab.js("() => document.getElementById('conn-text').textContent") == "unauthorized"
+        assert tab.card("secret") is None
+        # a wrong token is told apart from a missing one
+        tab = open_tab(srv.url + "/?token=wrong", live=False)
+        tab.wait_conn("unauthorized")
+        banner = tab.until("() => { const b = document.getElementById('banner');"
+                           " return !b.hidden && b.textContent; }")
+        assert "not accepted" in banner
+        assert TOKEN not in banner and "wrong" not in banner
+
+    def test_token_in_the_url_is_used_for_the_socket_and_the_buttons(self, server_factory,
+                                                                        open_tab):
+        srv = server_factory(tokens=[TOKEN])
+        auth = {"Authorization": "Bearer " + TOKEN}
+        post(srv, {"task_id": "a", "n": 1, "total": 2, "status": "close"}, headers=auth)
+        post(srv, {"task_id": "b", "n": 1, "total": 2}, headers=auth)
+        tab = open_tab(srv.url + "/?token=" + TOKEN)
+        tab.wait_card("a", section="section-close")
+        assert tab.js("() => document.getElementById('banner').hidden")
+        post(srv, {"task_id": "c", "n": 1, "total": 4}, headers=auth)
+        tab.wait_card("c", percent="25%")
+        tab.page.click("#btn-clear-close")
+        tab.wait_gone("a")
+        tab.page.locator("article.card[data-task-id='b'] .discard").click()
+        tab.wait_gone("b")
+        status, body, _ = request(srv.url + "/tasks", headers=auth)
+        assert status == 200 and set(body["tasks"]) == {"c"}
+        assert tab.errors == []
+
+    # connection
+
+    def test_reconnects_to_a_restarted_server_without_reloading(self, open_tab):
+        port = free_port()
+        srv = progressista.make_server("127.0.0.1", port).start()
+        try:
+            post(srv, {"task_id": "before", "n": 1, "total": 3})
+            tab = open_tab(srv.url + "/")
+            tab.wait_card("before")
+            tab.js("() => { window.__marker = 'same page'; }")
+            srv.stop()
+            tab.until("() => ['reconnecting', 'offline'].includes("
+                      "document.getElementById('conn').dataset.state)")
+            assert tab.js("() => document.body.classList.contains('disconnected')")
+            srv = progressista.make_server("127.0.0.1", port).start()
+            post(srv, {"task_id": "after", "n": 2, "total": 3, "desc": "new server"})
+            # backoff is 0.5 s doubling (with jitter): allow a few rounds
+            tab.wait_conn("live", timeout=20)
+            tab.wait_card("after", desc="new server", timeout=5)
+            tab.wait_gone("before")  # the new server's snapshot replaces the old state
+            assert tab.js("() => window.__marker") == "same page"
+            assert not tab.js("() => document.body.classList.contains('disconnected')")
+            # and it is live: later updates come in as deltas
+            post(srv, {"task_id": "after", "n": 3, "total": 3, "status": "close"})
+            tab.wait_card("after", section="section-close")
+            assert tab.js("() => window.__marker") == "same page"
+        finally:
+            srv.stop()
+
+    # filter and group
+
+    def test_filter_matches_id_desc_host_and_meta(self, server, open_tab):
+        post(server, [
+            {"task_id": "train:rank0", "n": 1, "total": 4, "desc": "Epoch 1", "host": "gpu-a"},
+            {"task_id": "train:rank1", "n": 2, "total": 4, "desc": "Epoch 1", "host": "gpu-b"},
+            {"task_id": "etl", "n": 5, "total": 5, "status": "close", "meta": {"table": "Orders"}},
+            {"task_id": "dl", "n": 1, "status": "error", "error": "timeout", "desc": "download"},
+        ])
+        tab = open_tab(server.url + "/")
+        wait_for(lambda: len(tab.js("() => [...document.querySelectorAll('article.card')]")) == 4)
+
+        def shown():
+            return {s: v["ids"] for s, v in tab.sections().items() if v["ids"]}
+
+        tab.page.fill("#filter", "gpu-b")
+        wait_for(lambda: shown() == {"active": ["train:rank1"]})
+        s = tab.sections()
+        assert s["active"]["shown"] == "1 match" and s["active"]["count"] == "2"
+        assert s["close"]["empty"] == "No matches." and s["stale"]["empty"] == "Nothing here."
+        assert tab.groups()[0]["count"] == "2 tasks"  # the group header still counts all
+        tab.page.fill("#filter", "orders")  # meta, case-insensitive
+        wait_for(lambda: shown() == {"close": ["etl"]})
+        tab.page.fill("#filter", "epoch train")  # every word must match
+        wait_for(lambda: set(shown()) == {"active"} and len(shown()["active"]) == 2)
+        assert tab.sections()["active"]["shown"] == "2 matches"
+        tab.page.fill("#filter", "DOWNLOAD")
+        wait_for(lambda: shown() == {"error": ["dl"]})
+        # a task arriving while filtering is filtered too
+        post(server, {"task_id": "dl2", "desc": "download more", "n": 1})
+        post(server, {"task_id": "other", "desc": "unrelated", "n": 1})
+        wait_for(lambda: shown() == {"active": ["dl2"], "error": ["dl"]})
+        # Escape clears; "/" focuses the box
+        tab.page.locator("#filter").press("Escape")
+        wait_for(lambda: sum(len(v) for v in shown().values()) == 6)
+        assert tab.sections()["active"]["shown"] is None
+        tab.page.locator("body").click()
+        tab.page.keyboard.press("/")
+        assert tab.js("() => document.activeElement.id") == "filter"
+
+    def test_group_by_prefix_collapse_and_ungroup(self, server, open_tab):
+        post(server, [
+            {"task_id": "run7:rank0", "n": 10, "total": 100, "unit": "batch"},
+            {"task_id": "run7:rank1", "n": 30, "total": 100, "unit": "batch"},
+            {"task_id": "run7:rank2", "n": 100, "total": 100, "unit": "batch", "status": "close"},
+            {"task_id": "solo", "n": 1, "total": 2},
+            {"task_id": ":noprefix", "n": 1, "total": 2},
+        ])
+        tab = open_tab(server.url + "/")
+        wait_for(lambda: len(tab.groups()) == 2)
+        active, done = sorted(tab.groups(), key=lambda g: g["status"])
+        assert (active["group"], active["status"]) == ("run7", "active")
+        assert active["count"] == "2 tasks"
+        assert active["progress"] == "40 / 200 batch \u00b7 20%"
+        assert sorted(active["ids"]) == ["run7:rank0", "run7:rank1"]
+        assert active["expanded"] == "true" and not active["body_hidden"]
+        assert (done["status"], done["count"], done["ids"]) == ("close", "1 task", ["run7:rank2"])
+        assert tab.card("solo")["group"] is None and tab.card(":noprefix")["group"] is None
+        assert tab.card("run7:rank0")["section"] == "section-active"
+
+        # a new member joins its group, and the header adds it up
+        post(server, {"task_id": "run7:rank3", "n": 60, "total": 100, "unit": "batch"})
+        wait_for(lambda: [g for g in tab.groups() if g["status"] == "active"][0]["count"]
+                 == "3 tasks")
+        g = [g for g in tab.groups() if g["status"] == "active"][0]
+        assert g["progress"] == "100 / 300 batch \u00b7 33%" and g["ids"][0] == "run7:rank3"
+
+        # collapse: the toggle hides the members, in every section's group of the prefix
+        toggle = tab.page.locator(".group[data-status='active'] .group-toggle")
+        toggle.click()
+        wait_for(lambda: all(g["expanded"] == "false" and g["body_hidden"] for g in tab.groups()))
+        assert tab.card("run7:rank0") is None or not tab.card("run7:rank0")["visible"]
+        toggle.click()
+        wait_for(lambda: all(g["expanded"] == "true" for g in tab.groups()))
+        assert tab.card("run7:rank0")["visible"]
+
+        # ungroup: cards straight in the sections, the choice survives a reload
+        button = tab.page.locator("#btn-group")
+        assert button.get_attribute("aria-pressed") == "true"
+        button.click()
+        wait_for(lambda: tab.groups() == [])
+        assert button.get_attribute("aria-pressed") == "false"
+        assert len(tab.sections()["active"]["ids"]) == 5
+        assert tab.card("run7:rank0")["group"] is None
+        tab.page.reload()
+        tab.wait_conn("live")
+        wait_for(lambda: len(tab.sections()["active"]["ids"]) == 5)
+        assert tab.groups() == []
+        tab.page.click("#btn-group")
+        wait_for(lambda: len(tab.groups()) == 2)
+
+    def test_a_section_shows_its_newest_100_then_show_more(self, server, open_tab):
+        clock_ = FakeClock(time.time())
+        srv = progressista.make_server("127.0.0.1", 0, clock=clock_).start()
+        try:
+            for i in range(130):
+                clock_.advance(0.01)
+                post(srv, {"task_id": "t%03d" % i, "n": i, "total": 200})
+            tab = open_tab(srv.url + "/")
+            wait_for(lambda: tab.sections()["active"]["count"] == "130")
+            s = tab.sections()["active"]
+            assert len(s["ids"]) == 100 and s["ids"][0] == "t129" and s["ids"][-1] == "t030"
+            assert s["more"] == "Show 100 more (30 not shown)"
+            tab.page.click("#more-active")
+            wait_for(lambda: len(tab.sections()["active"]["ids"]) == 130)
+            assert tab.sections()["active"]["more"] is None
+        finally:
+            srv.stop()
+
+    def test_notify_button_asks_for_permission(self, server, open_tab):
+        tab = open_tab(server.url + "/", permissions=["notifications"])
+        button = tab.page.locator("#btn-notify")
+        assert button.get_attribute("aria-pressed") == "false"
+        button.click()
+        wait_for(lambda: button.get_attribute("aria-pressed") == "true")
+        button.click()
+        wait_for(lambda: button.get_attribute("aria-pressed") == "false")
+
+    # screenshots for the README (docs/), and the layout at phone width
+
+    def test_screenshots(self, server_factory, open_tab):
+        clock = FakeClock(time.time() - 900)
+        srv = server_factory(stale_seconds=120, clock=clock)
+        populate_demo(srv, clock)
+        os.makedirs(DOCS, exist_ok=True)
+        shots = [("dashboard.png", 1280, 900, "light"),
+                 ("dashboard-dark.png", 1280, 900, "dark"),
+                 ("dashboard-phone.png", 390, 844, "light"),
+                 ("dashboard-phone-dark.png", 390, 844, "dark")]
+        for name, width, height, scheme in shots:
+            tab = open_tab(srv.url + "/", viewport={"width": width, "height": height},
+                           color_scheme=scheme, is_mobile=width < 500, has_touch=width < 500)
+            wait_for(lambda: all(v["count"] != "0" for v in tab.sections().values()))
+            tab.page.wait_for_timeout(600)  # bar transitions end
+            # nothing sticks out sideways, at either width
+            assert tab.js("() => document.documentElement.scrollWidth") <= width, name
+            overflow = tab.js("""(w) => [...document.querySelectorAll('main *, header *')]
+                .filter(e => !e.closest('.bar'))  // a moving indeterminate fill is clipped
+                .filter(e => e.getClientRects().length && e.getBoundingClientRect().right > w + 0.5)
+                .map(e => e.className || e.tagName)""", width)
+            assert overflow == [], (name, overflow)
+            # written here: Playwright's own path= writes from executor threads
+            # that would outlive the test (and trip no_leaks)
+            png = tab.page.screenshot(full_page=True)
+            with open(os.path.join(DOCS, name), "wb") as f:
+                f.write(png)
+            assert tab.errors == [] and tab.csp_violations() == []
+        for name, width, _, _ in shots:
+            with open(os.path.join(DOCS, name), "rb") as f:
+                head = f.read(24)
+            assert head[:8] == b"\x89PNG\r\n\x1a\n"
+            assert int.from_bytes(head[16:20], "big") == width
+
+
+def populate_demo(srv, clock):
+    """A realistic mix of tasks in every section, for the screenshots."""
+    end = clock.now + 900
+
+    def at(seconds_ago, updates):
+        clock.now = end - seconds_ago
+        post(srv, updates)
+
+    # a training run with four ranks, one of them ahead
+    at(880, [{"task_id": "resnet50-run42:rank%d" % r, "n": 0, "total": 1563, "unit": "batch",
+              "desc": "epoch 3/10", "host": "gpu-node-0%d" % (r // 2 + 1), "pid": 4100 + r,
+              "meta": {"lr": 0.0004, "batch_size": 256}} for r in range(4)])
+    # things that finished earlier
+    at(860, {"task_id": "tokenize-corpus", "n": 48213, "total": 48213, "unit": "doc",
+             "desc": "Tokenizing wikitext-103", "rate": 1840.2, "elapsed": 26.2,
+             "status": "close", "host": "cpu-02"})
+    at(700, {"task_id": "resnet50-run41:rank0", "n": 1563, "total": 1563, "unit": "batch",
+             "desc": "epoch 10/10", "rate": 10.4, "elapsed": 150.3, "status": "close",
+             "host": "gpu-node-01"})
+    at(698, {"task_id": "resnet50-run41:rank1", "n": 1563, "total": 1563, "unit": "batch",
+             "desc": "epoch 10/10", "rate": 10.3, "elapsed": 151.8, "status": "close",
+             "host": "gpu-node-01"})
+    # two that went quiet: one still sends heartbeats, one is silent
+    at(600, {"task_id": "etl:orders-2024", "n": 312000, "total": 1200000, "unit": "row",
+             "desc": "Loading orders into warehouse", "rate": 2600.0, "elapsed": 120,
+             "host": "etl-01", "meta": {"table": "orders", "batch": 500}})
+    at(590, {"task_id": "crawler-eu", "n": 8123, "unit": "page", "desc": "Crawling catalog",
+             "rate": 13.7, "elapsed": 593, "host": "crawler-3"})
+    # failures
+    at(400, {"task_id": "etl:invoices", "n": 17, "total": 2400, "unit": "file",
+             "desc": "Parsing invoice PDFs", "status": "error", "host": "etl-01",
+             "error": "ValueError: bad row 17: invalid literal for int() with base 10: 'N/A'"})
+    at(95, {"task_id": "eval-bleu", "n": 812, "total": 3003, "unit": "sent",
+            "desc": "BLEU on newstest2014", "status": "error", "host": "gpu-node-03",
+            "error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"})
+    at(60, {"task_id": "backup-db", "n": 20_400_000_000, "total": 20_400_000_000, "unit": "B",
+            "desc": "pg_dump | zstd", "rate": 84_000_000.0, "elapsed": 242.9, "status": "close",
+            "host": "db-01"})
+    # running now
+    at(4, {"task_id": "download-imagenet", "n": 61_300_000_000, "total": 147_900_000_000,
+           "unit": "B", "desc": "ILSVRC2012_img_train.tar", "rate": 112_400_000.0,
+           "elapsed": 545.4, "host": "cpu-01"})
+    at(3, {"task_id": "scrape-prices", "n": 3481, "unit": "item", "desc": "Scraping prices",
+           "rate": 21.5, "elapsed": 161.9, "host": "crawler-1", "postfix": "errors=0"})
+    for r, n in enumerate((1180, 1132, 1201, 1090)):
+        at(2 - r * 0.4, {"task_id": "resnet50-run42:rank%d" % r, "n": n, "total": 1563,
+                         "rate": 12.4 - r * 0.3, "elapsed": 878.0 + r,
+                         "postfix": "loss=0.%d, acc=0.7%d" % (412 + r * 7, 8 - r)})
+    clock.now = end
+    at(5, {"task_id": "etl:orders-2024", "n": 312000})  # heartbeat: no progress
+    clock.now = end
+    wait_for(lambda: {t["status"] for t in tasks(srv).values()}
+             == {"active", "stale", "error", "close"})
 
 
 # -- cli ---------------------------------------------------------------------
@@ -3500,6 +4218,3 @@ def test_version_and_help():
 def test_no_command_is_a_usage_error():
     proc, _ = run_cli()
     assert proc.returncode == 2 and b"usage" in proc.stderr
-
-
-# (cli tests go here)
