@@ -1729,6 +1729,12 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def handle_one_request(self):
+        # Between two requests a connection is idle, and may be closed to make
+        # room for another (see ProgressServer.process_request).
+        self.server.idle[self.connection] = None
+        super().handle_one_request()
+
     def parse_request(self):
         """The request line and headers, as http.server does, minus its cost.
 
@@ -1736,6 +1742,7 @@ class Handler(BaseHTTPRequestHandler):
         the CPU of a small POST; this reads the same lines with the same
         limits (a line over 64 KiB or over 100 headers is 431) into a dict.
         """
+        self.server.idle.pop(self.connection, None)
         self.command = None
         self.request_version = self.default_request_version
         self.close_connection = True
@@ -2140,7 +2147,7 @@ class ProgressServer(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = 128
-    max_connections = 512
+    max_connections = 1024
 
     def __init__(self, address, store=None, tokens=(), allow_origins=(), db=None,
                  handler=Handler):
@@ -2156,6 +2163,7 @@ class ProgressServer(ThreadingHTTPServer):
         self.ws_count = 0
         self.open_connections = 0
         self.sockets = set()  # open connections, closed by stop()
+        self.idle = {}  # connections waiting for their next request, oldest first
         self.thread = None
         super().__init__(address, handler)
 
@@ -2169,12 +2177,27 @@ class ProgressServer(ThreadingHTTPServer):
         return "http://%s:%d" % (host, port)
 
     def process_request(self, request, client_address):
-        """Refuse, cheaply, connections beyond ``max_connections``."""
+        """Make room for a new connection, or refuse it cheaply.
+
+        At ``max_connections``, the connection idle the longest between two
+        requests is closed to make room: idle sockets can't starve a client
+        that has something to say.  Only when none is idle is it a 503.
+        """
         with self.ws_lock:
-            full = self.open_connections >= self.max_connections
+            victim = None
+            if self.open_connections >= self.max_connections:
+                victim = next(iter(self.idle), None)
+                if victim is not None:
+                    del self.idle[victim]
+            full = self.open_connections >= self.max_connections and victim is None
             if not full:
                 self.open_connections += 1
                 self.sockets.add(request)
+        if victim is not None:
+            try:
+                victim.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if full:
             try:
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
@@ -2193,6 +2216,7 @@ class ProgressServer(ThreadingHTTPServer):
             with self.ws_lock:
                 self.open_connections -= 1
                 self.sockets.discard(request)
+                self.idle.pop(request, None)
 
     def handle_error(self, request, client_address):
         log.debug("connection error from %s", client_address[0], exc_info=True)

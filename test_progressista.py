@@ -2970,6 +2970,33 @@ def test_idle_connections_do_not_starve_others(server):
             sock.close()
 
 
+def test_full_server_closes_the_longest_idle_connection_to_make_room(server):
+    server.max_connections = 5
+    idle = []
+    try:
+        for i in range(5):
+            sock = socket.create_connection(("127.0.0.1", port_of(server)), timeout=5)
+            # a kept-alive client between requests: idle, but holding a slot
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock.makefile("rb"))[0] == 200
+            idle.append(sock)
+        status, _, _ = post(server, {"task_id": "room"}, timeout=10)
+        assert status == 200 and "room" in tasks(server)
+        assert idle[0].recv(100) == b""  # the oldest idle one was closed for it
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_full_server_with_no_idle_connection_answers_503(server):
+    server.max_connections = 1
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as busy:
+        busy.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\n")  # mid-request: not idle
+        time.sleep(0.2)
+        status, _, body = raw_http(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and b"too many connections" in body
+
+
 def test_idle_connection_times_out(server, monkeypatch):
     monkeypatch.setattr(progressista.Handler, "timeout", 0.5)
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
