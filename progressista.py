@@ -76,11 +76,12 @@ def _finite(value):
     """A JSON-safe number from whatever tqdm holds (numpy, inf, nan, None)."""
     if value is None:
         return None
-    if type(value) is not int and type(value) is not float:
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
+    if type(value) is not float:
+        try:  # an int beyond a float's range is no number to the server either
+            as_float = float(value)
+        except (TypeError, ValueError, OverflowError):
             return None
+        value = value if type(value) is int else as_float
     if type(value) is float and not math.isfinite(value):
         return None
     return value
@@ -102,6 +103,15 @@ def _summarize(exc):
 HEARTBEAT_SECONDS = 5.0  # an open bar with no progress still says "alive"
 EARLY_CLOSE_HOLD = 0.5   # a loop left by GeneratorExit waits this long to learn why
 _HOST = socket.gethostname()
+
+
+MAX_BATCH = 50  # updates per request at most (1 MiB is the server's limit)
+
+
+class _Refused(OSError):
+    """The server said the input itself is bad: sending it again won't help."""
+
+    STATUSES = (400, 413, 422, 429)
 
 
 class _Final:
@@ -126,7 +136,9 @@ class _Sender:
     """
 
     def __init__(self):
-        self.lock = threading.Lock()
+        # Re-entrant: a bar the job dropped can be collected, and closed by
+        # tqdm's __del__, on whichever thread lets go of it last, this one too.
+        self.lock = threading.RLock()
         self.wake = threading.Event()
         # id(bar) -> bar, the open bars of this process; weak, so a bar the job
         # drops unclosed is still collected (and closed by tqdm's __del__)
@@ -159,7 +171,7 @@ class _Sender:
             self.finals[id(bar)] = final
             self._ensure_thread()
         self.wake.set()
-        if not hold and not self.failing:
+        if not hold and not self.failing and threading.current_thread() is not self.thread:
             final.done.wait(bar._pst_timeout)
 
     def mark_failed(self, exc, thread=None):
@@ -184,8 +196,12 @@ class _Sender:
         self.wake.set()
         return waits
 
-    def flush(self, waits, timeout):
+    def flush(self, waits, timeout=None):
         """Wait, bounded, until the given finals are delivered."""
+        if not waits or threading.current_thread() is self.thread:
+            return
+        if timeout is None:
+            timeout = max(final.bar._pst_timeout for final in waits)
         deadline = time.monotonic() + timeout
         for final in waits:
             left = deadline - time.monotonic()
@@ -213,7 +229,7 @@ class _Sender:
                 self._ensure_thread()
         if waits and not self.stalled:
             self.wake.set()
-            self.flush(waits, max(f.bar._pst_timeout for f in waits))
+            self.flush(waits)
         self.stopped = True
         self.wake.set()
 
@@ -237,16 +253,16 @@ class _Sender:
                     self.backoff_until = time.monotonic() + 1.0
 
     def _next_wait(self):
+        with self.lock:  # copies: the scan itself runs without the lock
+            bars, finals = list(self.bars.values()), list(self.finals.values())
         now = time.monotonic()
         soonest = now + 1.0
-        with self.lock:
-            for bar in self.bars.values():
-                # A bar looked at and found unchanged is next due push_every
-                # after that look, not at once (an idle bar must not spin us).
-                soonest = min(soonest, max(bar._pst_sent_at, bar._pst_looked_at)
-                              + bar._pst_every)
-            for final in self.finals.values():
-                soonest = min(soonest, final.hold_until)
+        for bar in bars:
+            # A bar looked at and found unchanged is next due push_every
+            # after that look, not at once (an idle bar must not spin us).
+            soonest = min(soonest, max(bar._pst_sent_at, bar._pst_looked_at) + bar._pst_every)
+        for final in finals:
+            soonest = min(soonest, final.hold_until)
         soonest = max(soonest, self.backoff_until)
         return min(1.0, max(0.005, soonest - now))
 
@@ -278,7 +294,8 @@ class _Sender:
             groups.setdefault(final.bar._pst_route(), []).append(
                 (final.bar, final.payload, None, final))
         for items in groups.values():
-            self._send(items, now)
+            for start in range(0, len(items), MAX_BATCH):
+                self._send(items[start:start + MAX_BATCH], now)
 
     def _send(self, items, now):
         owner = items[0][0]
@@ -286,6 +303,17 @@ class _Sender:
         started = time.monotonic()
         try:
             owner._post(payloads[0] if len(payloads) == 1 else payloads)
+        except _Refused:
+            # The server refused this input (a batch is taken whole or not at
+            # all): halve it until the odd update is alone, and give that one
+            # up, so one bad bar can't hold back the others.
+            if len(items) > 1:
+                half = len(items) // 2
+                self._send(items[:half], now)
+                self._send(items[half:], now)
+            else:
+                self._delivered(items, now)
+            return
         except BaseException:  # whatever _post raises is swallowed, by contract
             self.failing = True
             self.stalled = time.monotonic() - started >= owner._pst_timeout * 0.5
@@ -297,6 +325,9 @@ class _Sender:
             return
         self.failing = self.stalled = False
         self.backoff_until = 0.0
+        self._delivered(items, now)
+
+    def _delivered(self, items, now):
         with self.lock:
             for bar, _, sig, final in items:
                 bar._pst_sent_at = now
@@ -327,7 +358,8 @@ class _Sender:
                 if conn is None:
                     cls = (http.client.HTTPSConnection if parts.scheme == "https"
                            else http.client.HTTPConnection)
-                    conn = self.conns[key] = cls(parts.hostname, parts.port, timeout=timeout)
+                    port = parts.port or (443 if parts.scheme == "https" else 80)
+                    conn = self.conns[key] = cls(parts.hostname, port, timeout=timeout)
                 conn.timeout = timeout
                 if conn.sock is not None:
                     conn.sock.settimeout(timeout)
@@ -338,6 +370,8 @@ class _Sender:
                     if response.will_close or not response.isclosed():
                         self.conns.pop(key, None)
                         conn.close()
+                    if response.status in _Refused.STATUSES:
+                        raise _Refused("HTTP %d from %s" % (response.status, parts.netloc))
                     if response.status >= 300:
                         raise OSError("HTTP %d from %s" % (response.status, parts.netloc))
                     return
@@ -389,7 +423,7 @@ def _install_process_hooks():
         waits = _report_crash(exc, None)
         previous_hook(exc_type, exc, tb)
         if waits:
-            _sender.flush(waits, max(f.bar._pst_timeout for f in waits))
+            _sender.flush(waits)
 
     sys.excepthook = excepthook
     previous_thread_hook = threading.excepthook
@@ -398,7 +432,7 @@ def _install_process_hooks():
         waits = _report_crash(args.exc_value, args.thread.ident if args.thread else None)
         previous_thread_hook(args)
         if waits:
-            _sender.flush(waits, max(f.bar._pst_timeout for f in waits))
+            _sender.flush(waits)
 
     threading.excepthook = thread_excepthook
 
@@ -473,7 +507,7 @@ class _RemoteMixin:
         self._pst_url = url
         # A counter, not id(self): a bar made right after another is freed
         # can get its address, and two bars must never share a task.
-        self._pst_id = (str(task_id) if task_id is not None else "%s:%d-%d-%d" % (
+        self._pst_id = (str(task_id) if task_id not in (None, "") else "%s:%d-%d-%d" % (
             _HOST, time.time() * 1000, os.getpid(), next(_bar_numbers)))[:256]
         every = push_every if push_every is not None else defaults.get("push_every")
         self._pst_every = max(0.0, float(every if every is not None else _env_float(
@@ -488,7 +522,7 @@ class _RemoteMixin:
         try:
             text = json.dumps(all_meta, default=str, allow_nan=False) if all_meta else ""
             self._pst_meta = json.loads(text) if 0 < len(text) <= 16384 else None
-        except (TypeError, ValueError):  # cycles, NaN, too big: drop, never raise
+        except (TypeError, ValueError, RecursionError):  # cycles, NaN, too big: drop
             self._pst_meta = None
         token = os.environ.get("PROGRESSISTA_API_TOKEN")
         self._pst_headers = {"Authorization": "Bearer " + token} if token else {}
@@ -753,12 +787,8 @@ def run(target, args=(), module=False, **options):
     import runpy
     import traceback
     install(**options)
-    if module:
-        sys.argv = [target] + list(args)  # runpy swaps in the module's path
-        sys.path.insert(0, os.getcwd())
-    else:
-        sys.argv = [target] + list(args)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+    sys.argv = [target] + list(args)  # for a module, runpy swaps in its path
+    sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.abspath(target)))
     try:
         if module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -782,7 +812,7 @@ def run(target, args=(), module=False, **options):
             tb = tb.tb_next
         traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
         if waits:
-            _sender.flush(waits, max(f.bar._pst_timeout for f in waits))
+            _sender.flush(waits)
         return 130 if isinstance(exc, KeyboardInterrupt) else 1
     return 0
 
@@ -791,7 +821,7 @@ def _flush_crash(exc):
     """``sys.exit(1)`` from the target: its open bars did not complete."""
     waits = _sender.mark_failed(exc) if _sender is not None else []
     if waits:
-        _sender.flush(waits, max(f.bar._pst_timeout for f in waits))
+        _sender.flush(waits)
 
 
 # -- store -------------------------------------------------------------------
@@ -1134,9 +1164,6 @@ class TaskStore:
                 return dict(self.tasks)
             return {k: t for k, t in self.tasks.items() if t["status"] in statuses}
 
-    def list_json(self, statuses=None):
-        return _dumps({"tasks": self.select(statuses)})
-
     def delete(self, task_id):
         with self.lock:
             if task_id not in self.tasks:
@@ -1406,6 +1433,7 @@ class WebSocket:
         self.backlog = collections.deque()  # frames: bytes, or an iterable of bytes
         self.closed = False
         self.last_seen = time.monotonic()
+        self.last_ping = 0.0
         self.writer = threading.Thread(target=self._write_loop, name="progressista-ws-writer",
                                        daemon=True)
 
@@ -1579,7 +1607,6 @@ class Hub:
         self.clients = set()  # guarded by store.lock, so snapshots line up with deltas
         self.thread = None
         self.stopping = False
-        self.messages_sent = 0
 
     def attach(self, ws):
         """Send ``ws`` the snapshot and subscribe it, atomically w.r.t. deltas."""
@@ -1618,17 +1645,20 @@ class Hub:
             store.changed.wait(1.0)
             if self.stopping:
                 return
-            now = time.monotonic()
-            if now - last_sweep >= 1.0:
-                last_sweep = now
-                store.sweep()
-                self._ping_idle(now)
-            wait = last_sent + self.interval - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            store.changed.clear()
-            last_sent = time.monotonic()
-            self.broadcast()
+            try:
+                now = time.monotonic()
+                if now - last_sweep >= 1.0:
+                    last_sweep = now
+                    store.sweep()
+                    self._ping_idle(now)
+                wait = last_sent + self.interval - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                store.changed.clear()
+                last_sent = time.monotonic()
+                self.broadcast()
+            except Exception:  # one bad round must not end every dashboard's feed
+                log.exception("dashboard broadcast failed; carrying on")
 
     def broadcast(self):
         """Encode what changed once and queue it for every dashboard."""
@@ -1648,7 +1678,6 @@ class Hub:
         frame = encode_frame(text.encode("utf-8"))
         for ws in targets:
             ws.send(frame)
-        self.messages_sent += 1
 
     def _ping_idle(self, now):
         with self.store.lock:
@@ -1657,7 +1686,8 @@ class Hub:
             quiet = now - ws.last_seen
             if quiet > WS_IDLE_SECONDS:
                 ws.abort()
-            elif quiet > WS_PING_SECONDS:
+            elif quiet > WS_PING_SECONDS and now - ws.last_ping > WS_PING_SECONDS:
+                ws.last_ping = now
                 ws.send(encode_frame(b"", 0x9))
 
 
@@ -1721,6 +1751,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "Progressista/" + __version__
     sys_version = ""
     timeout = 30  # an idle or half-open connection is closed after this
+    request_seconds = 10.0  # headers and body must arrive within this of the request line
 
     def setup(self):
         super().setup()
@@ -1733,6 +1764,7 @@ class Handler(BaseHTTPRequestHandler):
         # Between two requests a connection is idle, and may be closed to make
         # room for another (see ProgressServer.process_request).
         self.server.idle[self.connection] = None
+        self.connection.settimeout(self.timeout)
         super().handle_one_request()
 
     def parse_request(self):
@@ -1767,7 +1799,11 @@ class Handler(BaseHTTPRequestHandler):
         self.path = "/" + path.lstrip("/") if path.startswith("//") else path
         headers = self.headers = _Headers()
         readline, last = self.rfile.readline, None
+        self._deadline = deadline = time.monotonic() + self.request_seconds
         for _ in range(MAX_HEADERS + 1):
+            if time.monotonic() > deadline:  # a slow drip of header lines
+                self.send_error(408, "request headers not received in time")
+                return False
             line = readline(65537)
             if len(line) > 65536:
                 self.send_error(431, "Line too long")
@@ -1799,33 +1835,33 @@ class Handler(BaseHTTPRequestHandler):
 
     # Responses.
 
-    def _respond(self, status, body=b"", content_type="application/json", headers=()):
+    def _head(self, status, content_type, length, headers=()):
+        """The status line and headers, as bytes; ``length`` None means chunked."""
+        if getattr(self, "_unread_body", False) or (
+                length is None and self.request_version != "HTTP/1.1"):
+            self.close_connection = True
         lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
                  "Server: " + self.server_version, "Date: " + _http_date()]
         if status != 204:  # a 204 has neither (RFC 9110 8.6)
-            lines += ["Content-Type: " + content_type, "Content-Length: %d" % len(body)]
-        if not self.close_connection and not getattr(self, "_body_read", True) and (
-                self.headers.get("Transfer-Encoding")
-                or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
-            self.close_connection = True  # the unread body would be taken for a request
+            lines.append("Content-Type: " + content_type)
+            if length is not None:
+                lines.append("Content-Length: %d" % length)
+            elif not self.close_connection:
+                lines.append("Transfer-Encoding: chunked")
         if self.close_connection:
             lines.append("Connection: close")
         lines.extend(self._cors_headers())
         lines.extend("%s: %s" % pair for pair in headers)
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _respond(self, status, body=b"", content_type="application/json", headers=()):
+        head = self._head(status, content_type, len(body), headers)
         self.wfile.write(head if self.command == "HEAD" else head + body)
         self.log_request(status, len(body))
 
     def _respond_pieces(self, status, pieces, content_type="application/json"):
         """A big body in chunked transfer coding, encoded as it is written."""
-        self.close_connection = self.close_connection or self.request_version != "HTTP/1.1"
-        lines = ["HTTP/1.1 %d %s" % (status, self.responses[status][0]),
-                 "Server: " + self.server_version, "Date: " + _http_date(),
-                 "Content-Type: " + content_type]
-        lines.append("Connection: close" if self.close_connection
-                     else "Transfer-Encoding: chunked")
-        lines.extend(self._cors_headers())
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.wfile.write(self._head(status, content_type, None))
         if self.command != "HEAD":
             for piece in pieces:
                 if self.close_connection:
@@ -1868,7 +1904,10 @@ class Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         self.route = path
         self.query = urllib.parse.parse_qs(query, keep_blank_values=True) if query else {}
-        self._body_read = False
+        # A body we won't read would be taken for the next request: a response
+        # to such a request closes the connection (_read_body clears this).
+        self._unread_body = bool(self.headers.get("Transfer-Encoding")) or \
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
 
     def _authorized(self):
         tokens = self.server.tokens
@@ -1933,11 +1972,17 @@ class Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.close_connection = True
             raise BadRequest("body larger than %d bytes" % MAX_BODY, 413)
-        body = self.rfile.read(length)
+        # The body must come within the request deadline, however it trickles.
+        self.connection.settimeout(max(0.05, self._deadline - time.monotonic()))
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise BadRequest("request body not received in time", 408) from None
         if len(body) < length:
             self.close_connection = True
             raise BadRequest("body shorter than Content-Length")
-        self._body_read = True
+        self._unread_body = False
         if not body.strip():
             raise BadRequest("empty body: send an update object or an array of them")
         return body
@@ -1996,12 +2041,7 @@ class Handler(BaseHTTPRequestHandler):
         self._split()
         try:
             if self.route != "/progress":
-                if self.route in ("/tasks", "/health", "/metrics", "/ws", "/") \
-                        or self.route.startswith("/tasks/"):
-                    return self._error(405, "method not allowed",
-                                       [("Allow", "GET, HEAD, DELETE" if
-                                         self.route.startswith("/tasks") else "GET, HEAD")])
-                return self._error(404, "not found: %s" % self.route)
+                return self._not_allowed()
             if not self._guard(write=True):
                 return
             data = parse_json(self._read_body())
@@ -2224,11 +2264,16 @@ class ProgressServer(ThreadingHTTPServer):
     def metrics(self):
         return _metrics_text(self)
 
-    def start(self):
-        """Serve on background threads (for tests and embedding); returns self."""
+    def start(self, background=True):
+        """Start the hub and the database writer, and serve on a thread of its
+        own (for tests and embedding; returns self) or, with ``background``
+        false, in this thread until ``shutdown()``."""
         self.hub.start()
         if self.db is not None:
             self.db.start()
+        if not background:
+            self.serve_forever()
+            return self
         self.thread = threading.Thread(target=self.serve_forever, name="progressista-http",
                                        daemon=True)
         self.thread.start()
@@ -2347,20 +2392,13 @@ def serve(host="127.0.0.1", port=8000, **options):
     previous = signal.signal(signal.SIGTERM, on_term)
     print("Progressista %s: dashboard at %s/  (POST updates to %s/progress)"
           % (__version__, server.url, server.url), flush=True)
-    server.hub.start()
-    if server.db is not None:
-        server.db.start()
     try:
-        server.serve_forever()
+        server.start(background=False)
     except KeyboardInterrupt:
         pass
     finally:
         try:
-            server.hub.stop()
-            server.server_close()
-            server.close_connections()
-            if server.db is not None:
-                server.db.stop()  # a second SIGTERM meanwhile must not cut this short
+            server.stop()  # a second SIGTERM meanwhile must not cut this short
         finally:
             signal.signal(signal.SIGTERM, previous)
         print("Progressista stopped.", flush=True)
@@ -3542,7 +3580,7 @@ INDEX_HTML_BYTES = INDEX_HTML.encode("utf-8")
 
 def demo(server_url=None, duration=20.0):
     """Push a handful of bars in every state, for a look at the dashboard."""
-    cls = __getattr__("RemoteTqdm") if "RemoteTqdm" not in globals() else globals()["RemoteTqdm"]
+    cls = _remote_class(_import_tqdm().tqdm)
     run_id = "demo-%s" % time.strftime("%H%M%S")
     quiet = dict(server_url=server_url, file=_NullFile(), mininterval=0.05)
     for _ in cls(range(120), desc="finished: 120 files copied", unit="file",
@@ -3720,6 +3758,11 @@ def main(argv=None):
         return 0
 
     if args.command == "demo":
+        url = args.server_url or os.environ.get("PROGRESSISTA_SERVER_URL") or DEFAULT_SERVER_URL
+        print("Pushing demo bars to %s%s. The stalled one moves to Needs Attention when "
+              "the server runs with --stale-seconds (e.g. 10)." % (
+                  url, " for %g s" % args.duration if args.duration else " until Ctrl-C"),
+              flush=True)
         return demo(args.server_url, args.duration)
 
     # run

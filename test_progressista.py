@@ -670,6 +670,43 @@ def test_close_delivers_before_returning(server):
     assert proc.stdout == b"close 10\n"
 
 
+def test_a_refused_update_never_holds_back_the_other_bars(server_factory):
+    # The server takes a batch whole or not at all; with room for two tasks, a
+    # third bar's updates are refused (429).  The sender halves the batch until
+    # the refused update is alone, so the other bars still report and close.
+    srv = server_factory(max_tasks=2)
+    proc, _ = run_job("""
+        a = RemoteTqdm(total=5, task_id="a", disable=None, push_every=0.05)
+        b = RemoteTqdm(total=5, task_id="b", disable=None, push_every=0.05)
+        c = RemoteTqdm(total=5, task_id="c", disable=None, push_every=0.05)
+        for bar in (a, b, c):
+            bar.update(5)
+        for bar in (c, b, a):
+            bar.close()
+    """, srv)
+    ok(proc)
+    assert proc.stderr == b""
+    found = tasks(srv)
+    assert set(found) == {"a", "b"}
+    assert [(found[k]["status"], found[k]["n"]) for k in "ab"] == [("close", 5)] * 2
+
+
+def test_meta_nested_too_deep_is_dropped_not_raised(server):
+    proc, _ = run_job("""
+        deep = {}
+        node = deep
+        for _ in range(5000):
+            node["x"] = {}
+            node = node["x"]
+        for _ in RemoteTqdm(range(3), task_id="deep", meta=deep, disable=None):
+            pass
+    """, server)
+    ok(proc)
+    assert proc.stderr == b""
+    found = tasks(server)["deep"]
+    assert found["status"] == "close" and found["n"] == 3 and found["meta"] is None
+
+
 # failure modes: the job is never hurt.
 class RawServer:
     """A misbehaving TCP server: accepts and then does ``mode`` to every request."""
@@ -2995,6 +3032,57 @@ def test_full_server_with_no_idle_connection_answers_503(server):
         time.sleep(0.2)
         status, _, body = raw_http(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 503 and b"too many connections" in body
+
+
+def test_slowly_dripped_headers_get_408(server, monkeypatch):
+    monkeypatch.setattr(progressista.Handler, "request_seconds", 0.5)
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        sock.sendall(b"GET /tasks HTTP/1.1\r\n")
+        answer = b""
+        for i in range(20):  # a header line every 0.2 s, never the blank line
+            try:
+                sock.sendall(b"X-Drip-%d: 1\r\n" % i)
+            except OSError:
+                break
+            time.sleep(0.2)
+            sock.settimeout(0.01)
+            try:
+                answer += sock.recv(1000)
+            except (socket.timeout, OSError):
+                pass
+            sock.settimeout(5)
+            if answer:
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_slowly_dripped_body_gets_408_and_changes_nothing(server, monkeypatch):
+    monkeypatch.setattr(progressista.Handler, "request_seconds", 0.5)
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n{")
+        status, _, body = read_response(sock.makefile("rb"))
+        assert status == 408 and b"in time" in body
+    assert tasks(server) == {}
+
+
+def test_big_task_list_with_an_unread_body_closes_the_connection(server):
+    # More than one piece's worth of tasks: the chunked answer must not leave a
+    # smuggled request in the unread body to be served next.
+    post(server, [{"task_id": "t%d" % i, "n": i} for i in range(progressista.JSON_CHUNK + 1)])
+    smuggled = b"DELETE /tasks/t5 HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(smuggled), smuggled))
+        rest = b""
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            rest += data
+    head = rest.split(b"\r\n\r\n", 1)[0]
+    assert b"Connection: close" in head
+    assert rest.count(b"HTTP/1.1 ") == 1
+    assert "t5" in tasks(server)
 
 
 def test_idle_connection_times_out(server, monkeypatch):
