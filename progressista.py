@@ -1752,6 +1752,7 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 30  # an idle or half-open connection is closed after this
     request_seconds = 10.0  # headers and body must arrive within this of the request line
+    _deadline_timeout = False
 
     def setup(self):
         super().setup()
@@ -1764,7 +1765,9 @@ class Handler(BaseHTTPRequestHandler):
         # Between two requests a connection is idle, and may be closed to make
         # room for another (see ProgressServer.process_request).
         self.server.idle[self.connection] = None
-        self.connection.settimeout(self.timeout)
+        if self._deadline_timeout:  # a body read ran on the request's deadline
+            self._deadline_timeout = False
+            self.connection.settimeout(self.timeout)
         super().handle_one_request()
 
     def parse_request(self):
@@ -1974,6 +1977,7 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest("body larger than %d bytes" % MAX_BODY, 413)
         # The body must come within the request deadline, however it trickles.
         self.connection.settimeout(max(0.05, self._deadline - time.monotonic()))
+        self._deadline_timeout = True
         try:
             body = self.rfile.read(length)
         except TimeoutError:
