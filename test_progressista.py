@@ -1244,6 +1244,23 @@ def test_import_has_no_side_effects():
     assert ok(proc).stdout == b"False False\n"
 
 
+def test_tqdm_notebook_bars_report_where_ipywidgets_exist(server):
+    pytest.importorskip("ipywidgets")
+    proc, _ = run_job("""
+        progressista.install()
+        import tqdm.notebook
+        assert issubclass(tqdm.notebook.tqdm, progressista._RemoteMixin)
+        for _ in tqdm.notebook.tqdm(range(7), task_id="notebook-bar"):
+            pass
+        for _ in tqdm.notebook.trange(3, task_id="notebook-trange"):
+            pass
+    """, server)
+    ok(proc)
+    found = tasks(server)
+    assert (found["notebook-bar"]["status"], found["notebook-bar"]["n"]) == ("close", 7)
+    assert (found["notebook-trange"]["status"], found["notebook-trange"]["n"]) == ("close", 3)
+
+
 # -- store -------------------------------------------------------------------
 
 def test_store_merge_keeps_missing_fields():
