@@ -2984,7 +2984,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       var el = tplGroup.cloneNode(true);
       g = {
         isGroup: true, gkey: gkey, status: status, prefix: prefix, el: el, items: [], size: 0, key: 0,
-        win: [], take: 0, matching: 0, collapsed: collapsed.has(prefix),
+        win: [], take: 0, matching: 0, lone: null, collapsed: collapsed.has(prefix),
         sort: false, dirty: true, summary: true, bodyDirty: true,
         body: el.querySelector('.group-body'), toggle: el.querySelector('.group-toggle'),
         name: el.querySelector('.group-name'), count: el.querySelector('.group-count'),
@@ -3046,12 +3046,18 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       g.items.sort(byKey);
       g.sort = false;
       g.dirty = true;
-      if (g.items[0].key !== g.key) { g.key = g.items[0].key; sec.sort = true; }
     }
     if (g.summary) { updateGroup(g); g.summary = false; }
     if (g.dirty) {
-      var matching = 0;
-      for (var i = 0; i < g.items.length; i++) if (g.items[i].match) matching++;
+      var matching = 0, lone = null;
+      for (var i = 0; i < g.items.length; i++) {
+        if (g.items[i].match && !matching++) lone = g.items[i];
+      }
+      // a group with one shown member is no box: that card sits in the
+      // section's list, in its own place by activity
+      g.lone = matching === 1 ? lone : null;
+      var key = (g.lone || g.items[0]).key;
+      if (key !== g.key) { g.key = key; sec.sort = true; }
       g.matching = matching;
       g.dirty = false;
       g.bodyDirty = true;
@@ -3119,13 +3125,16 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     for (i = 0; i < win.length; i++) {
       var it = win[i];
       el = it.el;
+      // a group coming back into the list brings its body along: members
+      // changed while it was out of the page are repainted there
+      var back = !el.parentNode;
       if (!it.isGroup) {
         if (!it.painted) paint(it, now);
-        else if (!el.parentNode) setAge(it, now);
+        else if (back) setAge(it, now);
       }
       if (c === el) c = c.nextElementSibling;
       else container.insertBefore(el, c);
-      if (it.isGroup && it.bodyDirty) {
+      if (it.isGroup && (it.bodyDirty || back)) {
         reconcile(it.body, it.win, now);
         it.bodyDirty = false;
       }
@@ -3151,6 +3160,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       if (!m) continue;
       matching += m;
       if (budget <= 0) { beyond += m; continue; }
+      if (it.isGroup && it.lone) { win.push(it.lone); budget--; it.take = -1; continue; }
       win.push(it);
       if (!it.isGroup) { budget--; continue; }
       var take = it.collapsed ? 0 : Math.min(m, budget);

@@ -3736,6 +3736,8 @@ class TestDashboard:
         task_id = '<img src=y onerror="window.__pwned=1">:<b>rank</b>'
         post(server, {"task_id": task_id, "n": 1, "total": 2, "desc": evil, "unit": "<i>u</i>",
                       "host": evil, "postfix": evil, "meta": {"<svg onload=x>": evil}})
+        # a second member of the prefix, so that it gets a group header
+        post(server, {"task_id": task_id + "2", "n": 1, "total": 2})
         post(server, {"task_id": "err<script>window.__pwned=2</script>", "status": "error",
                       "error": evil, "desc": "</div><img src=z onerror=window.__pwned=3>"})
         tab = open_tab(server.url + "/", bypass_csp=True)
@@ -3754,7 +3756,7 @@ class TestDashboard:
         assert tab.js("() => document.querySelectorAll('main img, main script, main svg').length") == 0
         assert tab.js("() => window.__pwned") is None
         assert not [u for u in tab.requests if u.rstrip("/").endswith(("/x", "/y", "/z"))]
-        assert tab.page.title() == "(1 active, 50%) Progressista"
+        assert tab.page.title() == "(2 active, 50%) Progressista"
 
     # buttons that change the server
 
@@ -3907,12 +3909,14 @@ class TestDashboard:
         s = tab.sections()
         assert s["active"]["shown"] == "1 match" and s["active"]["count"] == "2"
         assert s["close"]["empty"] == "No matches." and s["stale"]["empty"] == "Nothing here."
-        assert tab.groups()[0]["count"] == "2 tasks"  # the group header still counts all
+        assert tab.groups() == []  # one shown member of a prefix: a plain card, no box
+        assert tab.card("train:rank1")["group"] is None
         tab.page.fill("#filter", "orders")  # meta, case-insensitive
         wait_for(lambda: shown() == {"close": ["etl"]})
         tab.page.fill("#filter", "epoch train")  # every word must match
         wait_for(lambda: set(shown()) == {"active"} and len(shown()["active"]) == 2)
         assert tab.sections()["active"]["shown"] == "2 matches"
+        wait_for(lambda: [g["count"] for g in tab.groups()] == ["2 tasks"])  # two shown: boxed again
         tab.page.fill("#filter", "DOWNLOAD")
         wait_for(lambda: shown() == {"error": ["dl"]})
         # a task arriving while filtering is filtered too
@@ -3936,14 +3940,16 @@ class TestDashboard:
             {"task_id": ":noprefix", "n": 1, "total": 2},
         ])
         tab = open_tab(server.url + "/")
-        wait_for(lambda: len(tab.groups()) == 2)
-        active, done = sorted(tab.groups(), key=lambda g: g["status"])
+        wait_for(lambda: len(tab.groups()) == 1)
+        active, = tab.groups()
         assert (active["group"], active["status"]) == ("run7", "active")
         assert active["count"] == "2 tasks"
         assert active["progress"] == "40 / 200 batch \u00b7 20%"
         assert sorted(active["ids"]) == ["run7:rank0", "run7:rank1"]
         assert active["expanded"] == "true" and not active["body_hidden"]
-        assert (done["status"], done["count"], done["ids"]) == ("close", "1 task", ["run7:rank2"])
+        # run7 has one task among the completed: a plain card there, not a box of one
+        done = tab.card("run7:rank2")
+        assert done["group"] is None and done["section"] == "section-close"
         assert tab.card("solo")["group"] is None and tab.card(":noprefix")["group"] is None
         assert tab.card("run7:rank0")["section"] == "section-active"
 
@@ -3953,6 +3959,15 @@ class TestDashboard:
                  == "3 tasks")
         g = [g for g in tab.groups() if g["status"] == "active"][0]
         assert g["progress"] == "100 / 300 batch \u00b7 33%" and g["ids"][0] == "run7:rank3"
+
+        # a second completed run7 task boxes both; discarding it unboxes the other
+        post(server, {"task_id": "run7:rank4", "n": 100, "total": 100, "unit": "batch", "status": "close"})
+        wait_for(lambda: len(tab.groups()) == 2)
+        done = [g for g in tab.groups() if g["status"] == "close"][0]
+        assert done["count"] == "2 tasks" and done["ids"] == ["run7:rank4", "run7:rank2"]
+        request(server.url + "/tasks/run7:rank4", method="DELETE")
+        wait_for(lambda: len(tab.groups()) == 1)
+        assert tab.card("run7:rank2")["group"] is None and tab.card("run7:rank2")["section"] == "section-close"
 
         # collapse: the toggle hides the members, in every section's group of the prefix
         toggle = tab.page.locator(".group[data-status='active'] .group-toggle")
@@ -3976,7 +3991,7 @@ class TestDashboard:
         wait_for(lambda: len(tab.sections()["active"]["ids"]) == 5)
         assert tab.groups() == []
         tab.page.click("#btn-group")
-        wait_for(lambda: len(tab.groups()) == 2)
+        wait_for(lambda: len(tab.groups()) == 1)
 
     def test_a_section_shows_its_newest_100_then_show_more(self, server, open_tab):
         clock_ = FakeClock(time.time())
