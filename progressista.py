@@ -2027,8 +2027,11 @@ class Handler(BaseHTTPRequestHandler):
             if route == "/ws":
                 return self._websocket()
             if route == "/metrics":
-                return self._respond(200, self.server.metrics().encode(),
-                                     "text/plain; version=0.0.4; charset=utf-8")
+                ctype = "text/plain; version=0.0.4; charset=utf-8"
+                if len(self.server.store) <= JSON_CHUNK:
+                    return self._respond(200, self.server.metrics().encode(), ctype)
+                return self._respond_pieces(
+                    200, (piece.encode() for piece in _metrics_pieces(self.server)), ctype)
             if route in ("/progress",):
                 return self._error(405, "use POST", [("Allow", "POST")])
             self._error(404, "not found: %s" % route)
@@ -2308,6 +2311,11 @@ class ProgressServer(ThreadingHTTPServer):
 
 def _metrics_text(server):
     """Prometheus text exposition (format 0.0.4) of the tasks and the server."""
+    return "".join(_metrics_pieces(server))
+
+
+def _metrics_pieces(server):
+    """The exposition in pieces of ``JSON_CHUNK`` lines, to stream a big one."""
     def label(value):
         return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
@@ -2339,7 +2347,6 @@ def _metrics_text(server):
         ("progressista_task_updated_timestamp_seconds", "Server time of the last progress.",
          lambda t: t["updated_at"]),
     ]
-    out = []
     with store.lock:
         rows = [('task_id="%s",status="%s"' % (label(t["task_id"]), t["status"]), t)
                 for t in store.tasks.values()]
@@ -2348,20 +2355,21 @@ def _metrics_text(server):
     for _, t in rows:
         counts[t["status"]] += 1
     for name, help_text, get in per_task:
-        out.append("# HELP %s %s\n# TYPE %s gauge\n" % (name, help_text, name))
-        out.extend("%s{%s} %s\n" % (name, labels, number(get(t))) for labels, t in rows)
-    out.append("# HELP progressista_tasks Tasks by status.\n# TYPE progressista_tasks gauge\n")
-    out.extend('progressista_tasks{status="%s"} %d\n' % (s, counts[s]) for s in STATUSES)
-    out.append("# HELP progressista_updates_received_total Updates accepted.\n"
-               "# TYPE progressista_updates_received_total counter\n"
-               "progressista_updates_received_total %d\n" % received)
-    out.append("# HELP progressista_updates_rejected_total Updates refused as bad input.\n"
-               "# TYPE progressista_updates_rejected_total counter\n"
-               "progressista_updates_rejected_total %d\n" % rejected)
-    out.append("# HELP progressista_websocket_clients Dashboards connected now.\n"
-               "# TYPE progressista_websocket_clients gauge\n"
-               "progressista_websocket_clients %d\n" % server.ws_count)
-    return "".join(out)
+        yield "# HELP %s %s\n# TYPE %s gauge\n" % (name, help_text, name)
+        for start in range(0, len(rows), JSON_CHUNK):
+            yield "".join("%s{%s} %s\n" % (name, labels, number(get(t)))
+                          for labels, t in rows[start:start + JSON_CHUNK])
+    yield "# HELP progressista_tasks Tasks by status.\n# TYPE progressista_tasks gauge\n"
+    yield "".join('progressista_tasks{status="%s"} %d\n' % (s, counts[s]) for s in STATUSES)
+    yield ("# HELP progressista_updates_received_total Updates accepted.\n"
+           "# TYPE progressista_updates_received_total counter\n"
+           "progressista_updates_received_total %d\n" % received)
+    yield ("# HELP progressista_updates_rejected_total Updates refused as bad input.\n"
+           "# TYPE progressista_updates_rejected_total counter\n"
+           "progressista_updates_rejected_total %d\n" % rejected)
+    yield ("# HELP progressista_websocket_clients Dashboards connected now.\n"
+           "# TYPE progressista_websocket_clients gauge\n"
+           "progressista_websocket_clients %d\n" % server.ws_count)
 
 
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,

@@ -3082,6 +3082,29 @@ def test_slowly_dripped_body_gets_408_and_changes_nothing(server, monkeypatch):
     assert tasks(server) == {}
 
 
+def test_big_metrics_and_task_lists_stream_and_parse(server):
+    parser = pytest.importorskip("prometheus_client.parser")
+    count = progressista.JSON_CHUNK * 2 + 7
+    post(server, [{"task_id": 'big "%d"\\' % i, "n": i, "total": count} for i in range(count)])
+    status, text, headers = request(server.url + "/metrics")
+    # streamed: chunked on a kept-alive connection, to the close on this one
+    assert status == 200 and headers["Content-Length"] is None
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    samples = families["progressista_task_n"].samples
+    assert len(samples) == count
+    assert {s.labels["task_id"]: s.value for s in samples}['big "5"\\'] == 5
+    assert text == progressista._metrics_text(server)  # the same bytes, streamed or not
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=10)
+    try:
+        for _ in range(2):  # twice on one kept-alive connection
+            conn.request("GET", "/tasks")
+            response = conn.getresponse()
+            assert response.getheader("Transfer-Encoding") == "chunked"
+            assert len(json.loads(response.read())["tasks"]) == count
+    finally:
+        conn.close()
+
+
 def test_big_task_list_with_an_unread_body_closes_the_connection(server):
     # More than one piece's worth of tasks: the chunked answer must not leave a
     # smuggled request in the unread body to be served next.
