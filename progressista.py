@@ -1149,6 +1149,9 @@ class TaskStore:
                 self.tasks[task_id] = task
                 {"active": self._live}.get(task["status"], self._ended)[task_id] = None
         self.sweep()
+        with self.lock:  # a smaller --max-tasks than the file's: oldest ended go first
+            while len(self.tasks) > self.max_tasks and (self._ended or self._stale):
+                self._remove(next(iter(self._ended or self._stale)))
 
     # Reading and deleting.
 

@@ -2170,6 +2170,23 @@ def test_db_port_in_use_releases_the_file(tmp_path):
     srv.stop()
 
 
+def test_restored_tasks_respect_a_smaller_task_cap(tmp_path):
+    path = str(tmp_path / "cap.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        for i in range(3):  # ended one after another: done-0 is the oldest
+            post(srv, {"task_id": "done-%d" % i, "status": "close"})
+            time.sleep(0.01)
+        post(srv, [{"task_id": "live-%d" % i} for i in range(2)])
+    finally:
+        srv.stop()
+    srv = progressista.make_server("127.0.0.1", 0, db=path, max_tasks=3).start()
+    try:
+        assert set(tasks(srv)) == {"done-2", "live-0", "live-1"}
+    finally:
+        srv.stop()
+
+
 # -- websocket ---------------------------------------------------------------
 
 def test_accept_key_rfc_example():
