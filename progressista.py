@@ -1226,6 +1226,8 @@ class Database:
 
     def open(self):
         """Open (or create) the file, check it, and load its tasks into the store."""
+        if "\0" in str(self.path):
+            raise DatabaseError("%r: a path can't contain a NUL character" % (self.path,))
         try:
             self.conn = sqlite3.connect(self.path, check_same_thread=False,
                                         isolation_level=None, timeout=0.5)
@@ -1237,6 +1239,13 @@ class Database:
                     "%s has schema version %d, newer than this Progressista understands (%d): "
                     "upgrade progressista or use another file" % (self.path, version,
                                                                   SCHEMA_VERSION))
+            if version == 0:  # not ours yet: it must be empty, not another program's
+                tables = [name for (name,) in self.conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'")]
+                if tables:
+                    raise DatabaseError(
+                        "%s is a database of something else (tables: %s): use another --db "
+                        "file" % (self.path, ", ".join(sorted(tables))[:200]))
             mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise DatabaseError("%s: could not switch to WAL mode (got %s)" % (self.path, mode))

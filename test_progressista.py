@@ -2170,6 +2170,20 @@ def test_db_port_in_use_releases_the_file(tmp_path):
     srv.stop()
 
 
+def test_db_of_another_program_is_refused_and_left_alone(tmp_path):
+    path = str(tmp_path / "other.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+    conn.commit()
+    conn.close()
+    before = open(path, "rb").read()
+    with pytest.raises(progressista.DatabaseError, match="something else.*invoices"):
+        progressista.make_server("127.0.0.1", 0, db=path)
+    assert open(path, "rb").read() == before
+    with pytest.raises(progressista.DatabaseError, match="NUL"):
+        progressista.make_server("127.0.0.1", 0, db=str(tmp_path / "a\0b.db"))
+
+
 def test_restored_tasks_respect_a_smaller_task_cap(tmp_path):
     path = str(tmp_path / "cap.db")
     srv = progressista.make_server("127.0.0.1", 0, db=path).start()
