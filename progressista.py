@@ -420,6 +420,8 @@ def _install_process_hooks():
     previous_hook = sys.excepthook
 
     def excepthook(exc_type, exc, tb):
+        global _crash_seen
+        _crash_seen = True
         waits = _report_crash(exc, None)
         previous_hook(exc_type, exc, tb)
         if waits:
@@ -446,9 +448,17 @@ def _report_crash(exc, thread):
         return []
 
 
+_crash_seen = False  # our sys.excepthook ran
+
+
 def _at_exit():
     if _sender is not None:
         try:
+            # The job may have replaced sys.excepthook (rich, IPython...); the
+            # interpreter still leaves a fatal exception in sys.last_value.
+            last = getattr(sys, "last_value", None)
+            if last is not None and not _crash_seen:
+                _report_crash(last, None)
             _sender.shutdown()
         except Exception:
             pass

@@ -707,6 +707,20 @@ def test_meta_nested_too_deep_is_dropped_not_raised(server):
     assert found["status"] == "close" and found["n"] == 3 and found["meta"] is None
 
 
+def test_crash_is_reported_even_after_the_job_replaced_sys_excepthook(server):
+    proc, _ = run_job("""
+        bar = RemoteTqdm(total=10, task_id="hooked", disable=None)
+        bar.update(4)
+        def quiet_hook(exc_type, exc, tb):
+            print("custom hook:", exc)
+        sys.excepthook = quiet_hook  # as rich or IPython would
+        raise ValueError("bad row 17")
+    """, server)
+    assert proc.returncode == 1 and b"custom hook: bad row 17" in proc.stdout
+    found = tasks(server)["hooked"]
+    assert (found["status"], found["n"], found["error"]) == ("error", 4, "ValueError: bad row 17")
+
+
 # failure modes: the job is never hurt.
 class RawServer:
     """A misbehaving TCP server: accepts and then does ``mode`` to every request."""
