@@ -4090,11 +4090,14 @@ class TestDashboard:
 
     # screenshots for the README (docs/), and the layout at phone width
 
-    def test_screenshots(self, server_factory, open_tab):
+    def test_screenshots(self, server_factory, open_tab, tmp_path):
+        # Into a temporary folder, so a test run leaves the tree clean; with
+        # PROGRESSISTA_SCREENSHOTS=docs they refresh the README's pictures.
+        out = DOCS if os.environ.get("PROGRESSISTA_SCREENSHOTS") == "docs" else str(tmp_path)
         clock = FakeClock(time.time() - 900)
         srv = server_factory(stale_seconds=120, clock=clock)
         populate_demo(srv, clock)
-        os.makedirs(DOCS, exist_ok=True)
+        os.makedirs(out, exist_ok=True)
         shots = [("dashboard.png", 1280, 900, "light"),
                  ("dashboard-dark.png", 1280, 900, "dark"),
                  ("dashboard-phone.png", 390, 844, "light"),
@@ -4114,11 +4117,11 @@ class TestDashboard:
             # written here: Playwright's own path= writes from executor threads
             # that would outlive the test (and trip no_leaks)
             png = tab.page.screenshot(full_page=True)
-            with open(os.path.join(DOCS, name), "wb") as f:
+            with open(os.path.join(out, name), "wb") as f:
                 f.write(png)
             assert tab.errors == [] and tab.csp_violations() == []
         for name, width, _, _ in shots:
-            with open(os.path.join(DOCS, name), "rb") as f:
+            with open(os.path.join(out, name), "rb") as f:
                 head = f.read(24)
             assert head[:8] == b"\x89PNG\r\n\x1a\n"
             assert int.from_bytes(head[16:20], "big") == width
