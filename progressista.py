@@ -2426,6 +2426,9 @@ def serve(host="127.0.0.1", port=8000, **options):
     previous = signal.signal(signal.SIGTERM, on_term)
     print("Progressista %s: dashboard at %s/  (POST updates to %s/progress)"
           % (__version__, server.url, server.url), flush=True)
+    if _is_loopback(host):
+        print("Listening on loopback only: other machines can't reach it "
+              "(--host 0.0.0.0 --token T opens it up).", flush=True)
     try:
         server.start(background=False)
     except KeyboardInterrupt:
