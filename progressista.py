@@ -538,6 +538,7 @@ class _RemoteMixin:
         self._pst_headers = {"Authorization": "Bearer " + token} if token else {}
         self._pst_headers.update(defaults.get("headers") or {})
         self._pst_headers.update(headers or {})
+        self._pst_header_key = tuple(sorted(self._pst_headers.items()))
         self._pst_error = None
         self._pst_sig = None
         self._pst_sent_at = -1e9
@@ -548,7 +549,7 @@ class _RemoteMixin:
 
     def _pst_route(self):
         """Bars that share this key share one batched request."""
-        return (type(self)._post, self._pst_url, tuple(sorted(self._pst_headers.items())))
+        return (type(self)._post, self._pst_url, self._pst_header_key)
 
     def _pst_payload(self, status, error=None):
         """The bar's state as one update object; pure but for reading the bar."""
@@ -990,37 +991,26 @@ class TaskStore:
 
     def ingest(self, data):
         """Apply one update object or a list of them: all, or none if any is bad."""
+        updates = data if type(data) is list else [data]
         with self.lock:
             try:
-                if type(data) is list:
-                    tasks = self.tasks
-                    for update in data:
-                        check_update(update, tasks.get(update.get("task_id"))
-                                     if type(update) is dict and type(update.get("task_id")) is str
-                                     else None)
-                    new_ids = {u["task_id"] for u in data if u["task_id"] not in tasks}
-                    if new_ids:
-                        self._make_room(len(new_ids), {u["task_id"] for u in data})
-                    now = self.clock()
-                    for update in data:
-                        self._apply(update, now)
-                    self.updates_received += len(data)
-                    count = len(data)
-                else:
-                    check_update(data, self.tasks.get(data.get("task_id"))
-                                 if type(data) is dict and type(data.get("task_id")) is str
-                                 else None)
-                    if data["task_id"] not in self.tasks:
-                        self._make_room(1)
-                    self._apply(data, self.clock())
-                    self.updates_received += 1
-                    count = 1
+                tasks = self.tasks
+                for update in updates:
+                    task_id = update.get("task_id") if type(update) is dict else None
+                    check_update(update, tasks.get(task_id) if type(task_id) is str else None)
+                new_ids = {u["task_id"] for u in updates if u["task_id"] not in tasks}
+                if new_ids:
+                    self._make_room(len(new_ids), {u["task_id"] for u in updates})
+                now = self.clock()
+                for update in updates:
+                    self._apply(update, now)
+                self.updates_received += len(updates)
             except BadRequest:
-                self.updates_rejected += len(data) if type(data) is list else 1
+                self.updates_rejected += len(updates)
                 raise
         if not self.changed.is_set():
             self.changed.set()
-        return count
+        return len(updates)
 
     def _apply(self, update, now):
         task_id = update["task_id"]
