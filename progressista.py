@@ -87,6 +87,30 @@ def _finite(value):
     return value
 
 
+def _ssl_context():
+    """The client side's TLS context: the system's CAs, or a private CA's PEM.
+
+    ``$PROGRESSISTA_CA_BUNDLE`` names a PEM file of CA certificates, for a
+    server whose certificate a private CA (or ``openssl`` itself) signed.  The
+    client, ``run``, ``watch``, ``wait`` and ``notify`` all verify through it.
+    """
+    import ssl
+    return ssl.create_default_context(cafile=os.environ.get("PROGRESSISTA_CA_BUNDLE") or None)
+
+
+def _group_of(task_id):
+    """A task's group: its id before the first ``:`` (an id without one is
+    a group of its own)."""
+    return task_id.partition(":")[0]
+
+
+def _member_of(task_id):
+    """A task's member in its group: after the first ``:``, up to the first
+    ``/`` (``run-7:rank-3/2`` is the second bar of member ``rank-3``)."""
+    head, colon, tail = task_id.partition(":")
+    return tail.partition("/")[0] if colon else head
+
+
 def _summarize(exc):
     """One line for the dashboard: ``ValueError: bad row 17``."""
     name = type(exc).__name__
