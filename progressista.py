@@ -956,6 +956,9 @@ def _new_task(task_id, now):
 
 
 JSON_CHUNK = 1000  # tasks per piece when a big task map is streamed
+# The task index is also kept split in this many buckets (by hash of the id),
+# so a snapshot is encoded one bucket per short hold of the store lock.
+SNAPSHOT_BUCKETS = 256
 
 
 def _json_pieces(head, tasks, tail):
@@ -999,6 +1002,7 @@ class TaskStore:
         self.lock = threading.Lock()
         self.changed = threading.Event()  # set when dirty/removed gain something
         self.tasks = {}
+        self._buckets = [{} for _ in range(SNAPSHOT_BUCKETS)]  # the same tasks, split
         self._live = collections.OrderedDict()
         self._stale = collections.OrderedDict()
         self._ended = collections.OrderedDict()
@@ -1041,6 +1045,7 @@ class TaskStore:
         task = self.tasks.get(task_id)
         if task is None:
             task = self.tasks[task_id] = _new_task(task_id, now)
+            self._buckets[hash(task_id) % SNAPSHOT_BUCKETS][task_id] = task
             self._live[task_id] = None
             self.removed.discard(task_id)  # removed and made again: a delta says it once
             progressed = True
@@ -1119,6 +1124,7 @@ class TaskStore:
 
     def _remove(self, task_id):
         task = self.tasks.pop(task_id)
+        self._buckets[hash(task_id) % SNAPSHOT_BUCKETS].pop(task_id, None)
         {"active": self._live, "stale": self._stale}.get(task["status"], self._ended).pop(
             task_id, None)
         self.dirty.discard(task_id)
@@ -1171,6 +1177,7 @@ class TaskStore:
                 if task["status"] == "stale":
                     task["status"] = "active"
                 self.tasks[task_id] = task
+                self._buckets[hash(task_id) % SNAPSHOT_BUCKETS][task_id] = task
                 {"active": self._live}.get(task["status"], self._ended)[task_id] = None
         self.sweep()
         with self.lock:  # a smaller --max-tasks than the file's: oldest ended go first
@@ -1185,11 +1192,25 @@ class TaskStore:
             return None if task is None else _dumps(task)
 
     def select(self, statuses=None):
-        """A copy of the index (of tasks in ``statuses``), to encode outside the lock."""
+        """A copy of the index (of tasks in ``statuses``), to encode outside the lock.
+
+        Copied a bucket per lock hold, so a big store never holds up ingest
+        for long; a task lives in one bucket for good, so none is seen twice.
+        """
+        selected = {}
+        for bucket in self._buckets:
+            with self.lock:
+                if statuses is None:
+                    selected.update(bucket)
+                else:
+                    selected.update((k, t) for k, t in bucket.items() if t["status"] in statuses)
+        return selected
+
+    def encode_bucket(self, index):
+        """Bucket ``index`` as JSON object members (no braces), under the lock."""
         with self.lock:
-            if statuses is None:
-                return dict(self.tasks)
-            return {k: t for k, t in self.tasks.items() if t["status"] in statuses}
+            bucket = self._buckets[index]
+            return _dumps(bucket)[1:-1] if bucket else ""
 
     def delete(self, task_id):
         with self.lock:
@@ -1372,6 +1393,8 @@ MAX_WS_MESSAGE = 1 << 16  # what a dashboard may send us; more closes with 1009
 MAX_WS_BACKLOG = 64       # messages queued for one dashboard before it is dropped
 WS_PING_SECONDS = 20.0
 WS_IDLE_SECONDS = 60.0    # no frame (not even a pong) for this long: gone
+WS_SEND_SECONDS = 20.0    # a frame (or a snapshot piece) not taken by the peer in this long: gone
+WS_PIECE_BYTES = 1 << 18  # a big snapshot goes out in frames of about this size
 
 
 class ProtocolError(Exception):
@@ -1457,7 +1480,10 @@ class WebSocket:
 
     The handler thread reads (``serve``); a writer thread of its own drains
     the backlog, so a dashboard that reads slowly only ever blocks itself,
-    and one that falls ``MAX_WS_BACKLOG`` messages behind is dropped.
+    and one that falls ``MAX_WS_BACKLOG`` messages behind is dropped.  The
+    hub also drops one whose writer has waited ``WS_SEND_SECONDS`` on a
+    single frame (see ``stuck``): a peer that stops reading goes, however
+    many frames it keeps sending us.
     """
 
     def __init__(self, sock, rfile, max_message=MAX_WS_MESSAGE, on_message=None):
@@ -1470,6 +1496,8 @@ class WebSocket:
         self.closed = False
         self.last_seen = time.monotonic()
         self.last_ping = 0.0
+        self.sending_since = None  # monotonic time the frame being written was started
+        self.pending = None  # while a big snapshot goes out: (changed ids, removed ids)
         self.writer = threading.Thread(target=self._write_loop, name="progressista-ws-writer",
                                        daemon=True)
 
@@ -1504,13 +1532,29 @@ class WebSocket:
             try:
                 with self.send_lock:
                     if type(frame) is bytes:
-                        self.sock.sendall(frame)
+                        self._write(frame)
                     else:  # encoded as it goes out, on this thread (a snapshot)
                         for part in frame:
-                            self.sock.sendall(part)
+                            self._write(part)
+                            if self.closed:
+                                break
             except OSError:
                 self.abort()
                 return
+            finally:
+                if hasattr(frame, "close"):
+                    frame.close()  # a snapshot cut short still ends (see Hub._buckets)
+                frame = None  # hold nothing while waiting for the next
+
+    def _write(self, data):
+        self.sending_since = time.monotonic()
+        self.sock.sendall(data)
+        self.sending_since = None
+
+    def stuck(self, now):
+        """True when one frame has been waiting on the peer for ``WS_SEND_SECONDS``."""
+        since = self.sending_since
+        return since is not None and now - since > WS_SEND_SECONDS
 
     def _send_now(self, frame, wait=None):
         """Send ahead of the backlog.  With ``wait`` (seconds), never block longer:
@@ -1608,23 +1652,24 @@ class WebSocket:
         self.close(code)
 
 
-def _snapshot_frames(tasks, now):
-    """The snapshot message as frames, encoded lazily as they are sent.
+def _snapshot_frames(head, members, tail):
+    """One message, ``head`` + the ``members`` texts joined by commas + ``tail``,
+    as frames encoded lazily as they are sent.
 
-    A large state goes as one fragmented message (RFC 6455 5.4), a few
-    hundred KB per frame, so no buffer ever holds all of it.
+    Small, it is one frame; big, a fragmented message (RFC 6455 5.4) of
+    frames of about ``WS_PIECE_BYTES``, so no buffer ever holds more than
+    one piece of it.
     """
-    if len(tasks) <= JSON_CHUNK:
-        yield encode_frame(_dumps({"type": "snapshot", "tasks": tasks,
-                                   "server_time": now}).encode())
-        return
-    pieces = _json_pieces('{"type":"snapshot","server_time":%s,"tasks":{' % _dumps(now),
-                          tasks, "}}")
-    previous, opcode = next(pieces), 0x1
-    for piece in pieces:
-        yield encode_frame(previous, opcode, fin=False)
-        previous, opcode = piece, 0x0
-    yield encode_frame(previous, opcode, fin=True)
+    text, first, opcode = head, True, 0x1
+    for member in members:
+        if not member:
+            continue
+        text += member if first else "," + member
+        first = False
+        if len(text) >= WS_PIECE_BYTES:
+            yield encode_frame(text.encode(), opcode, fin=False)
+            text, opcode = "", 0x0
+    yield encode_frame((text + tail).encode(), opcode, fin=True)
 
 
 class Hub:
@@ -1634,13 +1679,26 @@ class Hub:
     then encodes one delta of whatever changed meanwhile, once for everyone:
     each dashboard gets at most one message per interval, and its cost does
     not depend on how many updates came in.  The same thread pings idle
-    dashboards and runs the store's sweep once a second.
+    dashboards, drops stuck ones and runs the store's sweep once a second.
+
+    A snapshot never copies the tasks.  Up to ``JSON_CHUNK`` tasks, it is
+    encoded at once under the store lock.  Beyond, the dashboard's writer
+    encodes it one bucket of the store per short lock hold (see
+    ``TaskStore.encode_bucket``), one snapshot at a time across dashboards
+    (``encoders``), so ingest never waits long and a storm of reloads costs
+    the CPU of one encoder.  Meanwhile the dashboard is ``snapshotting``: it
+    gets no deltas, the ids the deltas would have carried are collected in
+    ``ws.pending``, and when the last bucket is encoded they go back into
+    the store's changes, for the next delta: values never older than the
+    snapshot's, nothing missed, each task once in the snapshot.
     """
 
     def __init__(self, store, interval=0.1):
         self.store = store
         self.interval = interval
         self.clients = set()  # guarded by store.lock, so snapshots line up with deltas
+        self.snapshotting = set()  # dashboards whose big snapshot is still going out
+        self.encoders = threading.BoundedSemaphore(1)
         self.thread = None
         self.stopping = False
 
@@ -1648,17 +1706,46 @@ class Hub:
         """Send ``ws`` the snapshot and subscribe it, atomically w.r.t. deltas."""
         store = self.store
         with store.lock:
-            # Copying the tasks is quick; encoding them is not, so that is
-            # left to the dashboard's writer thread, with the deltas queued
-            # behind it.  Copies, not the live tasks: every later delta must
-            # be newer than the snapshot, or a bar could step backwards.
-            tasks = {task_id: dict(task) for task_id, task in store.tasks.items()}
-            ws.send(_snapshot_frames(tasks, store.clock()))
-            self.clients.add(ws)
+            now = store.clock()
+            if len(store.tasks) <= JSON_CHUNK:
+                ws.send(encode_frame(_dumps({"type": "snapshot", "tasks": store.tasks,
+                                             "server_time": now}).encode()))
+                self.clients.add(ws)
+                return
+            ws.pending = (set(), set())
+            self.snapshotting.add(ws)
+        ws.send(_snapshot_frames('{"type":"snapshot","server_time":%s,"tasks":{' % _dumps(now),
+                                 self._buckets(ws), "}}"))
+
+    def _buckets(self, ws):
+        """The store's buckets as JSON texts, for ``ws``'s snapshot; then subscribe it."""
+        store = self.store
+        try:
+            for index in range(SNAPSHOT_BUCKETS):
+                if ws.closed:
+                    return
+                with self.encoders:
+                    text = store.encode_bucket(index)
+                yield text
+        finally:
+            with store.lock:
+                if ws in self.snapshotting:
+                    self.snapshotting.discard(ws)
+                    changed, removed = ws.pending
+                    ws.pending = None
+                    if not ws.closed:
+                        self.clients.add(ws)
+                        tasks = store.tasks
+                        store.dirty.update(k for k in changed if k in tasks)
+                        store.removed.update(k for k in removed if k not in tasks)
+            if store.dirty or store.removed:
+                store.changed.set()
 
     def detach(self, ws):
         with self.store.lock:
             self.clients.discard(ws)
+            self.snapshotting.discard(ws)
+            ws.pending = None
 
     def start(self):
         self.thread = threading.Thread(target=self._loop, name="progressista-hub", daemon=True)
@@ -1670,7 +1757,7 @@ class Hub:
         if self.thread is not None:
             self.thread.join(5)
         with self.store.lock:
-            clients = list(self.clients)
+            clients = list(self.clients) + list(self.snapshotting)
         for ws in clients:
             ws.close(1001, "server shutting down")
 
@@ -1705,6 +1792,9 @@ class Hub:
             tasks, removed = store.take_changes()
             targets = list(self.clients)
             now = store.clock()
+            for ws in self.snapshotting:  # their snapshot is still being encoded
+                ws.pending[0].update(tasks)
+                ws.pending[1].update(removed)
         if not targets:
             return
         # Encoded outside the lock, so ingest never waits on it; a task that
@@ -1717,10 +1807,13 @@ class Hub:
 
     def _ping_idle(self, now):
         with self.store.lock:
-            clients = list(self.clients)
+            clients = list(self.clients) + list(self.snapshotting)
         for ws in clients:
             quiet = now - ws.last_seen
-            if quiet > WS_IDLE_SECONDS:
+            if ws.stuck(now):
+                log.info("dropping a dashboard that has not read for %.0f s", WS_SEND_SECONDS)
+                ws.abort()
+            elif quiet > WS_IDLE_SECONDS:
                 ws.abort()
             elif quiet > WS_PING_SECONDS and now - ws.last_ping > WS_PING_SECONDS:
                 ws.last_ping = now
