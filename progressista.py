@@ -1667,8 +1667,10 @@ def _snapshot_frames(head, members, tail):
         text += member if first else "," + member
         first = False
         if len(text) >= WS_PIECE_BYTES:
-            yield encode_frame(text.encode(), opcode, fin=False)
+            frame = encode_frame(text.encode(), opcode, fin=False)
             text, opcode = "", 0x0
+            yield frame  # and hold nothing else while it is written
+            frame = None
     yield encode_frame((text + tail).encode(), opcode, fin=True)
 
 

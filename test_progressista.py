@@ -2215,6 +2215,121 @@ def test_restored_tasks_respect_a_smaller_task_cap(tmp_path):
         srv.stop()
 
 
+# Snapshots of a big store (fleet scale): short lock holds, nothing lost or twice.
+
+def read_ws_message(rfile):
+    """One whole message from the server (fragments joined, control frames skipped)."""
+    parts = []
+    while True:
+        fin, opcode, payload = progressista.read_frame(rfile, 1 << 28, False)
+        if opcode in (0x9, 0xA):
+            continue
+        assert opcode == (0x1 if not parts else 0x0), opcode
+        parts.append(payload)
+        if fin:
+            return b"".join(parts)
+
+
+def no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), "a key sent twice in one object"
+    return dict(pairs)
+
+
+def test_snapshot_taken_while_updates_arrive_loses_and_duplicates_nothing():
+    store = TaskStore()
+    store.ingest([{"task_id": "t%d" % i, "n": 0, "total": 100, "desc": "x" * 200}
+                  for i in range(5000)])
+    hub = progressista.Hub(store, interval=0.02)
+    server_side, client_side = socket.socketpair()
+    client_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ws = progressista.WebSocket(server_side, server_side.makefile("rb"))
+    stop, seen_pending, deleted = threading.Event(), [0], set()
+
+    def updates():
+        k = 0
+        while not stop.is_set():
+            k += 1
+            store.ingest([{"task_id": "t%d" % ((k * 37 + j) % 5000), "n": k} for j in range(20)]
+                         + [{"task_id": "new%d" % k, "n": k}])
+            if k % 7 == 0:
+                victim = "t%d" % ((k * 13) % 5000)
+                if store.delete(victim):
+                    deleted.add(victim)
+            with store.lock:
+                if ws.pending is not None:
+                    seen_pending[0] = max(seen_pending[0], len(ws.pending[0]))
+            time.sleep(0.002)
+
+    writer = threading.Thread(target=updates)
+    ws.start()
+    hub.start()
+    try:
+        writer.start()
+        time.sleep(0.1)
+        hub.attach(ws)
+        time.sleep(0.5)  # the dashboard reads nothing yet: its snapshot is stuck midway
+        client_side.settimeout(10)
+        rfile = client_side.makefile("rb")
+        snapshot = json.loads(read_ws_message(rfile), object_pairs_hook=no_duplicate_keys)
+        assert snapshot["type"] == "snapshot"
+        view = snapshot["tasks"]
+        # every task that lived through it is there, once
+        assert {"t%d" % i for i in range(5000)} - deleted <= set(view)
+        time.sleep(0.3)
+        stop.set()
+        writer.join()
+        assert seen_pending[0] > 0, "no update arrived while the snapshot went out"
+        time.sleep(0.3)  # the last delta
+        client_side.settimeout(0.5)
+        while True:
+            try:
+                message = json.loads(read_ws_message(rfile))
+            except (socket.timeout, ConnectionError):
+                break
+            assert message["type"] == "delta"
+            view.update(message["tasks"])
+            for task_id in message["removed"]:
+                view.pop(task_id, None)
+        with store.lock:
+            expected = json.loads(progressista._dumps(store.tasks))
+        assert view == expected
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+        hub.stop()
+        ws.abort()
+        client_side.close()
+        server_side.close()
+
+
+def test_store_select_copies_each_task_once_in_short_holds():
+    store = TaskStore()
+    store.ingest([{"task_id": "t%d" % i, "status": "close" if i % 3 else "update"}
+                  for i in range(3000)])
+    everything = store.select()
+    assert len(everything) == 3000 and everything["t7"] is store.tasks["t7"]
+    assert set(store.select({"active"})) == {"t%d" % i for i in range(0, 3000, 3)}
+    # the lock is taken once per bucket, never for the whole copy
+    holds = []
+
+    class CountingLock:
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            holds.append(1)
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    store.lock = CountingLock(store.lock)
+    store.select()
+    assert len(holds) == progressista.SNAPSHOT_BUCKETS
+
+
 # -- websocket ---------------------------------------------------------------
 
 def test_accept_key_rfc_example():
@@ -2633,6 +2748,110 @@ def test_ws_allowed_origin(server_factory, raw_ws):
     assert raw_ws(srv, headers={"Origin": "http://ok.example"}).status == 101
     assert raw_ws(srv, headers={"Origin": "http://evil.example"}).status == 403
     assert raw_ws(srv, headers={"Origin": "null"}).status == 403
+
+
+# Slow and silent dashboards, and storms of them (SPEC §11, §6 second release).
+
+def fill_store(srv, count, desc_len=100):
+    srv.store.ingest([{"task_id": "t%d" % i, "n": i, "total": count, "desc": "d" * desc_len}
+                      for i in range(count)])
+
+
+def test_ws_dashboard_that_stops_reading_is_dropped_though_it_keeps_sending(
+        server_factory, raw_ws, monkeypatch):
+    monkeypatch.setattr(progressista, "WS_SEND_SECONDS", 1.0)
+    srv = server_factory()
+    fill_store(srv, 3000, 1000)  # a 3 MB snapshot: far beyond the socket buffers
+    silent = raw_ws(srv, rcvbuf=4096)  # reads nothing after the handshake...
+    assert silent.status == 101
+    wait_for(lambda: srv.ws_count == 1)
+    deadline = time.monotonic() + 20
+    while srv.ws_count and time.monotonic() < deadline:
+        try:
+            silent.send(b"hi", 0x9)  # ...but pings every 0.2 s, so it is never idle
+        except OSError:
+            break
+        time.sleep(0.2)
+    assert srv.ws_count == 0, "a dashboard that does not read is still connected"
+    assert post(srv, {"task_id": "still-served"})[0] == 200
+
+
+def test_ws_silent_dashboards_hold_one_piece_each_not_a_copy(server_factory, raw_ws):
+    import tracemalloc
+    srv = server_factory()
+    fill_store(srv, 20000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        silent = [raw_ws(srv, rcvbuf=4096) for _ in range(5)]
+        assert all(ws.status == 101 for ws in silent)
+        # every writer blocked on a peer that does not read, midway through its snapshot
+        wait_for(lambda: srv.ws_count == 5 and len(srv.hub.snapshotting) == 5 and all(
+            ws.sending_since is not None for ws in srv.hub.snapshotting), timeout=30)
+        time.sleep(0.3)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # a copy of the 20,000 tasks is about 13 MB per dashboard; a piece is 256 KB
+    assert held < 5 * 4 * progressista.WS_PIECE_BYTES, held
+
+
+def test_ws_twenty_dashboards_get_full_snapshots_of_100k_tasks_while_ingest_goes_on(
+        server_factory):
+    srv = server_factory()
+    srv.store.ingest([{"task_id": "t%d" % i, "n": 1, "total": 10, "desc": "task %d" % i}
+                      for i in range(100000)])
+    stop, accepted, failed = threading.Event(), [0], []
+
+    def worker():
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(srv), timeout=30)
+        k = 0
+        while not stop.is_set():
+            k += 1
+            conn.request("POST", "/progress", json.dumps({"task_id": "t%d" % (k % 1000),
+                                                          "n": k}),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status == 200:
+                accepted[0] += 1
+            else:
+                failed.append(resp.status)
+            time.sleep(0.005)
+        conn.close()
+
+    results = [None] * 20
+
+    def dashboard(k):
+        with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=120) as sock:
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+                          "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n" % (port_of(srv), key)).encode())
+            rfile = sock.makefile("rb")
+            assert b" 101 " in rfile.readline()
+            while rfile.readline() not in (b"\r\n", b""):
+                pass
+            snapshot = json.loads(read_ws_message(rfile))
+            results[k] = (snapshot["type"], len(snapshot["tasks"]),
+                          snapshot["tasks"]["t99999"]["desc"])
+
+    poster = threading.Thread(target=worker)
+    poster.start()
+    try:
+        time.sleep(0.2)
+        before = accepted[0]
+        readers = [threading.Thread(target=dashboard, args=(k,)) for k in range(20)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(300)
+        during = accepted[0] - before
+    finally:
+        stop.set()
+        poster.join()
+    assert results == [("snapshot", 100000, "task 99999")] * 20
+    assert not failed and during > 0
 
 
 # -- http --------------------------------------------------------------------
@@ -3423,6 +3642,31 @@ def test_metrics_show_restored_tasks(tmp_path):
         assert samples["progressista_tasks"][("close",)] == 1
     finally:
         srv.stop()
+
+
+# A fleet of workers: a thousand keep-alive connections at once (SPEC §6).
+
+def test_a_thousand_keepalive_connections_are_all_answered(server):
+    socks = []
+    try:
+        for _ in range(1000):
+            socks.append(socket.create_connection(("127.0.0.1", port_of(server)), timeout=60))
+        for round_ in range(2):  # twice on each: they are kept alive, none dropped
+            for k, sock in enumerate(socks):
+                body = json.dumps({"task_id": "worker-%d" % k, "n": round_}).encode()
+                sock.sendall(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            files = [sock.makefile("rb") for sock in socks]
+            statuses = [read_response(f)[0] for f in files]
+            for f in files:
+                f.close()
+            assert statuses == [200] * 1000
+        assert len(server.store) == 1000
+        assert all(t["n"] == 1 for t in server.store.tasks.values())
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 # -- dashboard ---------------------------------------------------------------
