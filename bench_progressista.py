@@ -29,9 +29,11 @@ import os
 import platform
 import re
 import select
+import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -57,10 +59,12 @@ BATCH = 50           # updates per POST in the batched load (as the client's sen
 SETTINGS = {
     "full": dict(iter_n=3_000_000, update_n=1_000_000, client_pairs=11, close_runs=20,
                  rounds=3, load_seconds=4.0, lat_samples=200, scale_rounds=3,
-                 dash_runs=10),
+                 dash_runs=10, fleet_connections=1000, fleet_period=1.0, fleet_seconds=10.0,
+                 storm_dashboards=20, storm_before=4.0, storm_seconds=15.0),
     "quick": dict(iter_n=1_000_000, update_n=500_000, client_pairs=7, close_runs=8,
                   rounds=2, load_seconds=2.0, lat_samples=50, scale_rounds=2,
-                  dash_runs=5),
+                  dash_runs=5, fleet_connections=1000, fleet_period=1.0, fleet_seconds=5.0,
+                  storm_dashboards=20, storm_before=3.0, storm_seconds=12.0),
 }
 
 _children = []  # every subprocess we start, terminated by PID in cleanup()
@@ -175,12 +179,12 @@ def drain(proc):
 class Server:
     """A server subprocess: ours (``progressista.py serve``) or the bare one."""
 
-    def __init__(self, kind, extra=()):
+    def __init__(self, kind, extra=(), script=None):
         self.kind = kind
         if kind == "bare":
             argv = [sys.executable, os.path.abspath(__file__), "--_role", "bare"]
         else:
-            argv = [sys.executable, PROGRESSISTA, "serve", "--host", "127.0.0.1",
+            argv = [sys.executable, script or PROGRESSISTA, "serve", "--host", "127.0.0.1",
                     "--port", "0"] + list(extra)
         self.proc = spawn(argv)
         line = read_line(self.proc, 20.0) or ""
@@ -869,6 +873,464 @@ def bench_dashboard(report, cfg, raw):
                ml <= 16, ml)
 
 
+# -- fleet scale (second release) ----------------------------------------------
+
+FLEET_PROCS = 4        # load processes holding the fleet's connections between them
+STORM_RATE = 200       # POSTs/s of the worker that posts through a storm
+
+
+def role_paced(args):
+    """A worker posting single updates at ``--rate``/s over one keep-alive connection.
+
+    Prints "ready", reads "start_at duration", then prints its samples as
+    JSON: [seconds since start_at, latency in us, status] for each POST.
+    """
+    port, rate, count = args.port, args.rate, args.count
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Content-Type": "application/json"}
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    k = [0]
+
+    def one():
+        k[0] += 1
+        data = dumps(make_update((k[0] * 7919) % count, 2000 + k[0])).encode()
+        t0 = time.time()
+        try:
+            conn.request("POST", "/progress", data, headers)
+            resp = conn.getresponse()
+            resp.read()
+            status = resp.status
+        except (OSError, http.client.HTTPException):
+            status = 0
+            conn.close()
+        return t0, time.time() - t0, status
+
+    one()
+    print("ready", flush=True)
+    start_at, duration = map(float, sys.stdin.readline().split())
+    end, interval, samples = start_at + duration, 1.0 / rate, []
+    due = start_at
+    while due < end:
+        time.sleep(max(0.0, due - time.time()))
+        t0, dt, status = one()
+        samples.append([round(t0 - start_at, 4), round(dt * 1e6), status])
+        due = max(due + interval, time.time() - interval)  # no burst to catch up
+    conn.close()
+    print(json.dumps(samples), flush=True)
+
+
+def _ws_handshake(sock, port):
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    sock.sendall(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13"
+                  "\r\n\r\n" % (port, key)).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError("closed during the handshake")
+        head += data
+    head, _, rest = head.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(head.split(b"\r\n")[0].decode(errors="replace"))
+    return rest
+
+
+def _read_first_message(sock, rest):
+    """Read (and skip over) frames until the first message ends; returns its size."""
+    buf, skip, ending, size = bytearray(rest), 0, False, 0
+    while True:
+        while True:
+            if skip:
+                take = min(skip, len(buf))
+                del buf[:take]
+                skip -= take
+                size += take
+                if skip:
+                    break
+                if ending:
+                    return size
+                continue
+            if len(buf) < 2:
+                break
+            first, n = buf[0], buf[1] & 0x7F
+            length = {126: 4, 127: 10}.get(n, 2)
+            if len(buf) < length:
+                break
+            if n == 126:
+                n = struct.unpack("!H", bytes(buf[2:4]))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", bytes(buf[2:10]))[0]
+            del buf[:length]
+            skip, ending = n, bool(first & 0x80) and (first & 0x0F) in (0, 1)
+            if not skip and ending:
+                return size
+        data = sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("closed before the snapshot ended")
+        buf += data
+
+
+def role_dashboards(args):
+    """``--count`` dashboards connecting at once; each reads its snapshot, then stays
+    (reading deltas) for ``duration``.  Prints JSON: per dashboard, seconds from
+    start_at to its whole snapshot, its size, and an error if any."""
+    port, count = args.port, args.count
+    print("ready", flush=True)
+    start_at, duration = map(float, sys.stdin.readline().split())
+    results = [None] * count
+
+    def one(k):
+        sock = None
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+            rest = _ws_handshake(sock, port)
+            size = _read_first_message(sock, rest)
+            results[k] = {"seconds": time.time() - start_at, "bytes": size}
+            sock.settimeout(0.5)
+            while time.time() < start_at + duration:
+                try:
+                    if not sock.recv(1 << 20):
+                        break
+                except socket.timeout:
+                    pass
+        except Exception as exc:
+            results[k] = {"error": "%s: %s" % (type(exc).__name__, exc)}
+        finally:
+            if sock is not None:
+                sock.close()
+
+    while time.time() < start_at:
+        time.sleep(min(0.01, max(0.0, start_at - time.time())))
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps(results), flush=True)
+
+
+def role_fleet(args):
+    """``--count`` keep-alive connections, each POSTing one update every ``--period`` s,
+    staggered; prints "ready CONNECT_ERRORS", reads "start_at duration", then
+    prints latencies (us) and the errors (non-200, resets, closes) as JSON."""
+    import heapq
+    import selectors
+    port, count, period, lo = args.port, args.count, args.period, args.lo
+    socks, connect_errors = [], 0
+    for k in range(count):
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            socks.append(sock)
+        except OSError:
+            connect_errors += 1
+    print("ready %d" % connect_errors, flush=True)
+    start_at, duration = map(float, sys.stdin.readline().split())
+    end = start_at + duration
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    sel = selectors.DefaultSelector()
+    due = [(start_at + period * (k + args.seed / float(FLEET_PROCS)) / len(socks), k)
+           for k in range(len(socks))]
+    heapq.heapify(due)
+    sent_at, bufs, rounds = {}, {}, [0] * len(socks)
+    lat, errors, alive = [], {}, set(range(len(socks)))
+
+    def fail(k, why):
+        errors[why] = errors.get(why, 0) + 1
+        alive.discard(k)
+        if k in sent_at:
+            del sent_at[k]
+            sel.unregister(socks[k])
+
+    while True:
+        now = time.time()
+        while due and due[0][0] <= now:
+            when, k = heapq.heappop(due)
+            if when >= end or k not in alive:
+                continue
+            rounds[k] += 1
+            body = dumps(make_update(lo + (k * 100 + rounds[k]) % 100_000, rounds[k])).encode()
+            try:
+                socks[k].send(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                              b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                              % (len(body), body))
+            except OSError as exc:
+                fail(k, type(exc).__name__)
+                continue
+            sent_at[k], bufs[k] = now, b""
+            sel.register(socks[k], selectors.EVENT_READ, k)
+        if not sent_at and (not due or time.time() >= end):
+            break
+        if time.time() > end + 15:
+            for k in list(sent_at):
+                fail(k, "timeout")
+            break
+        timeout = max(0.0, min(0.05, due[0][0] - time.time())) if due else 0.05
+        for key, _ in sel.select(timeout):
+            k = key.data
+            try:
+                data = socks[k].recv(65536)
+            except OSError as exc:
+                fail(k, type(exc).__name__)
+                continue
+            if not data:
+                fail(k, "closed")
+                continue
+            buf = bufs[k] + data
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                bufs[k] = buf
+                continue
+            match = re.search(rb"(?i)content-length:\s*(\d+)", buf[:head_end])
+            if len(buf) < head_end + 4 + (int(match.group(1)) if match else 0):
+                bufs[k] = buf
+                continue
+            status = int(buf[9:12])
+            sel.unregister(socks[k])
+            t0 = sent_at.pop(k)
+            if status == 200:
+                lat.append(round((time.time() - t0) * 1e6))
+            else:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+            heapq.heappush(due, (t0 + period, k))
+    for sock in socks:
+        sock.close()
+    print(json.dumps({"lat_us": lat, "errors": errors, "connections": len(socks),
+                      "connect_errors": connect_errors}), flush=True)
+
+
+def proc_status(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class Sampler:
+    """Peak RSS (MB) and thread count of a process, sampled every 50 ms."""
+
+    def __init__(self, pid):
+        self.pid, self.peak_rss, self.peak_threads = pid, 0.0, 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stopping:
+            try:
+                self.peak_rss = max(self.peak_rss, rss_mb(self.pid))
+                self.peak_threads = max(self.peak_threads, proc_status(self.pid, "Threads"))
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    def stop(self):
+        self.stopping = True
+        self.thread.join(2)
+        return self.peak_rss, self.peak_threads
+
+
+def _role(name, *extra):
+    return [sys.executable, os.path.abspath(__file__), "--_role", name] + [str(x) for x in extra]
+
+
+def first_release_script(rev, tmpdir):
+    """The first release's progressista.py (``git show REV:progressista.py``), or None."""
+    if not rev:
+        return None
+    try:
+        text = subprocess.run(["git", "show", "%s:progressista.py" % rev], cwd=HERE,
+                              capture_output=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = os.path.join(tmpdir, "progressista_first_release.py")
+    with open(path, "wb") as f:
+        f.write(text)
+    return path
+
+
+def fleet_run(kind, cfg, script=None):
+    """1,000 keep-alive connections (100,000 tasks on ours) posting once per period."""
+    server = Server(kind, script=script)
+    procs, sampler = [], None
+    try:
+        if kind != "bare":
+            load_tasks(server.port, 0, 100_000)
+        time.sleep(0.5)
+        rss0, threads0 = rss_mb(server.pid), proc_status(server.pid, "Threads")
+        per = cfg["fleet_connections"] // FLEET_PROCS
+        sampler = Sampler(server.pid)
+        t_connect = time.perf_counter()
+        for s in range(FLEET_PROCS):
+            procs.append(spawn(_role("fleet", "--port", server.port, "--count", per,
+                                     "--period", cfg["fleet_period"], "--lo", 0,
+                                     "--seed", s), stdin=subprocess.PIPE))
+        connect_errors = 0
+        for p in procs:
+            line = (read_line(p, 120.0) or "").split()
+            if not line or line[0] != "ready":
+                raise RuntimeError("a fleet process did not get ready")
+            connect_errors += int(line[1])
+        connect_s = time.perf_counter() - t_connect
+        rss_conn = rss_mb(server.pid)
+        threads_conn = proc_status(server.pid, "Threads")
+        start_at = time.time() + 0.5
+        for p in procs:
+            p.stdin.write(("%.6f %.3f\n" % (start_at, cfg["fleet_seconds"])).encode())
+            p.stdin.flush()
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = cpu_seconds(server.pid)
+        results = []
+        for p in procs:
+            line = read_line(p, cfg["fleet_seconds"] + 60.0)
+            if not line:
+                raise RuntimeError("a fleet process gave no result")
+            results.append(json.loads(line))
+        cpu = cpu_seconds(server.pid) - cpu0
+        peak_rss, peak_threads = sampler.stop()
+        sampler = None
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        for p in procs:
+            stop(p)
+        server.stop()
+    lat = [x for r in results for x in r["lat_us"]]
+    errors = {}
+    for r in results:
+        for why, n in r["errors"].items():
+            errors[why] = errors.get(why, 0) + n
+    return {"kind": kind, "connections": sum(r["connections"] for r in results),
+            "connect_errors": connect_errors, "connect_s": connect_s, "posts": len(lat),
+            "errors": errors, "p50_ms": percentile(lat, 50) / 1000.0,
+            "p99_ms": percentile(lat, 99) / 1000.0, "max_ms": max(lat or [0]) / 1000.0,
+            "rss_before_mb": rss0, "rss_connected_mb": rss_conn, "rss_peak_mb": peak_rss,
+            "threads_before": threads0, "threads_connected": threads_conn,
+            "threads_peak": peak_threads, "cpu_s": cpu,
+            "cpu_us_per_post": cpu / max(1, len(lat)) * 1e6}
+
+
+def bench_fleet(report, cfg, raw):
+    out = raw.setdefault("fleet", {})
+    for kind in ("bare", "ours"):
+        res = out[kind] = fleet_run(kind, cfg)
+        print("    %-4s %d connections (%.1f s to connect), %d POSTs, p50 %.1f / p99 %.1f / "
+              "max %.1f ms, errors %s, RSS %.0f -> %.0f MB (peak %.0f), threads %d -> %d"
+              % (kind, res["connections"], res["connect_s"], res["posts"], res["p50_ms"],
+                 res["p99_ms"], res["max_ms"], res["errors"] or 0, res["rss_before_mb"],
+                 res["rss_connected_mb"], res["rss_peak_mb"], res["threads_before"],
+                 res["threads_connected"]), flush=True)
+    ours, bare = out["ours"], out["bare"]
+    n = cfg["fleet_connections"]
+    served = ours["connections"] == n and not ours["connect_errors"] and not ours["errors"]
+    report.add("fleet: %d keep-alive connections, 100k tasks: served" % n,
+               "%d/%d, errors %s (bare: %d/%d, %s)" % (
+                   ours["connections"], n, ours["errors"] or ours["connect_errors"] or 0,
+                   bare["connections"], n, bare["errors"] or bare["connect_errors"] or 0),
+               "all, no 503/reset", served)
+    report.add("fleet: POST p50 / p99 (%d POST/s)" % round(n / cfg["fleet_period"]),
+               "%.1f / %.1f ms (bare %.1f / %.1f)" % (ours["p50_ms"], ours["p99_ms"],
+                                                       bare["p50_ms"], bare["p99_ms"]),
+               "p99 <= 50 ms", ours["p99_ms"] <= 50, ours["p99_ms"])
+    per_conn = (ours["rss_connected_mb"] - ours["rss_before_mb"]) / max(1, ours["connections"])
+    report.add("fleet: server RSS, 100k tasks + %d connections" % n,
+               "%.0f MB peak (%.0f KB/connection; %d threads)" % (
+                   ours["rss_peak_mb"], per_conn * 1024, ours["threads_connected"]),
+               "<= 400 MB", ours["rss_peak_mb"] <= 400, ours["rss_peak_mb"])
+
+
+def storm_run(kind, cfg, script=None):
+    """20 dashboards connect at once to 100,000 tasks while a worker posts."""
+    server = Server(kind, script=script)
+    procs, sampler = [], None
+    before_s, storm_s = cfg["storm_before"], cfg["storm_seconds"]
+    try:
+        load_tasks(server.port, 0, 100_000)
+        time.sleep(0.5)
+        worker = spawn(_role("paced", "--port", server.port, "--rate", STORM_RATE,
+                             "--count", 100_000), stdin=subprocess.PIPE)
+        dash = spawn(_role("dashboards", "--port", server.port, "--count",
+                           cfg["storm_dashboards"]), stdin=subprocess.PIPE)
+        procs = [worker, dash]
+        for p in procs:
+            if (read_line(p, 30.0) or "").strip() != "ready":
+                raise RuntimeError("a storm process did not get ready")
+        rss0 = rss_mb(server.pid)
+        start_at = time.time() + 0.3
+        worker.stdin.write(("%.6f %.3f\n" % (start_at, before_s + storm_s)).encode())
+        worker.stdin.flush()
+        dash.stdin.write(("%.6f %.3f\n" % (start_at + before_s, storm_s - 0.5)).encode())
+        dash.stdin.flush()
+        time.sleep(max(0.0, start_at + before_s - 0.5 - time.time()))
+        rss_before = rss_mb(server.pid)
+        sampler = Sampler(server.pid)
+        samples = json.loads(read_line(worker, before_s + storm_s + 60.0) or "[]")
+        snaps = json.loads(read_line(dash, 120.0) or "[]")
+        peak_rss, _ = sampler.stop()
+        sampler = None
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        for p in procs:
+            stop(p)
+        server.stop()
+    done = [s["seconds"] - before_s for s in snaps if s and "seconds" in s]
+    failed = [s.get("error") for s in snaps if not s or "seconds" not in s]
+    storm_end = before_s + (max(done) if done else storm_s)
+    before = [us for t, us, st in samples if t < before_s and st == 200]
+    during = [us for t, us, st in samples if before_s <= t <= storm_end and st == 200]
+    errors = sum(1 for t, us, st in samples if st != 200)
+    return {"kind": kind, "rss_start_mb": rss0, "rss_before_mb": rss_before,
+            "rss_peak_mb": peak_rss, "snapshots": len(done), "failed": failed,
+            "snapshot_s_median": median(done), "snapshot_s_max": max(done or [float("nan")]),
+            "snapshot_mb": median([s["bytes"] / 1e6 for s in snaps if s and "bytes" in s]),
+            "posts_before": len(before), "posts_during": len(during), "post_errors": errors,
+            "p99_before_ms": percentile(before, 99) / 1000.0,
+            "p99_during_ms": percentile(during, 99) / 1000.0,
+            "max_during_ms": max(during or [0]) / 1000.0,
+            "p50_during_ms": percentile(during, 50) / 1000.0}
+
+
+def bench_storm(report, cfg, raw, first_script=None):
+    out = raw.setdefault("storm", {})
+    kinds = [("ours", None)] + ([("first release", first_script)] if first_script else [])
+    for kind, script in kinds:
+        res = out[kind] = storm_run("ours", cfg, script)
+        print("    %-13s %d/%d snapshots (%.1f MB each) in %.2f s median, %.2f s last; "
+              "POST p99 %.1f ms before, %.1f ms during (max %.1f, %d posts, %d errors); "
+              "RSS %.0f -> peak %.0f MB" % (
+                  kind, res["snapshots"], cfg["storm_dashboards"], res["snapshot_mb"],
+                  res["snapshot_s_median"], res["snapshot_s_max"], res["p99_before_ms"],
+                  res["p99_during_ms"], res["max_during_ms"], res["posts_during"],
+                  res["post_errors"], res["rss_before_mb"], res["rss_peak_mb"]), flush=True)
+    ours = out["ours"]
+    first = out.get("first release")
+    n = cfg["storm_dashboards"]
+    report.add("storm: %d dashboards at once, 100k tasks: POST p99 during" % n,
+               "%.1f ms (before %.1f%s)" % (
+                   ours["p99_during_ms"], ours["p99_before_ms"],
+                   "; first release %.0f ms" % first["p99_during_ms"] if first else ""),
+               "<= 100 ms", ours["p99_during_ms"] <= 100 and not ours["post_errors"],
+               ours["p99_during_ms"])
+    report.add("storm: every dashboard got its whole snapshot",
+               "%d/%d, last after %.1f s" % (ours["snapshots"], n, ours["snapshot_s_max"]),
+               "all", ours["snapshots"] == n)
+    grow = (ours["rss_peak_mb"] - ours["rss_before_mb"]) / n
+    report.add("storm: server memory per connecting dashboard",
+               "%.1f MB (peak %.0f MB%s)" % (
+                   grow, ours["rss_peak_mb"],
+                   "; first release %.1f MB" % ((first["rss_peak_mb"] - first["rss_before_mb"])
+                                                / n) if first else ""),
+               "~ one piece (%d KB)" % (262144 // 1024), None, grow)
+
+
+def bench_page(report, cfg, raw):
+    report.add("page: 100k tasks", "n/a (to do)", "<= 2 s", None)
+
+
 # -- main ----------------------------------------------------------------------
 
 def print_table(report, header):
@@ -891,13 +1353,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    parser.add_argument("--only", default="client,ingest,latency,scale,dashboard",
+    parser.add_argument("--only", default="client,ingest,latency,scale,dashboard,fleet,storm,page",
                         help="comma list of sections to run (default: all)")
     parser.add_argument("--load", metavar="URL",
                         help="only generate the ingest load against a running server")
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="how long --load runs (at most 600)")
+    parser.add_argument("--first-release", default="21eedb3", metavar="REV",
+                        help="git revision of the first release, run side by side in the "
+                             "storm (default: %(default)s; '' to skip)")
     parser.add_argument("--_role", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=STORM_RATE, help=argparse.SUPPRESS)
+    parser.add_argument("--period", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("single", "batch"),
                         help="with --load: single-update POSTs (default) or arrays of %d" % BATCH)
@@ -909,6 +1376,12 @@ def main():
         return role_bare()
     if args._role == "sender":
         return role_sender(args)
+    if args._role == "paced":
+        return role_paced(args)
+    if args._role == "dashboards":
+        return role_dashboards(args)
+    if args._role == "fleet":
+        return role_fleet(args)
     if args.load:
         host = args.load.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
         if host not in ("127.0.0.1", "localhost"):
@@ -973,6 +1446,22 @@ def main():
         if "dashboard" in sections:
             print("\n[dashboard]", flush=True)
             bench_dashboard(report, cfg, report.raw)
+        if "fleet" in sections:
+            print("\n[fleet: %d keep-alive connections, one POST each per %.1f s]"
+                  % (cfg["fleet_connections"], cfg["fleet_period"]), flush=True)
+            bench_fleet(report, cfg, report.raw)
+        if "storm" in sections:
+            print("\n[storm: %d dashboards at once on 100,000 tasks, a worker posting %d/s]"
+                  % (cfg["storm_dashboards"], STORM_RATE), flush=True)
+            tmpdir = tempfile.mkdtemp(prefix="progressista-bench-")
+            try:
+                bench_storm(report, cfg, report.raw,
+                            first_release_script(args.first_release, tmpdir))
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        if "page" in sections:
+            print("\n[page: 100,000 tasks]", flush=True)
+            bench_page(report, cfg, report.raw)
     finally:
         for ds in dashboards.values():
             for d in ds:
