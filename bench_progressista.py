@@ -60,11 +60,13 @@ SETTINGS = {
     "full": dict(iter_n=3_000_000, update_n=1_000_000, client_pairs=11, close_runs=20,
                  rounds=3, load_seconds=4.0, lat_samples=200, scale_rounds=3,
                  dash_runs=10, fleet_connections=1000, fleet_period=1.0, fleet_seconds=10.0,
-                 storm_dashboards=20, storm_before=4.0, storm_seconds=15.0),
+                 storm_dashboards=20, storm_before=4.0, storm_seconds=15.0, page_loads=3,
+                 page_seconds=8.0),
     "quick": dict(iter_n=1_000_000, update_n=500_000, client_pairs=7, close_runs=8,
                   rounds=2, load_seconds=2.0, lat_samples=50, scale_rounds=2,
                   dash_runs=5, fleet_connections=1000, fleet_period=1.0, fleet_seconds=5.0,
-                  storm_dashboards=20, storm_before=3.0, storm_seconds=12.0),
+                  storm_dashboards=20, storm_before=3.0, storm_seconds=12.0, page_loads=2,
+                  page_seconds=4.0),
 }
 
 _children = []  # every subprocess we start, terminated by PID in cleanup()
@@ -877,15 +879,17 @@ def bench_dashboard(report, cfg, raw):
 
 FLEET_PROCS = 4        # load processes holding the fleet's connections between them
 STORM_RATE = 200       # POSTs/s of the worker that posts through a storm
+PAGE_UPDATES = 5000    # updates/s while the 100,000-task page is measured
 
 
 def role_paced(args):
-    """A worker posting single updates at ``--rate``/s over one keep-alive connection.
+    """A worker posting at ``--rate`` POSTs/s over one keep-alive connection, each
+    one update or an array of ``--batch``.
 
     Prints "ready", reads "start_at duration", then prints its samples as
     JSON: [seconds since start_at, latency in us, status] for each POST.
     """
-    port, rate, count = args.port, args.rate, args.count
+    port, rate, count, batch = args.port, args.rate, args.count, args.batch
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     headers = {"Content-Type": "application/json"}
     dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -893,7 +897,11 @@ def role_paced(args):
 
     def one():
         k[0] += 1
-        data = dumps(make_update((k[0] * 7919) % count, 2000 + k[0])).encode()
+        if batch > 1:
+            data = dumps([make_update((k[0] * 7919 + j * 104729) % count, 2000 + k[0])
+                          for j in range(batch)]).encode()
+        else:
+            data = dumps(make_update((k[0] * 7919) % count, 2000 + k[0])).encode()
         t0 = time.time()
         try:
             conn.request("POST", "/progress", data, headers)
@@ -1327,8 +1335,122 @@ def bench_storm(report, cfg, raw, first_script=None):
                "~ one piece (%d KB)" % (262144 // 1024), None, grow)
 
 
+PAGE_INIT_JS = """
+(() => {
+  // Time the page's own work per frame: what its WebSocket handler did since
+  // the last frame, plus the frame's rAF callbacks and the style/layout they
+  // cause (forced here, measured, instead of after the callback).
+  const W = window, B = W.__bench = {frames: [], messages: [], pendingMsg: 0};
+  const raf = W.requestAnimationFrame.bind(W);
+  let frameTs = -1, frameWork = 0;
+  W.requestAnimationFrame = function (cb) {
+    return raf(function (ts) {
+      if (ts !== frameTs) {
+        if (frameTs >= 0 && B.recording) B.frames.push(frameWork);
+        frameTs = ts; frameWork = B.pendingMsg; B.pendingMsg = 0;
+      }
+      const t0 = performance.now();
+      cb(ts);
+      if (document.body) void document.body.offsetHeight;
+      frameWork += performance.now() - t0;
+    });
+  };
+  const d = Object.getOwnPropertyDescriptor(WebSocket.prototype, 'onmessage');
+  Object.defineProperty(WebSocket.prototype, 'onmessage', {
+    configurable: true,
+    get() { return d.get.call(this); },
+    set(fn) {
+      d.set.call(this, function (ev) {
+        const t0 = performance.now();
+        const r = fn.call(this, ev);
+        const dt = performance.now() - t0;
+        B.pendingMsg += dt;
+        if (B.recording) B.messages.push(dt);
+        return r;
+      });
+    }
+  });
+})();
+"""
+
+PAGE_READY_JS = """
+(n) => {
+  const P = window.__progressista;
+  if (P && P.tasks && P.tasks.size >= n && document.querySelector('[data-task-id]'))
+    return performance.now();
+  return 0;
+}
+"""
+
+
 def bench_page(report, cfg, raw):
-    report.add("page: 100k tasks", "n/a (to do)", "<= 2 s", None)
+    """The page on 100,000 tasks: first paint, then frame work under 5,000 updates/s."""
+    what = "page, 100k tasks: snapshot received, parsed, first painted"
+    what2 = "page, 100k tasks: frame work under 5,000 updates/s (median)"
+    if not os.path.exists(CHROMIUM):
+        report.add(what, "n/a (no %s)" % CHROMIUM, "<= 2 s", None)
+        return
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        report.add(what, "n/a (playwright not installed)", "<= 2 s", None)
+        return
+    out = raw.setdefault("page", {})
+    server = Server("ours")
+    worker = None
+    try:
+        load_tasks(server.port, 0, 100_000)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                firsts = []
+                for _ in range(cfg["page_loads"]):
+                    page = browser.new_page(viewport={"width": 1280, "height": 900})
+                    page.add_init_script(PAGE_INIT_JS)
+                    page.goto(server.url + "/", wait_until="commit", timeout=60000)
+                    handle = page.wait_for_function(PAGE_READY_JS, arg=100_000, polling="raf",
+                                                    timeout=60000)
+                    firsts.append(handle.json_value() / 1000.0)
+                    cards = page.evaluate("() => document.querySelectorAll('[data-task-id]')"
+                                          ".length")
+                    if len(firsts) < cfg["page_loads"]:
+                        page.close()
+                out["first_paint_s"] = firsts
+                out["cards_in_dom"] = cards
+                worker = spawn(_role("paced", "--port", server.port, "--rate",
+                                     PAGE_UPDATES / BATCH, "--batch", BATCH,
+                                     "--count", 100_000), stdin=subprocess.PIPE)
+                if (read_line(worker, 30.0) or "").strip() != "ready":
+                    raise RuntimeError("the page's worker did not get ready")
+                seconds = cfg["page_seconds"]
+                start_at = time.time() + 0.3
+                worker.stdin.write(("%.6f %.3f\n" % (start_at, seconds + 1.5)).encode())
+                worker.stdin.flush()
+                time.sleep(max(0.0, start_at + 1.0 - time.time()))  # the load settles
+                page.evaluate("() => { window.__bench.frames = []; window.__bench.messages = [];"
+                              " window.__bench.recording = true; }")
+                time.sleep(seconds)
+                res = page.evaluate("() => { window.__bench.recording = false; "
+                                    "return window.__bench; }")
+                samples = json.loads(read_line(worker, 60.0) or "[]")
+            finally:
+                browser.close()
+    except Exception as exc:
+        report.add(what, "n/a (%s)" % str(exc).splitlines()[0][:60], "<= 2 s", None)
+        return
+    finally:
+        if worker is not None:
+            stop(worker)
+        server.stop()
+    frames, messages = res["frames"], res["messages"]
+    posted = sum(1 for _, _, st in samples if st == 200) * BATCH / max(1e-9, seconds + 1.5)
+    out.update(frames_ms=frames, messages_ms=messages, updates_per_s=posted)
+    first = median(firsts)
+    report.add(what, "%.2f s (median of %d; %d cards in DOM)" % (first, len(firsts), cards),
+               "<= 2 s", first <= 2.0, first)
+    m = median(frames)
+    report.add(what2, "%.1f ms (p95 %.1f, %d frames in %.0f s; %.0f updates/s posted)" % (
+        m, percentile(frames, 95), len(frames), seconds, posted), "<= 16 ms", m <= 16, m)
 
 
 # -- main ----------------------------------------------------------------------
@@ -1365,6 +1487,7 @@ def main():
     parser.add_argument("--_role", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=STORM_RATE, help=argparse.SUPPRESS)
     parser.add_argument("--period", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("single", "batch"),
                         help="with --load: single-update POSTs (default) or arrays of %d" % BATCH)

@@ -959,6 +959,7 @@ JSON_CHUNK = 1000  # tasks per piece when a big task map is streamed
 # The task index is also kept split in this many buckets (by hash of the id),
 # so a snapshot is encoded one bucket per short hold of the store lock.
 SNAPSHOT_BUCKETS = 256
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # _dumps, minus making an encoder
 
 
 def _json_pieces(head, tasks, tail):
@@ -1007,6 +1008,9 @@ class TaskStore:
         self._stale = collections.OrderedDict()
         self._ended = collections.OrderedDict()
         self.dirty, self.removed = set(), set()
+        # '"id":{task}' texts of tasks unchanged since a snapshot encoded them:
+        # valid while the id is not in dirty, dropped when the hub takes it.
+        self.encoded = {}
         self.persist = False  # set by the database: track db_dirty/db_removed too
         self.db_dirty, self.db_removed = set(), set()
         self.updates_received = 0
@@ -1207,10 +1211,22 @@ class TaskStore:
         return selected
 
     def encode_bucket(self, index):
-        """Bucket ``index`` as JSON object members (no braces), under the lock."""
+        """Bucket ``index`` as JSON object members (no braces), under the lock.
+
+        A task's text is kept until it changes, so the next dashboard to
+        connect mostly joins strings: a reload of a page on 100,000 tasks
+        costs milliseconds of encoding, not a second.
+        """
         with self.lock:
-            bucket = self._buckets[index]
-            return _dumps(bucket)[1:-1] if bucket else ""
+            cache, dirty, parts = self.encoded, self.dirty, []
+            for task_id, task in self._buckets[index].items():
+                text = cache.get(task_id)
+                if text is None or task_id in dirty:
+                    text = _encode({task_id: task})[1:-1]
+                    if task_id not in dirty:
+                        cache[task_id] = text
+                parts.append(text)
+            return ",".join(parts)
 
     def delete(self, task_id):
         with self.lock:
@@ -1242,6 +1258,12 @@ class TaskStore:
         """Hand the hub what changed since last time (call with ``lock`` held)."""
         dirty, removed = self.dirty, self.removed
         self.dirty, self.removed = set(), set()
+        cache = self.encoded
+        if cache:
+            for task_id in dirty:
+                cache.pop(task_id, None)
+            for task_id in removed:
+                cache.pop(task_id, None)
         return {k: self.tasks[k] for k in dirty}, list(removed)
 
 
@@ -2916,7 +2938,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   var sections = {};
   STATUSES.forEach(function (s) {
     sections[s] = {
-      status: s, items: [], limit: PAGE, sort: false, dirty: true, matching: 0, beyond: 0,
+      status: s, log: [], size: 0, moved: [], limit: PAGE, sort: false, dirty: true, matching: 0, beyond: 0,
       list: $('list-' + s), count: $('count-' + s), shown: $('shown-' + s),
       empty: $('empty-' + s), more: $('more-' + s)
     };
@@ -2924,6 +2946,78 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   var tplCard = $('tpl-card').content.firstElementChild;
   var tplGroup = $('tpl-group').content.firstElementChild;
   var byKey = function (a, b) { return b.key - a.key; };
+
+  // Put a group's items back in order, newest first. Entries whose key
+  // changed or that were just filed (g.moved) are taken out, sorted and
+  // merged back; entries that left (keep() false) are dropped: linear passes
+  // and k log k compares, not a sort of every member.
+  var moveMark = 0;
+  function resort(box, keep) {
+    var items = box.items, moved = box.moved, i, it;
+    var stale = box.stale;
+    box.moved = [];
+    box.stale = false;
+    box.sort = false;
+    if (moved.length * 8 > items.length) {
+      if (stale) items = items.filter(keep);
+      items.sort(byKey);
+      box.items = items;
+      return;
+    }
+    var mark = ++moveMark, rest = [], fresh = [];
+    for (i = 0; i < moved.length; i++) moved[i]._mv = mark;
+    for (i = 0; i < items.length; i++) {
+      it = items[i];
+      if (it._mv !== mark && (!stale || keep(it))) rest.push(it);
+    }
+    for (i = 0; i < moved.length; i++) {
+      it = moved[i];
+      if (it._mv === mark && keep(it)) { it._mv = 0; fresh.push(it); }
+    }
+    fresh.sort(byKey);
+    var out = new Array(rest.length + fresh.length), a = 0, b = 0, k = 0;
+    while (a < rest.length && b < fresh.length) out[k++] = rest[a].key >= fresh[b].key ? rest[a++] : fresh[b++];
+    while (a < rest.length) out[k++] = rest[a++];
+    while (b < fresh.length) out[k++] = fresh[b++];
+    box.items = out;
+  }
+
+  // A section's entries (cards, and group boxes) sit in sec.log, oldest
+  // first. An entry whose key changed, or that was just filed, is appended
+  // again (sec.moved, sorted) and its old place left dead: an entry is live
+  // where it._sec === sec and it._at is its index. A frame then costs what
+  // changed, not the 100,000 tasks a section may hold; the log is rebuilt
+  // when an entry comes in older than the newest, or the dead pile up.
+  var byKeyAsc = function (a, b) { return a.key - b.key; };
+  function resortSection(sec) {
+    var log = sec.log, moved = sec.moved, mark = ++moveMark, fresh = [], i, it, last = null;
+    sec.moved = [];
+    sec.sort = false;
+    for (i = 0; i < moved.length; i++) {
+      it = moved[i];
+      if (it._sec === sec && it._mv !== mark) { it._mv = mark; fresh.push(it); }
+    }
+    fresh.sort(byKeyAsc);
+    for (i = log.length - 1; i >= 0; i--) {  // the newest live entry that stays
+      it = log[i];
+      if (it._at === i && it._sec === sec && it._mv !== mark) { last = it; break; }
+    }
+    if ((!fresh.length || !last || fresh[0].key >= last.key) &&
+        log.length + fresh.length <= 2 * sec.size + 1024) {
+      for (i = 0; i < fresh.length; i++) { fresh[i]._at = log.length; log.push(fresh[i]); }
+      return;
+    }
+    var rest = [], out = [], a = 0, b = 0;
+    for (i = 0; i < log.length; i++) {
+      it = log[i];
+      if (it._at === i && it._sec === sec && it._mv !== mark) rest.push(it);
+    }
+    while (a < rest.length && b < fresh.length) out.push(rest[a].key <= fresh[b].key ? rest[a++] : fresh[b++]);
+    while (a < rest.length) out.push(rest[a++]);
+    while (b < fresh.length) out.push(fresh[b++]);
+    for (i = 0; i < out.length; i++) out[i]._at = i;
+    sec.log = out;
+  }
 
   function prefixOf(id) {
     var i = id.indexOf(':');
@@ -3022,13 +3116,26 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   // ---- cards ------------------------------------------------------------
   function newRecord(id) {
     return { id: id, t: null, el: null, status: null, group: null, key: 0, match: true,
-      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0 };
+      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0, _sec: null, _at: -1, _mv: 0 };
+  }
+
+  // A card that leaves the page gives its element back (releaseCard) for the
+  // next card shown: with 100,000 tasks the newest 100 change every frame,
+  // and the page holds elements for what it shows, not for every task seen.
+  var cardPool = [];
+  function releaseCard(el) {
+    var rec = el._rec;
+    if (!rec || rec.el !== el) return;
+    rec.el = null;
+    rec.painted = false;
+    el._rec = null;
+    if (cardPool.length < 2 * PAGE) cardPool.push(el);
   }
 
   function cardElement(rec) {
     if (rec.el) return rec.el;
     // walk #tpl-card's fixed structure (cheaper than a querySelector per field)
-    var el = tplCard.cloneNode(true), head = el.firstElementChild, titles = head.firstElementChild;
+    var el = cardPool.pop() || tplCard.cloneNode(true), head = el.firstElementChild, titles = head.firstElementChild;
     var stats, times, discard = titles.nextElementSibling;
     rec.el = el;
     rec.idEl = titles.firstElementChild; rec.descEl = rec.idEl.nextElementSibling;
@@ -3040,6 +3147,8 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     rec.postfix = rec.host.nextElementSibling; rec.meta = rec.postfix.nextElementSibling;
     rec.error = rec.meta.nextElementSibling;
     el.dataset.taskId = rec.id;
+    el._rec = rec;
+    rec.pct = rec.metaKey = null;  // what a reused element shows is another card's
     setText(rec.idEl, rec.id);
     rec.idEl.title = rec.id;
     discard.setAttribute('aria-label', 'Discard task ' + rec.id);
@@ -3136,7 +3245,8 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     if (!g) {
       var el = tplGroup.cloneNode(true);
       g = {
-        isGroup: true, gkey: gkey, status: status, prefix: prefix, el: el, items: [], size: 0, key: 0,
+        isGroup: true, gkey: gkey, status: status, prefix: prefix, el: el, items: [], moved: [], size: 0, key: 0,
+        _sec: null, _at: -1, _mv: 0,
         win: [], take: 0, matching: 0, lone: null, collapsed: collapsed.has(prefix),
         sort: false, dirty: true, summary: true, bodyDirty: true,
         body: el.querySelector('.group-body'), toggle: el.querySelector('.group-toggle'),
@@ -3190,14 +3300,12 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     var sec = sections[g.status];
     if (!g.size) {
       groups.delete(g.gkey);
-      sec.sort = sec.dirty = sec.stale = true;
+      if (g._sec === sec) { g._sec = null; sec.size--; }
+      sec.sort = sec.dirty = true;
       return;
     }
     if (g.sort) {
-      if (g.stale) g.items = g.items.filter(function (r) { return r.group === g; });
-      g.stale = false;
-      g.items.sort(byKey);
-      g.sort = false;
+      resort(g, function (r) { return r.group === g; });
       g.dirty = true;
     }
     if (g.summary) { updateGroup(g); g.summary = false; }
@@ -3210,7 +3318,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       // section's list, in its own place by activity
       g.lone = matching === 1 ? lone : null;
       var key = (g.lone || g.items[0]).key;
-      if (key !== g.key) { g.key = key; sec.sort = true; }
+      if (key !== g.key) { g.key = key; sec.sort = true; sec.moved.push(g); }
       g.matching = matching;
       g.dirty = false;
       g.bodyDirty = true;
@@ -3225,13 +3333,24 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     var prefix = grouping ? prefixOf(rec.id) : null, box = sections[status];
     if (prefix !== null) {
       var g = getGroup(status, prefix);
-      if (!g.listed) { g.listed = true; box.items.push(g); box.sort = box.dirty = true; }
+      if (!g.listed) {
+        g.listed = true;
+        g._sec = box;
+        box.size++;
+        box.moved.push(g);
+        box.sort = box.dirty = true;
+      }
       g.size++;
       g.summary = true;
       rec.group = g;
-      box = g;
+      g.items.push(rec);
+      g.moved.push(rec);
+      g.sort = g.dirty = true;
+      return;
     }
-    box.items.push(rec);
+    rec._sec = box;
+    box.size++;
+    box.moved.push(rec);
     box.sort = box.dirty = true;
   }
 
@@ -3240,8 +3359,9 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     counts[rec.status]--;
     var box = rec.group || sections[rec.status];
     box.sort = box.dirty = true;
-    box.stale = true;  // its entry in box.items is dropped at the next sort, this frame
+    box.stale = true;  // its entry in a group's items is dropped at the next sort, this frame
     if (rec.group) { rec.group.size--; rec.group.summary = true; }
+    else if (rec._sec) { rec._sec = null; box.size--; }  // its entry in the log is dead
     rec.status = null;
     rec.group = null;
   }
@@ -3251,17 +3371,24 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     STATUSES.forEach(function (s) {
       var sec = sections[s];
       counts[s] = 0;
-      sec.items = [];
+      sec.log = [];
+      sec.size = 0;
+      sec.moved = [];
       sec.sort = sec.dirty = true;
       sec.stale = false;
     });
     groups.forEach(function (g) {
       g.items = [];
+      g.moved = [];
       g.size = 0;
       g.sort = g.dirty = g.summary = true;
       g.stale = g.listed = false;
+      g._sec = null;
     });
-    cards.forEach(function (rec) { rec.status = null; rec.group = null; file(rec, rec.t.status); });
+    cards.forEach(function (rec) {
+      rec.status = rec.group = rec._sec = null;
+      file(rec, rec.t.status);
+    });
   }
 
   // Make container's element children exactly the items of win, in order,
@@ -3269,15 +3396,15 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   var stamp = 0;
   function reconcile(container, win, now) {
     var mark = ++stamp, i, el, next;
-    for (i = 0; i < win.length; i++) (win[i].isGroup ? win[i].el : cardElement(win[i]))._stamp = mark;
+    for (i = 0; i < win.length; i++) if (win[i].el) win[i].el._stamp = mark;
     for (el = container.firstElementChild; el; el = next) {
       next = el.nextElementSibling;
-      if (el._stamp !== mark) el.remove();
+      if (el._stamp !== mark) { el.remove(); releaseCard(el); }
     }
     var c = container.firstElementChild;
     for (i = 0; i < win.length; i++) {
       var it = win[i];
-      el = it.el;
+      el = it.isGroup ? it.el : cardElement(it);
       // a group coming back into the list brings its body along: members
       // changed while it was out of the page are repainted there
       var back = !el.parentNode;
@@ -3295,22 +3422,20 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   }
 
   function renderSection(sec, now) {
-    if (sec.sort) {
-      if (sec.stale) {
-        sec.items = sec.items.filter(function (it) {
-          return it.isGroup ? groups.get(it.gkey) === it : it.status === sec.status && !it.group;
-        });
-        sec.stale = false;
-      }
-      sec.items.sort(byKey);
-      sec.sort = false;
-    }
+    if (sec.sort) resortSection(sec);
     // the budget counts cards; a group takes what is left of it for its
     // members (a collapsed group costs one line)
-    var win = [], matching = 0, beyond = 0, budget = sec.limit;
-    for (var i = 0; i < sec.items.length; i++) {
-      var it = sec.items[i], m = it.isGroup ? it.matching : (it.match ? 1 : 0);
+    var win = [], matching = 0, beyond = 0, budget = sec.limit, filtering = filterTerms.length > 0;
+    for (var i = sec.log.length - 1; i >= 0; i--) {  // newest first
+      var it = sec.log[i];
+      if (it._at !== i || it._sec !== sec) continue;  // a dead entry
+      var m = it.isGroup ? it.matching : (it.match ? 1 : 0);
       if (!m) continue;
+      if (budget <= 0 && !filtering) {  // without a filter every card matches: the rest is counted
+        beyond += counts[sec.status] - matching;
+        matching = counts[sec.status];
+        break;
+      }
       matching += m;
       if (budget <= 0) { beyond += m; continue; }
       if (it.isGroup && it.lone) { win.push(it.lone); budget--; it.take = -1; continue; }
@@ -3356,7 +3481,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
         file(rec, t.status);
       } else {
         var box = rec.group || sections[rec.status];
-        if (key !== rec.key) { rec.key = key; box.sort = box.dirty = true; }
+        if (key !== rec.key) { rec.key = key; box.moved.push(rec); box.sort = box.dirty = true; }
         if (match !== rec.match) { rec.match = match; box.dirty = true; }
         if (rec.group) rec.group.summary = true;
       }
@@ -3437,8 +3562,8 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   function tick() {
     updateConnText();
     if (!document.hidden) {
-      var now = serverNow();
-      cards.forEach(function (rec) { if (rec.el && rec.el.isConnected) setAge(rec, now); });
+      var now = serverNow(), shown = $('main').getElementsByClassName('card');
+      for (var i = 0; i < shown.length; i++) if (shown[i]._rec) setAge(shown[i]._rec, now);
     }
     updateTitle(true);
   }

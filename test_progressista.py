@@ -2330,6 +2330,29 @@ def test_store_select_copies_each_task_once_in_short_holds():
     assert len(holds) == progressista.SNAPSHOT_BUCKETS
 
 
+def test_snapshot_text_cache_never_serves_a_changed_task():
+    store, clock = make_store()
+    store.ingest([{"task_id": "t%d" % i, "n": 0} for i in range(2000)])
+    store.take_changes()
+
+    def snapshot():
+        text = ",".join(filter(None, (store.encode_bucket(i)
+                                      for i in range(progressista.SNAPSHOT_BUCKETS))))
+        return json.loads("{%s}" % text, object_pairs_hook=no_duplicate_keys)
+
+    assert snapshot()["t5"]["n"] == 0 and len(store.encoded) == 2000  # cached now
+    store.ingest({"task_id": "t5", "n": 7})  # dirty: the cached text is not used
+    assert snapshot()["t5"]["n"] == 7
+    store.take_changes()  # and dropped when the hub takes the change
+    assert "t5" not in store.encoded and snapshot()["t5"]["n"] == 7
+    clock.advance(10)
+    store.delete("t6")
+    store.ingest({"task_id": "t6", "n": 1})  # made again, with the same id
+    view = snapshot()
+    assert view["t6"]["n"] == 1 and view["t6"]["created_at"] == clock.now
+    assert len(view) == 2000
+
+
 # -- websocket ---------------------------------------------------------------
 
 def test_accept_key_rfc_example():
@@ -2780,6 +2803,8 @@ def test_ws_silent_dashboards_hold_one_piece_each_not_a_copy(server_factory, raw
     import tracemalloc
     srv = server_factory()
     fill_store(srv, 20000)
+    with ws_connect(srv, max_size=None) as ws:  # the first snapshot fills the shared
+        assert len(json.loads(ws.recv(timeout=30))["tasks"]) == 20000  # per-task text cache
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
