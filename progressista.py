@@ -2929,6 +2929,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   var groups = new Map();   // status + '\n' + prefix -> group record
   var pending = new Map();  // task_id -> task object, or null for removal
   var refileAll = true;     // next render files every card again (snapshot, grouping)
+  var fullSync = false;     // next render takes every task of the map (a snapshot came)
   var gotSnapshot = false;
   var grouping = store('group') !== '0';
   var collapsed = new Set();
@@ -3056,17 +3057,23 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     var incoming = msg.tasks && typeof msg.tasks === 'object' ? msg.tasks : {};
     var id, t, prev;
     if (msg.type === 'snapshot') {
-      var next = new Map();
+      // 100,000 tasks come this way: the map is filled once, and render()
+      // goes through it (fullSync) rather than through a pending entry each
+      var has = Object.prototype.hasOwnProperty, valid = function (x) { return x && typeof x === 'object'; };
+      tasks.forEach(function (prevTask, oldId) {
+        t = has.call(incoming, oldId) ? incoming[oldId] : null;
+        if (!valid(t)) pending.set(oldId, null);
+        else noteTransition(prevTask, t);
+      });
+      tasks.clear();
       for (id in incoming) {
         t = incoming[id];
-        if (!t || typeof t !== 'object') continue;
+        if (!valid(t)) continue;
         t.task_id = id;
-        noteTransition(tasks.get(id), t);
-        next.set(id, t);
+        tasks.set(id, t);
       }
-      tasks.forEach(function (_, oldId) { if (!next.has(oldId)) pending.set(oldId, null); });
-      tasks.clear();
-      next.forEach(function (task, tid) { tasks.set(tid, task); pending.set(tid, task); });
+      pending.forEach(function (task, tid) { if (task !== null || tasks.has(tid)) pending.delete(tid); });
+      fullSync = true;
       refileAll = true;
       gotSnapshot = true;
     } else if (msg.type === 'delta') {
@@ -3460,7 +3467,12 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
 
   function render() {
     var now = serverNow(), filtering = filterTerms.length > 0;
-    pending.forEach(function (t, id) {
+    if (fullSync) {
+      fullSync = false;
+      tasks.forEach(take);
+    }
+    pending.forEach(take);
+    function take(t, id) {
       var rec = cards.get(id);
       if (t === null) {
         if (rec) { unfile(rec); contribute(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
@@ -3486,7 +3498,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
         if (rec.group) rec.group.summary = true;
       }
       if (rec.el && rec.el.isConnected) paint(rec, now);
-    });
+    }
     pending.clear();
     if (refileAll) refile();
     groups.forEach(function (g) { if (!g.size || g.sort || g.dirty || g.summary) settleGroup(g); });
