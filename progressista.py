@@ -1524,7 +1524,7 @@ class WebSocket:
         self.last_seen = time.monotonic()
         self.last_ping = 0.0
         self.sending_since = None  # monotonic time the frame being written was started
-        self.pending = None  # while a big snapshot goes out: (changed ids, removed ids)
+        self.pending = None  # while a big snapshot goes out: where it starts in Hub.missed
         self.writer = threading.Thread(target=self._write_loop, name="progressista-ws-writer",
                                        daemon=True)
 
@@ -1721,10 +1721,11 @@ class Hub:
     ``TaskStore.encode_bucket``), one snapshot at a time across dashboards
     (``encoders``), so ingest never waits long and a storm of reloads costs
     the CPU of one encoder.  Meanwhile the dashboard is ``snapshotting``: it
-    gets no deltas, the ids the deltas would have carried are collected in
-    ``ws.pending``, and when the last bucket is encoded they go back into
-    the store's changes, for the next delta: values never older than the
-    snapshot's, nothing missed, each task once in the snapshot.
+    gets no deltas; the changes they would have carried are kept in
+    ``missed`` (one list for all such dashboards, ``ws.pending`` being where
+    each one's starts), and when its last bucket is encoded they go back
+    into the store's changes, for the next delta: values never older than
+    the snapshot's, nothing missed, each task once in the snapshot.
     """
 
     def __init__(self, store, interval=0.1):
@@ -1732,6 +1733,8 @@ class Hub:
         self.interval = interval
         self.clients = set()  # guarded by store.lock, so snapshots line up with deltas
         self.snapshotting = set()  # dashboards whose big snapshot is still going out
+        self.missed = []  # (changed ids, removed ids) of each delta since the oldest of them began
+        self.missed_base = 0  # the round number of missed[0]
         self.encoders = threading.BoundedSemaphore(1)
         self.thread = None
         self.stopping = False
@@ -1746,7 +1749,7 @@ class Hub:
                                              "server_time": now}).encode()))
                 self.clients.add(ws)
                 return
-            ws.pending = (set(), set())
+            ws.pending = self.missed_base + len(self.missed)
             self.snapshotting.add(ws)
         ws.send(_snapshot_frames('{"type":"snapshot","server_time":%s,"tasks":{' % _dumps(now),
                                  self._buckets(ws), "}}"))
@@ -1764,22 +1767,38 @@ class Hub:
         finally:
             with store.lock:
                 if ws in self.snapshotting:
-                    self.snapshotting.discard(ws)
-                    changed, removed = ws.pending
-                    ws.pending = None
+                    start = ws.pending - self.missed_base
+                    self._unsubscribe(ws)
                     if not ws.closed:
                         self.clients.add(ws)
                         tasks = store.tasks
-                        store.dirty.update(k for k in changed if k in tasks)
-                        store.removed.update(k for k in removed if k not in tasks)
+                        for changed, removed in self.missed[start:]:
+                            store.dirty.update(k for k in changed if k in tasks)
+                            store.removed.update(k for k in removed if k not in tasks)
+                    self._trim_missed()
             if store.dirty or store.removed:
                 store.changed.set()
 
+    def _unsubscribe(self, ws):  # with store.lock held
+        self.clients.discard(ws)
+        self.snapshotting.discard(ws)
+        ws.pending = None
+
+    def _trim_missed(self):
+        """Forget the changes no snapshotting dashboard still needs (lock held)."""
+        if not self.snapshotting:
+            self.missed_base += len(self.missed)
+            self.missed = []
+            return
+        oldest = min(ws.pending for ws in self.snapshotting) - self.missed_base
+        if oldest > 0:
+            del self.missed[:oldest]
+            self.missed_base += oldest
+
     def detach(self, ws):
         with self.store.lock:
-            self.clients.discard(ws)
-            self.snapshotting.discard(ws)
-            ws.pending = None
+            self._unsubscribe(ws)
+            self._trim_missed()
 
     def start(self):
         self.thread = threading.Thread(target=self._loop, name="progressista-hub", daemon=True)
@@ -1826,9 +1845,8 @@ class Hub:
             tasks, removed = store.take_changes()
             targets = list(self.clients)
             now = store.clock()
-            for ws in self.snapshotting:  # their snapshot is still being encoded
-                ws.pending[0].update(tasks)
-                ws.pending[1].update(removed)
+            if self.snapshotting:  # kept for the dashboards whose snapshot is still going out
+                self.missed.append((tasks.keys(), removed))
         if not targets:
             return
         # Encoded outside the lock, so ingest never waits on it; a task that

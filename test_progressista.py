@@ -2258,7 +2258,7 @@ def test_snapshot_taken_while_updates_arrive_loses_and_duplicates_nothing():
                     deleted.add(victim)
             with store.lock:
                 if ws.pending is not None:
-                    seen_pending[0] = max(seen_pending[0], len(ws.pending[0]))
+                    seen_pending[0] = max(seen_pending[0], len(hub.missed))
             time.sleep(0.002)
 
     writer = threading.Thread(target=updates)
