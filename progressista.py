@@ -891,6 +891,7 @@ def parse_json(body):
 
 
 MAX_ID = 256
+MAX_GROUP_SIZE = 10 ** 9
 MAX_META = 16384
 _STR_LIMITS = {"task_id": MAX_ID, "desc": 1024, "unit": 64, "error": 4096,
                "host": 256, "postfix": 1024}
@@ -946,12 +947,15 @@ def check_update(update, current=None):
         elif key == "pid":
             if value is not None and type(value) is not int:
                 raise BadRequest("pid must be an integer")
+        elif key == "group_size":  # bool is no int here: type(), not isinstance()
+            if value is not None and (type(value) is not int or not 1 <= value <= MAX_GROUP_SIZE):
+                raise BadRequest("group_size must be an integer from 1 to %d" % MAX_GROUP_SIZE)
 
 
 def _new_task(task_id, now):
     return {"task_id": task_id, "desc": None, "n": 0, "total": None, "unit": None,
             "status": "active", "rate": None, "elapsed": None, "error": None,
-            "meta": None, "host": None, "pid": None, "postfix": None,
+            "meta": None, "host": None, "pid": None, "postfix": None, "group_size": None,
             "created_at": now, "updated_at": now, "seen_at": now}
 
 
@@ -1007,6 +1011,8 @@ class TaskStore:
         self.db_dirty, self.db_removed = set(), set()
         self.updates_received = 0
         self.updates_rejected = 0
+        self._groups = {}  # group name -> _Group: its tasks and counts, kept as tasks change
+        self.group_sizes = {}  # group name -> latest expected size (update field group_size)
 
     def __len__(self):
         return len(self.tasks)
@@ -1043,6 +1049,7 @@ class TaskStore:
             task = self.tasks[task_id] = _new_task(task_id, now)
             self._live[task_id] = None
             self.removed.discard(task_id)  # removed and made again: a delta says it once
+            self._group_add(task)
             progressed = True
         elif (task["status"] == "close" or task["status"] == "error") \
                 and update.get("status") not in _ENDING_OR_START:
@@ -1056,6 +1063,8 @@ class TaskStore:
         for key in _PLAIN_FIELDS:
             if key in update:
                 task[key] = update[key]
+        if update.get("group_size") is not None:
+            self._set_group_size(task, update["group_size"])
         if "n" in update and update["n"] != task["n"]:
             task["n"] = update["n"]
             progressed = True
@@ -1093,6 +1102,8 @@ class TaskStore:
         if progressed:
             task["updated_at"] = now
         task["seen_at"] = now
+        if task["status"] != old:
+            self._group_move(task_id, old, task["status"])
         self.dirty.add(task_id)
         if self.persist:
             self.db_dirty.add(task_id)
@@ -1121,6 +1132,7 @@ class TaskStore:
         task = self.tasks.pop(task_id)
         {"active": self._live, "stale": self._stale}.get(task["status"], self._ended).pop(
             task_id, None)
+        self._group_discard(task)
         self.dirty.discard(task_id)
         self.removed.add(task_id)
         if self.persist:
@@ -1144,6 +1156,7 @@ class TaskStore:
                     del self._live[task_id]
                     self._stale[task_id] = None
                     task["status"] = "stale"
+                    self._group_move(task_id, "active", "stale")
                     self.dirty.add(task_id)
                     if self.persist:
                         self.db_dirty.add(task_id)
@@ -1170,8 +1183,18 @@ class TaskStore:
                 task_id = task["task_id"]
                 if task["status"] == "stale":
                     task["status"] = "active"
+                size = task.get("group_size")
+                if type(size) is not int or not 1 <= size <= MAX_GROUP_SIZE:
+                    size = None  # a file from before group sizes, or a bad value: unknown
+                task["group_size"] = size
                 self.tasks[task_id] = task
                 {"active": self._live}.get(task["status"], self._ended)[task_id] = None
+                self._group_add(task)
+                if size is not None:  # saved on its tasks: the latest one's is the group's
+                    self.group_sizes[_group_of(task_id)] = size
+            for name, size in self.group_sizes.items():
+                for task in self._groups[name].tasks.values():
+                    task["group_size"] = size
         self.sweep()
         with self.lock:  # a smaller --max-tasks than the file's: oldest ended go first
             while len(self.tasks) > self.max_tasks and (self._ended or self._stale):
@@ -1222,6 +1245,147 @@ class TaskStore:
         dirty, removed = self.dirty, self.removed
         self.dirty, self.removed = set(), set()
         return {k: self.tasks[k] for k in dirty}, list(removed)
+
+    # Groups (SPEC section 8): a job's ranks or array tasks, by task id prefix.
+
+    def _group_add(self, task):
+        task_id = task["task_id"]
+        name = _group_of(task_id)
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = _Group()
+        group.tasks[task_id] = task
+        member = _member_of(task_id)
+        group.members[member] = group.members.get(member, 0) + 1
+        group.counts[task["status"]] += 1
+        size = self.group_sizes.get(name)
+        if size is not None:
+            task["group_size"] = size
+
+    def _group_discard(self, task):
+        task_id = task["task_id"]
+        name = _group_of(task_id)
+        group = self._groups[name]
+        del group.tasks[task_id]
+        if not group.tasks:  # an empty group is forgotten, its size too
+            del self._groups[name]
+            self.group_sizes.pop(name, None)
+            return
+        member = _member_of(task_id)
+        left = group.members[member] - 1
+        if left:
+            group.members[member] = left
+        else:
+            del group.members[member]
+        group.counts[task["status"]] -= 1
+
+    def _group_move(self, task_id, old, new):
+        counts = self._groups[_group_of(task_id)].counts
+        counts[old] -= 1
+        counts[new] += 1
+
+    def _set_group_size(self, task, size):
+        """The latest size wins, and every task of the group shows it.
+
+        Touching all of the group's tasks happens only when the size changes
+        (a job sends one size from every member), never on a plain update.
+        """
+        name = _group_of(task["task_id"])
+        if self.group_sizes.get(name) == size:
+            task["group_size"] = size
+            return
+        self.group_sizes[name] = size
+        for task_id, member_task in self._groups[name].tasks.items():
+            if member_task["group_size"] != size:
+                member_task["group_size"] = size
+                self.dirty.add(task_id)
+                if self.persist:
+                    self.db_dirty.add(task_id)
+
+    def groups(self, statuses=None):
+        """``{name: entry}`` of every group, or of those with a task in ``statuses``.
+
+        The lock is held only to copy each group's task list and counts; the
+        sums are made outside it (as ``/tasks`` encodes outside it).
+        """
+        with self.lock:
+            copies = [(name, list(group.tasks.values()), dict(group.counts),
+                       len(group.members), self.group_sizes.get(name))
+                      for name, group in self._groups.items()
+                      if statuses is None or any(group.counts[s] for s in statuses)]
+        return {copy[0]: _group_entry(*copy[1:]) for copy in copies}
+
+    def group(self, name):
+        """One group's entry (as in :meth:`groups`), or None when it has no task."""
+        with self.lock:
+            group = self._groups.get(name)
+            if group is None:
+                return None
+            copy = (list(group.tasks.values()), dict(group.counts), len(group.members),
+                    self.group_sizes.get(name))
+        return _group_entry(*copy)
+
+
+class _Group:
+    """One group's index: its tasks (id -> task), members (-> task count), counts."""
+
+    __slots__ = ("tasks", "members", "counts")
+
+    def __init__(self):
+        self.tasks, self.members = {}, {}
+        self.counts = dict.fromkeys(STATUSES, 0)
+
+
+def _is_main_bar(task_id):
+    """A member's main bar: its task without ``/k`` (``run:rank-3``, not ``run:rank-3/2``)."""
+    head, colon, tail = task_id.partition(":")
+    return not colon or "/" not in tail
+
+
+def _group_entry(tasks, counts, members, expected):
+    """A group as ``/groups`` shows it, from its tasks (read without the lock:
+    a value changed meanwhile is as fresh as a ``/tasks`` answer).
+
+    Sums are over main bars; ``rate`` and ``eta`` over the active ones (an
+    ended bar makes no more progress, and what a failed one left undone will
+    not be done).
+    """
+    n = total = rate = remaining = mains = 0
+    active = False
+    created_at = updated_at = None
+    for task in tasks:
+        created, updated = task["created_at"], task["updated_at"]
+        if created_at is None or created < created_at:
+            created_at = created
+        if updated_at is None or updated > updated_at:
+            updated_at = updated
+        if not _is_main_bar(task["task_id"]):
+            continue
+        mains += 1
+        task_n, task_total = task["n"], task["total"]
+        try:  # an int near float64's limit plus a float overflows: the sums become unknown
+            n += task_n
+            if total is not None:
+                total = None if task_total is None else total + task_total
+            if task["status"] == "active":
+                active = True
+                rate += task["rate"] or 0
+                if remaining is not None:
+                    remaining = None if task_total is None \
+                        else remaining + max(0, task_total - task_n)
+        except (OverflowError, TypeError):
+            n = total = rate = remaining = float("nan")
+    eta = None
+    if active and remaining is not None and rate > 0:
+        try:
+            eta = _finite(remaining / rate)
+        except OverflowError:
+            pass
+    done = counts["active"] == 0 and counts["stale"] == 0 and (
+        expected is None or members >= expected)
+    return {"tasks": len(tasks), "members": members, "expected": expected, "counts": counts,
+            "n": _finite(n), "total": _finite(total) if mains else None, "rate": _finite(rate),
+            "eta": eta, "created_at": created_at, "updated_at": updated_at, "done": done}
 
 
 SCHEMA_VERSION = 1
