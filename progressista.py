@@ -2219,6 +2219,9 @@ class Handler(BaseHTTPRequestHandler):
                 if len(tasks) <= JSON_CHUNK:
                     return self._json(200, _dumps({"tasks": tasks}))
                 return self._respond_pieces(200, _json_pieces('{"tasks":{', tasks, "}}"))
+            if route == "/groups":
+                return self._json(200, _dumps({"groups": self.server.store.groups(
+                    self._statuses())}))
             if route.startswith("/tasks/"):
                 text = self.server.store.get_json(urllib.parse.unquote(route[7:]))
                 if text is None:
@@ -2296,7 +2299,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self):
         known = self.route in ("/", "/health", "/metrics", "/ws", "/progress", "/tasks",
-                               "/static/index.html", "/index.html") \
+                               "/groups", "/static/index.html", "/index.html") \
             or self.route.startswith("/tasks/")
         if not known:
             return self._error(404, "not found: %s" % self.route)
@@ -2570,6 +2573,41 @@ def _metrics_pieces(server):
     yield ("# HELP progressista_websocket_clients Dashboards connected now.\n"
            "# TYPE progressista_websocket_clients gauge\n"
            "progressista_websocket_clients %d\n" % server.ws_count)
+    yield from _group_metrics(store.groups(), label, number)
+
+
+def _group_metrics(groups, label, number):
+    """The groups of SPEC section 8: tasks by status, expected size, progress."""
+    names = sorted(groups)
+    yield ("# HELP progressista_group_tasks Tasks of a group (task id before ':') by status.\n"
+           "# TYPE progressista_group_tasks gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_tasks{group="%s",status="%s"} %d\n'
+                      % (label(name), status, groups[name]["counts"][status])
+                      for name in names[start:start + JSON_CHUNK] for status in STATUSES)
+    yield ("# HELP progressista_group_expected Members a group expects (group_size); "
+           "NaN when unknown.\n# TYPE progressista_group_expected gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_expected{group="%s"} %s\n'
+                      % (label(name), number(groups[name]["expected"]))
+                      for name in names[start:start + JSON_CHUNK])
+    yield ("# HELP progressista_group_progress_ratio Sum of n / sum of total over the main "
+           "bars of a group; NaN when a total is unknown.\n"
+           "# TYPE progressista_group_progress_ratio gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_progress_ratio{group="%s"} %s\n'
+                      % (label(name), number(_group_ratio(groups[name])))
+                      for name in names[start:start + JSON_CHUNK])
+
+
+def _group_ratio(entry):
+    n, total = entry["n"], entry["total"]
+    if not total or n is None:
+        return None
+    try:
+        return n / total
+    except OverflowError:
+        return float("inf")
 
 
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,
