@@ -509,6 +509,86 @@ _install_defaults = {}  # what patch.install() was given, under explicit keyword
 _bar_numbers = itertools.count(1)  # default task ids; next() is atomic
 
 
+# Ids from the scheduler (SPEC section 8): one id per rank or array task,
+# reused by the bars a process makes one after another; a bar made while
+# another is open takes the lowest free "/k".
+_job_slots = {}  # id from the environment -> slots (1, 2, ...) held by open bars
+_job_lock = threading.RLock()  # re-entrant: tqdm's __del__ may close a bar inside
+
+
+def _size_from(text):
+    """An expected group size from the environment: a positive integer, or None."""
+    text = (text or "").strip()
+    return int(text) if text.isdigit() and 0 < int(text) <= 10 ** 9 else None
+
+
+def _job_from_env(environ=None):
+    """``(task id, expected group size)`` from the scheduler's variables, or
+    ``(None, None)`` outside of one.  First match wins."""
+    env = os.environ if environ is None else environ
+    get = env.get
+    if get("PROGRESSISTA_JOB"):
+        return ("%s:%s-%d" % (get("PROGRESSISTA_JOB"), _HOST, os.getpid()),
+                _size_from(get("PROGRESSISTA_GROUP_SIZE")))
+    if get("SLURM_ARRAY_JOB_ID") and get("SLURM_ARRAY_TASK_ID"):
+        return ("slurm-%s:%s" % (get("SLURM_ARRAY_JOB_ID"), get("SLURM_ARRAY_TASK_ID")),
+                _size_from(get("SLURM_ARRAY_TASK_COUNT")))
+    if get("SLURM_JOB_ID") and get("SLURM_PROCID"):
+        return ("slurm-%s:rank-%s" % (get("SLURM_JOB_ID"), get("SLURM_PROCID")),
+                _size_from(get("SLURM_NTASKS")))
+    if get("RANK") and get("WORLD_SIZE"):
+        run_id = get("TORCHELASTIC_RUN_ID")
+        if not run_id or run_id == "none":  # torchrun's default --rdzv-id names no run
+            run_id = "%s-%s" % (get("MASTER_ADDR", ""), get("MASTER_PORT", ""))
+        return "torch-%s:rank-%s" % (run_id, get("RANK")), _size_from(get("WORLD_SIZE"))
+    return None, None
+
+
+def _default_task_id():
+    """``(task id, slot to release at close or None, expected size or None)``."""
+    base, size = _job_from_env()
+    if base is None:  # a counter, not id(self): a freed bar's address comes back
+        return "%s:%d-%d-%d" % (_HOST, time.time() * 1000, os.getpid(),
+                                next(_bar_numbers)), None, None
+    base = base[:MAX_ID - 8]  # room for "/k"
+    with _job_lock:
+        held = _job_slots.setdefault(base, set())
+        k = 1
+        while k in held:
+            k += 1
+        held.add(k)
+    return (base if k == 1 else "%s/%d" % (base, k)), (base, k), size
+
+
+def _release_slot(slot):
+    with _job_lock:
+        held = _job_slots.get(slot[0])
+        if held is not None:
+            held.discard(slot[1])
+            if not held:
+                del _job_slots[slot[0]]
+
+
+def _checked_group_size(value):
+    """The ``group_size`` keyword: a positive integer, or None with one line on stderr."""
+    if value is None:
+        return None
+    import operator
+    if type(value) is not bool:
+        try:
+            number = operator.index(value)
+            if 0 < number <= 10 ** 9:
+                return number
+        except TypeError:
+            pass
+    try:
+        print("progressista: group_size must be a positive integer, got %r: not sent"
+              % (value,), file=sys.stderr)
+    except Exception:
+        pass
+    return None
+
+
 class _RemoteMixin:
     """What ``RemoteTqdm`` adds to a tqdm class: the remote half.
 
@@ -518,10 +598,12 @@ class _RemoteMixin:
     """
 
     _pst_closed = True  # until __init__ succeeds, close() is local only
+    _pst_slot = None  # (id from the environment, k) while this bar holds "/k"
+    _pst_open_status = "update"  # the status of an open bar's sends after the first
     _pst_looked_at = -1e9  # when the sender last read this bar (sent or not)
 
     def __init__(self, *args, server_url=None, task_id=None, push_every=None,
-                 request_timeout=None, meta=None, headers=None, **kwargs):
+                 request_timeout=None, meta=None, headers=None, group_size=None, **kwargs):
         defaults = _install_defaults
         if kwargs.get("disable", False) is None:
             target = kwargs.get("file") or sys.stderr
@@ -539,10 +621,8 @@ class _RemoteMixin:
         if urllib.parse.urlsplit(url).path in ("", "/"):
             url = url.rstrip("/") + "/progress"
         self._pst_url = url
-        # A counter, not id(self): a bar made right after another is freed
-        # can get its address, and two bars must never share a task.
-        self._pst_id = (str(task_id) if task_id not in (None, "") else "%s:%d-%d-%d" % (
-            _HOST, time.time() * 1000, os.getpid(), next(_bar_numbers)))[:256]
+        # Without one, the id is chosen last (_default_task_id), once nothing can fail.
+        self._pst_id = str(task_id)[:256] if task_id not in (None, "") else None
         every = push_every if push_every is not None else defaults.get("push_every")
         self._pst_every = max(0.0, float(every if every is not None else _env_float(
             "PROGRESSISTA_PUSH_INTERVAL", 0.25)))
@@ -568,6 +648,16 @@ class _RemoteMixin:
         self._pst_sent_at = -1e9
         self._pst_thread = threading.get_ident()
         self._pst_pid = os.getpid()
+        size = group_size if group_size is not None else defaults.get("group_size")
+        if self._pst_id is None:
+            self._pst_id, self._pst_slot, env_size = _default_task_id()
+            if self._pst_slot is not None:
+                # The id is reused: say "start" every time, so this bar reopens
+                # it even if the last bar's close arrives after our first send.
+                self._pst_open_status = "start"
+            if size is None:
+                size = env_size
+        self._pst_group_size = _checked_group_size(size)
         self._pst_closed = False
         _get_sender().register(self)
 
@@ -593,13 +683,13 @@ class _RemoteMixin:
             rate = (self.n - getattr(self, "initial", 0)) / elapsed
         desc, postfix, total = self.desc, self.postfix, _finite(self.total)
         # Within the server's limits, so one odd bar can't get a batch refused.
-        return {
+        payload = {
             "task_id": self._pst_id,
             "n": max(_finite(self.n) or 0, 0),
             "total": total if total is None or total >= 0 else None,
             "desc": str(desc)[:1024] if desc else None,
             "unit": str(self.unit)[:64],
-            "status": status or "update",
+            "status": status or self._pst_open_status,
             "rate": _finite(rate),
             "elapsed": _finite(elapsed),
             "error": error[:4096] if error else None,
@@ -609,6 +699,9 @@ class _RemoteMixin:
             "pid": self._pst_pid,
             "timestamp": time.time(),
         }
+        if self._pst_group_size is not None:
+            payload["group_size"] = self._pst_group_size
+        return payload
 
     def _post(self, payload):
         """Perform one HTTP send of ``payload`` (one update or a list of them).
@@ -622,6 +715,9 @@ class _RemoteMixin:
         if self._pst_closed or getattr(self, "_pst_pid", None) != os.getpid():
             return super().close()
         self._pst_closed = True
+        if self._pst_slot is not None:  # the next bar of this process may take the id
+            _release_slot(self._pst_slot)
+            self._pst_slot = None
         # A for loop abandoned early closes us from GeneratorExit: a break, or an
         # exception on its way up.  Hold the final state briefly so the crash
         # hooks can turn it into an error before anything says "completed".
@@ -668,8 +764,14 @@ RemoteTqdm_doc = """A drop-in ``tqdm`` that also shows the bar on a Progressista
 Same arguments and local display as ``tqdm``; extra keywords, each with an
 environment default: ``server_url`` ($PROGRESSISTA_SERVER_URL), ``task_id``,
 ``push_every`` ($PROGRESSISTA_PUSH_INTERVAL, 0.25 s), ``request_timeout``
-($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict) and
-``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set).
+($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict),
+``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set) and
+``group_size`` (how many members the bar's group will have).
+
+Without ``task_id``, a bar started by Slurm, torchrun or under
+$PROGRESSISTA_JOB takes its id (and group size) from the environment: one
+id per rank or array task, reused by bars made one after another, with
+``/2``, ``/3``... for a bar made while another is open.
 """
 
 
@@ -735,7 +837,8 @@ def install(server_url=None, **defaults):
     ``trange`` helpers), then every module attribute anywhere that still
     points at one of the originals (``from tqdm import tqdm`` done earlier).
     ``defaults`` are ``RemoteTqdm`` keywords (``push_every``, ``meta``,
-    ``headers``, ``request_timeout``, ``token``) for bars that don't set them.
+    ``headers``, ``request_timeout``, ``token``, ``group_size``) for bars that
+    don't set them.
     Call it from ``sitecustomize.py``; ``uninstall()`` undoes it.
     """
     import importlib
@@ -3928,6 +4031,8 @@ def _build_parser():
     p.add_argument("--push-every", help="least seconds between sends of one bar")
     p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
     p.add_argument("--meta", help="JSON object attached to every bar")
+    p.add_argument("--group-size", help="members the job's group will have (default: from "
+                   "Slurm, torchrun or $PROGRESSISTA_GROUP_SIZE)")
 
     p = commands.add_parser("demo", help="push a few bars in every state to a server")
     p.add_argument("--server-url", help="where to POST ($PROGRESSISTA_SERVER_URL)")
@@ -3946,7 +4051,8 @@ def _number(parser, name, text, kind=float, minimum=0):
         parser.error("%s must be a number >= %s, got %r" % (name, minimum, text))
 
 
-_RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level")
+_RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level",
+               "--group-size")
 
 
 def _split_run_args(argv):
@@ -4049,6 +4155,8 @@ def main(argv=None):
         if not isinstance(meta, dict):
             parser.error("--meta must be a JSON object, like '{\"run\": 7}'")
         options["meta"] = meta
+    if args.group_size is not None:
+        options["group_size"] = _number(parser, "--group-size", args.group_size, int, 1)
     if not args.module and not os.path.exists(target):
         parser.error("no such script: %s" % target)
     return run(target, script_args, module=bool(args.module), **options)

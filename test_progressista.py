@@ -1109,6 +1109,194 @@ def test_trange_pandas_auto_asyncio_under_install(server):
         assert got[task_id]["status"] == "close" and got[task_id]["n"] == n, got[task_id]
 
 
+
+# Ids and group sizes from the scheduler's environment (SPEC section 8).
+
+_SCHEDULER_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+                   "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE",
+                   "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _scheduler_env(**variables):
+    """The test's environment as a scheduler would set it, and nothing of the host's own."""
+    env = {k: None for k in _SCHEDULER_VARS}
+    env.update(variables)
+    return env
+
+
+def _run_scheduled(code, srv, variables, **kw):
+    env = _scheduler_env(**variables)
+    full = _clean_env({k: v for k, v in env.items() if v is not None},
+                      PROGRESSISTA_SERVER_URL=srv.url + "/progress",
+                      PROGRESSISTA_PUSH_INTERVAL="0.02")
+    for name in _SCHEDULER_VARS:
+        if env[name] is None:
+            full.pop(name, None)
+    source = PRELUDE + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", source], env=full, capture_output=True,
+                          timeout=60, **kw)
+
+
+# What a rank does: two epochs one after another, each with nested bars.
+_EPOCHS_SCRIPT = """
+    import json, socket, os, time
+    sends = []
+    class Spy(RemoteTqdm):
+        def _post(self, payload):
+            for item in payload if isinstance(payload, list) else [payload]:
+                sends.append((item["task_id"], item["status"], item.get("group_size")))
+            return super()._post(payload)
+    opened = []
+    for epoch in range(2):
+        with Spy(total=2, desc="epoch %d" % epoch, disable=None) as outer:
+            opened.append(outer._pst_id)
+            time.sleep(0.2)  # sent open
+            for step in range(2):
+                inner = Spy(range(3), desc="batches", disable=None)
+                opened.append(inner._pst_id)
+                if epoch == 1 and step == 1:  # two open at once under the outer one
+                    extra = Spy(total=1, disable=None)
+                    opened.append(extra._pst_id)
+                    time.sleep(0.2)
+                    extra.update(1)
+                    extra.close()
+                for _ in inner:
+                    time.sleep(0.05)
+                outer.update(1)
+    after = Spy(total=1, disable=None)  # none open any more: the plain id again
+    opened.append(after._pst_id)
+    after.update(1)
+    after.close()
+    print(json.dumps({"opened": opened, "sends": sends, "host": socket.gethostname(),
+                      "pid": os.getpid()}))
+"""
+
+
+@pytest.mark.parametrize("variables, base, size", [
+    ({"SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "17",
+      "SLURM_ARRAY_TASK_COUNT": "1000", "SLURM_JOB_ID": "4259", "SLURM_PROCID": "0",
+      "SLURM_NTASKS": "1"}, "slurm-4242:17", 1000),
+    ({"SLURM_JOB_ID": "991", "SLURM_PROCID": "5", "SLURM_NTASKS": "16"},
+     "slurm-991:rank-5", 16),
+    ({"RANK": "3", "WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "ft-run-9",
+      "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"}, "torch-ft-run-9:rank-3", 8),
+    ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none",
+      "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"}, "torch-10.1.2.3-29500:rank-0", 2),
+    ({"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "node7", "MASTER_PORT": "1234",
+      "PROGRESSISTA_JOB": "etl-3", "PROGRESSISTA_GROUP_SIZE": "40"}, "etl-3:{host}-{pid}", 40),
+    ({"PROGRESSISTA_JOB": "etl-4"}, "etl-4:{host}-{pid}", None),
+], ids=["slurm-array", "slurm-step", "torchrun", "torchrun-no-run-id", "progressista-job",
+        "job-without-size"])
+def test_ids_from_the_scheduler_reused_nested_and_sized(server, variables, base, size):
+    proc = _run_scheduled(_EPOCHS_SCRIPT, server, variables)
+    assert proc.returncode == 0 and not proc.stderr, proc
+    out = json.loads(proc.stdout)
+    base = base.format(host=out["host"], pid=out["pid"])
+    main, second, third = base, base + "/2", base + "/3"
+    assert out["opened"] == [main, second, second, main, second, second, third, main], out
+    sends = out["sends"]
+    assert {task_id for task_id, _, _ in sends} == {main, second, third}
+    assert all(group_size == size for _, _, group_size in sends), sends
+    # the second epoch reopened the rank's card: its sends after a close say "start"
+    for task_id in (main, second):
+        statuses = [status for t, status, _ in sends if t == task_id]
+        assert "close" in statuses[:-1], statuses
+        closed_at = statuses.index("close")
+        assert statuses[closed_at + 1] == "start", statuses
+        assert set(statuses) <= {"start", "close"}, statuses
+    got = tasks(server)
+    assert set(got) == {main, second, third}
+    assert got[main]["n"] == 1 and got[main]["status"] == "close"  # the last bar's state
+    assert all(t["group_size"] == size for t in got.values())
+    if size is not None:
+        assert server.store.group_sizes == {base.partition(":")[0]: size}
+
+
+def test_no_scheduler_keeps_unique_ids(server):
+    proc = _run_scheduled("""
+        a = RemoteTqdm(range(2), disable=None); list(a)
+        b = RemoteTqdm(range(2), disable=None); list(b)
+        print(a._pst_id != b._pst_id, a._pst_id.count(":"), "/" in b._pst_id)
+    """, server, {})
+    assert proc.stdout.split() == [b"True", b"1", b"False"], proc
+    assert all(t["group_size"] is None for t in tasks(server).values())
+
+
+def test_scheduler_variables_first_match_wins():
+    both = {"SLURM_ARRAY_JOB_ID": "1", "SLURM_ARRAY_TASK_ID": "2", "SLURM_JOB_ID": "3",
+            "SLURM_PROCID": "4", "RANK": "5", "WORLD_SIZE": "6"}
+    assert progressista._job_from_env(both) == ("slurm-1:2", None)
+    del both["SLURM_ARRAY_JOB_ID"]
+    assert progressista._job_from_env(both) == ("slurm-3:rank-4", None)
+    del both["SLURM_PROCID"]
+    assert progressista._job_from_env(both) == ("torch--:rank-5", 6)
+    assert progressista._job_from_env({"RANK": "5"}) == (None, None)
+    assert progressista._job_from_env({}) == (None, None)
+    # a size that is not a positive integer is unknown, never an error
+    for bad in ("", "0", "-3", "x", "2.5", "9" * 12):
+        assert progressista._job_from_env({"RANK": "0", "WORLD_SIZE": bad})[1] is None
+
+
+def test_group_size_keyword_beats_the_environment_and_a_bad_one_is_not_sent(server):
+    proc = _run_scheduled("""
+        with RemoteTqdm(total=1, group_size=12, disable=None) as bar:
+            bar.update(1)
+        with RemoteTqdm(total=1, task_id="mine:a", group_size=True, disable=None) as bar:
+            bar.update(1)
+        with RemoteTqdm(total=1, task_id="mine:b", disable=None) as bar:
+            bar.update(1)
+    """, server, {"RANK": "0", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "r"})
+    assert proc.returncode == 0, proc
+    assert proc.stderr.decode().count("group_size") == 1, proc.stderr
+    got = tasks(server)
+    assert got["torch-r:rank-0"]["group_size"] == 12
+    # an explicit id is not the scheduler's: no size from the environment
+    assert got["mine:a"]["group_size"] is None and got["mine:b"]["group_size"] is None
+    assert got["mine:b"]["n"] == 1
+
+
+def test_run_under_torchrun_variables_and_group_size_option(server, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("from tqdm import tqdm\nfor epoch in range(2):\n"
+                      "    for _ in tqdm(range(5), desc='epoch %d' % epoch):\n"
+                      "        for _ in tqdm(range(3), leave=False):\n            pass\n")
+    for rank in range(2):
+        env = _scheduler_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT="29500")
+        ok(run_cli("run", str(script), srv=server,
+                   env={k: v for k, v in env.items() if v is not None})[0])
+    got = tasks(server)
+    group = "torch-127.0.0.1-29500"
+    assert set(got) == {"%s:rank-%d%s" % (group, r, s) for r in range(2) for s in ("", "/2")}
+    assert got[group + ":rank-1"]["desc"] == "epoch 1" and got[group + ":rank-1"]["n"] == 5
+    entry = server.store.group(group)
+    assert entry["members"] == 2 and entry["expected"] == 2 and entry["done"] is True
+    ok(run_cli("run", "--group-size", "6", str(script), srv=server,
+               env={"PROGRESSISTA_JOB": "nightly"})[0])
+    assert server.store.group("nightly")["expected"] == 6
+    proc, _ = run_cli("run", "--group-size", "0", str(script), srv=server)
+    assert proc.returncode == 2 and b"--group-size" in proc.stderr
+
+
+def test_sitecustomize_install_takes_the_slurm_array_id(server, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from progressista.patch import install\ninstall(server_url=%r)\n"
+        % (server.url + "/progress"))
+    script = tmp_path / "plain.py"
+    script.write_text("from tqdm import tqdm\nfor _ in tqdm(range(12), desc='plain'):\n"
+                      "    pass\nprint('ok')\n")
+    env = _clean_env(PYTHONPATH=os.pathsep.join([str(site), HERE]), SLURM_ARRAY_JOB_ID="77",
+                     SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_COUNT="10")
+    for name in _SCHEDULER_VARS[3:]:
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60,
+                          env=env)
+    assert ok(proc).stdout == b"ok\n"
+    t = only_task(server)
+    assert (t["task_id"], t["group_size"], t["n"]) == ("slurm-77:3", 10, 12)
+
 # -- patch -------------------------------------------------------------------
 
 def test_install_patches_every_name_and_uninstall_restores(tmp_path):
