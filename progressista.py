@@ -2704,10 +2704,15 @@ def _group_metrics(groups, label, number):
 
 
 def _group_ratio(entry):
-    n, total = entry["n"], entry["total"]
+    """How far the group is: members not started yet count as 0% done, each
+    the size of an average started one (so 400 of 1,000 done reads 0.4)."""
+    n, total, expected = entry["n"], entry["total"], entry["expected"]
     if not total or n is None:
         return None
     try:
+        members = entry["members"]
+        if expected is not None and expected > members:
+            total = total / members * expected
         return n / total
     except OverflowError:
         return float("inf")
@@ -2869,6 +2874,12 @@ body.disconnected main { opacity: .72; }
 .group-count, .group-progress { color: var(--muted); font-size: 12.5px; font-variant-numeric: tabular-nums; }
 .group-bar { flex: 1 1 120px; max-width: 320px; }
 .group.collapsed { padding-bottom: 0; }
+/* the job line: every task of the prefix, whatever its section (SPEC 8) */
+.group-job { flex: 1 1 100%; display: flex; flex-wrap: wrap; align-items: center; gap: 4px 12px; min-width: 0;
+  color: var(--muted); font-size: 12.5px; font-variant-numeric: tabular-nums; }
+.group-job-bar { flex: 0 1 200px; height: 4px; }
+.job-percent { font-weight: 600; color: var(--text); }
+.group-job-bar .bar-fill { background: var(--blue); }
 
 /* ---- cards ---- */
 .card {
@@ -2977,7 +2988,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
 </main>
 <div id="toast" class="toast" role="status" hidden></div>
 <template id="tpl-card"><article class="card"><div class="card-head"><div class="card-titles"><div class="task-id"></div><div class="desc"></div></div><button type="button" class="discard" aria-label="Discard task">&times;</button></div><div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100"><div class="bar-fill"></div></div><div class="line stats"><span class="percent"></span><span class="progress-text"></span><span class="rate"></span></div><div class="line times"><span class="elapsed"></span><span class="eta"></span></div><div class="age"></div><div class="host"></div><div class="postfix"></div><ul class="meta"></ul><div class="error-line"></div></article></template>
-<template id="tpl-group"><div class="group"><div class="group-header"><button type="button" class="group-toggle" aria-expanded="true"><span class="chev" aria-hidden="true"></span><span class="group-name"></span></button><span class="group-count"></span><span class="group-progress"></span><div class="bar group-bar"><div class="bar-fill"></div></div></div><div class="list group-body"></div></div></template>
+<template id="tpl-group"><div class="group"><div class="group-header"><button type="button" class="group-toggle" aria-expanded="true"><span class="chev" aria-hidden="true"></span><span class="group-name"></span></button><span class="group-count"></span><span class="group-progress"></span><div class="bar group-bar"><div class="bar-fill"></div></div><div class="group-job" hidden><div class="bar group-job-bar"><div class="bar-fill"></div></div><span class="job-percent"></span><span class="job-started"></span><span class="job-counts"></span><span class="job-rate"></span><span class="job-eta"></span></div></div><div class="list group-body"></div></div></template>
 <script>
 (function () {
   'use strict';
@@ -3221,7 +3232,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   // ---- cards ------------------------------------------------------------
   function newRecord(id) {
     return { id: id, t: null, el: null, status: null, group: null, key: 0, match: true,
-      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0 };
+      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0, job: null, js: null, jm: null };
   }
 
   function cardElement(rec) {
@@ -3382,6 +3393,108 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     setText(g.progress, text);
     setHidden(g.bar, !withTotal);
     if (g.fill._w !== w) { g.fill._w = w; g.fill.style.width = w; }
+    paintJob(g, sameUnit && unit ? unit : '');
+  }
+
+  // ---- jobs (SPEC 8) ------------------------------------------------------
+  // A job is every task of a prefix, whatever its section. Each box of the
+  // prefix shows its members against the expected size (task.group_size),
+  // the members' states (by their main bar: the task without "/k"), the sum
+  // of the main bars, their rate and the ETA, as GET /groups computes them.
+  // Each task adds its share and takes it back when it changes, so an update
+  // costs the same in a job of 10 or of 100,000.
+  var jobs = new Map();     // prefix -> job record
+  var jobsDirty = new Set();
+  function jobShare(rec, t) {
+    var j = rec.job, s = rec.js;
+    if (j) {  // take back the old share
+      j.tasks--;
+      var left = j.members.get(rec.jm) - 1;
+      if (left) j.members.set(rec.jm, left); else j.members.delete(rec.jm);
+      if (s) {
+        j.mains[s.status]--;
+        j.n -= s.n;
+        if (s.total === null) j.noTotal--; else j.total -= s.total;
+        if (s.status === 'active') {
+          j.active--;
+          j.rate -= s.rate;
+          if (s.total === null) j.remUnknown--; else j.rem -= s.rem;
+        }
+      }
+      jobsDirty.add(j);
+      if (!j.tasks) jobs.delete(j.prefix);
+    }
+    rec.job = rec.js = null;
+    var prefix = t ? prefixOf(rec.id) : null;
+    if (prefix === null) return;
+    j = jobs.get(prefix);
+    if (!j) {
+      j = { prefix: prefix, tasks: 0, members: new Map(), mains: { active: 0, stale: 0, close: 0, error: 0 },
+        n: 0, total: 0, noTotal: 0, active: 0, rate: 0, rem: 0, remUnknown: 0, expected: null };
+      jobs.set(prefix, j);
+    }
+    var tail = rec.id.slice(prefix.length + 1), slash = tail.indexOf('/');
+    rec.job = j;
+    rec.jm = slash < 0 ? tail : tail.slice(0, slash);
+    j.tasks++;
+    j.members.set(rec.jm, (j.members.get(rec.jm) || 0) + 1);
+    var size = num(t.group_size);
+    if (size !== null && size >= 1) j.expected = size;  // the server sets the latest on every task
+    jobsDirty.add(j);
+    if (slash >= 0) return;
+    var n = Math.max(num(t.n) || 0, 0), total = num(t.total), status = t.status;
+    if (total !== null && total < 0) total = null;
+    s = rec.js = { status: status, n: n, total: total, rate: 0, rem: 0 };
+    j.mains[status]++;
+    j.n += n;
+    if (total === null) j.noTotal++; else j.total += total;
+    if (status === 'active') {
+      j.active++;
+      s.rate = Math.max(num(t.rate) || 0, 0);
+      j.rate += s.rate;
+      if (total === null) j.remUnknown++; else { s.rem = Math.max(total - n, 0); j.rem += s.rem; }
+    }
+  }
+  function markJobs() {
+    jobsDirty.forEach(function (j) {
+      if (!j.active) j.rate = j.rem = 0;  // no drift left behind by sums of floats
+      for (var i = 0; i < STATUSES.length; i++) {
+        var g = groups.get(STATUSES[i] + '\n' + j.prefix);
+        if (g) g.summary = true;
+      }
+    });
+    jobsDirty.clear();
+  }
+  function paintJob(g, unit) {
+    var j = jobs.get(g.prefix), el = g.job || (g.job = jobElements(g.el));
+    setHidden(el.row, !j);
+    if (!j) return;
+    var members = j.members.size, m = j.mains, mains = m.active + m.stale + m.close + m.error;
+    setText(el.started, j.expected !== null ? fmtNum(members) + ' / ' + fmtNum(j.expected) + ' started'
+      : fmtNum(members) + (members === 1 ? ' member' : ' members'));
+    setText(el.counts, fmtNum(m.close) + ' done \u00b7 ' + fmtNum(m.error) + ' failed \u00b7 ' +
+      fmtNum(m.active) + ' running' + (m.stale ? ' \u00b7 ' + fmtNum(m.stale) + ' stalled' : ''));
+    // members not started yet count as 0% done, each the size of an average started one
+    var known = mains > 0 && !j.noTotal && j.total > 0, w = '', pct = '';
+    if (known) {
+      var whole = j.expected !== null && j.expected > members ? j.total / members * j.expected : j.total;
+      var ratio = Math.min(1, Math.max(0, j.n / whole));
+      w = (ratio * 100).toFixed(2) + '%';
+      pct = (j.n >= whole ? 100 : Math.min(99, Math.floor(ratio * 100))) + '%';
+    }
+    setHidden(el.bar, !known);
+    if (el.fill._w !== w) { el.fill._w = w; el.fill.style.width = w; }
+    setShown(el.percent, pct);
+    setTitle(el.bar, known ? fmtProgress(j.n, j.total, unit) + ' over the main bars of the members started' : '');
+    var rate = j.active ? j.rate : 0, early = j.expected !== null && members < j.expected;
+    setShown(el.rate, rate > 0 ? fmtRate(rate, unit || 'it') : '');
+    setShown(el.eta, rate > 0 && !j.remUnknown ? 'ETA ' + fmtInterval(j.rem / rate) + (early ? ' (started ones)' : '') : '');
+  }
+  function jobElements(groupEl) {
+    var row = groupEl.querySelector('.group-job'), bar = row.firstElementChild, percent = bar.nextElementSibling;
+    var started = percent.nextElementSibling, counts = started.nextElementSibling, rate = counts.nextElementSibling;
+    return { row: row, bar: bar, fill: bar.firstElementChild, percent: percent, started: started, counts: counts,
+      rate: rate, eta: rate.nextElementSibling };
   }
 
   // Sort a group's members, refresh its header, count those passing the filter.
@@ -3537,7 +3650,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     pending.forEach(function (t, id) {
       var rec = cards.get(id);
       if (t === null) {
-        if (rec) { unfile(rec); contribute(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
+        if (rec) { unfile(rec); contribute(rec, null); jobShare(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
         return;
       }
       if (!rec) { rec = newRecord(id); cards.set(id, rec); }
@@ -3546,6 +3659,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       rec.search = null;
       rec.painted = false;
       contribute(rec, t);
+      jobShare(rec, t);
       var match = filtering ? matches(searchOf(rec)) : true, key = activityKey(t);
       if (refileAll) { rec.key = key; rec.match = match; return; }
       if (rec.status !== t.status) {
@@ -3562,6 +3676,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       if (rec.el && rec.el.isConnected) paint(rec, now);
     });
     pending.clear();
+    if (jobsDirty.size) markJobs();
     if (refileAll) refile();
     groups.forEach(function (g) { if (!g.size || g.sort || g.dirty || g.summary) settleGroup(g); });
     STATUSES.forEach(function (s) { if (sections[s].dirty || sections[s].sort) renderSection(sections[s], now); });

@@ -3845,8 +3845,15 @@ def test_group_metrics(server_factory, clock):
     assert tasks_by[('odd "group"\\', "active")] == 1
     assert samples["progressista_group_expected"][("torch-x",)] == 8
     assert math.isnan(samples["progressista_group_expected"][('odd "group"\\',)])
-    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(0.4)
+    # 80 of 200 done by the 2 members started; 6 more of the same size to come
+    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(80 / 800)
     assert math.isnan(samples["progressista_group_progress_ratio"][('odd "group"\\',)])
+    post(srv, [{"task_id": "torch-x:rank-%d" % r, "n": 10, "total": 100} for r in range(2, 8)])
+    samples, types = _samples(_metrics(srv.url))
+    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(140 / 800)
+    post(srv, {"task_id": "torch-x:rank-8", "n": 60, "total": 100})  # more than expected
+    samples, types = _samples(_metrics(srv.url))
+    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(200 / 900)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
