@@ -3393,7 +3393,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     setText(g.progress, text);
     setHidden(g.bar, !withTotal);
     if (g.fill._w !== w) { g.fill._w = w; g.fill.style.width = w; }
-    paintJob(g, sameUnit && unit ? unit : '');
+    paintJob(g);
   }
 
   // ---- jobs (SPEC 8) ------------------------------------------------------
@@ -3413,6 +3413,8 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       if (left) j.members.set(rec.jm, left); else j.members.delete(rec.jm);
       if (s) {
         j.mains[s.status]--;
+        var uses = j.units.get(s.unit) - 1;
+        if (uses) j.units.set(s.unit, uses); else j.units.delete(s.unit);
         j.n -= s.n;
         if (s.total === null) j.noTotal--; else j.total -= s.total;
         if (s.status === 'active') {
@@ -3430,7 +3432,8 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     j = jobs.get(prefix);
     if (!j) {
       j = { prefix: prefix, tasks: 0, members: new Map(), mains: { active: 0, stale: 0, close: 0, error: 0 },
-        n: 0, total: 0, noTotal: 0, active: 0, rate: 0, rem: 0, remUnknown: 0, expected: null };
+        n: 0, total: 0, noTotal: 0, active: 0, rate: 0, rem: 0, remUnknown: 0, expected: null,
+        units: new Map() };
       jobs.set(prefix, j);
     }
     var tail = rec.id.slice(prefix.length + 1), slash = tail.indexOf('/');
@@ -3444,8 +3447,9 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     if (slash >= 0) return;
     var n = Math.max(num(t.n) || 0, 0), total = num(t.total), status = t.status;
     if (total !== null && total < 0) total = null;
-    s = rec.js = { status: status, n: n, total: total, rate: 0, rem: 0 };
+    s = rec.js = { status: status, n: n, total: total, rate: 0, rem: 0, unit: t.unit ? String(t.unit) : 'it' };
     j.mains[status]++;
+    j.units.set(s.unit, (j.units.get(s.unit) || 0) + 1);
     j.n += n;
     if (total === null) j.noTotal++; else j.total += total;
     if (status === 'active') {
@@ -3465,10 +3469,11 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     });
     jobsDirty.clear();
   }
-  function paintJob(g, unit) {
+  function paintJob(g) {
     var j = jobs.get(g.prefix), el = g.job || (g.job = jobElements(g.el));
     setHidden(el.row, !j);
     if (!j) return;
+    var unit = j.units.size === 1 ? j.units.keys().next().value : '';  // mixed units: counts only
     var members = j.members.size, m = j.mains, mains = m.active + m.stale + m.close + m.error;
     setText(el.started, j.expected !== null ? fmtNum(members) + ' / ' + fmtNum(j.expected) + ' started'
       : fmtNum(members) + (members === 1 ? ' member' : ' members'));

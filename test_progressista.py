@@ -4630,6 +4630,107 @@ def populate_demo(srv, clock):
              == {"active", "stale", "error", "close"})
 
 
+
+JOB_JS = """(prefix) => [...document.querySelectorAll('.group')]
+  .filter(g => g.dataset.group === prefix).map(g => {
+    const row = g.querySelector('.group-job'), fill = row.querySelector('.bar-fill');
+    const text = (c) => { const e = row.querySelector(c); return e.hidden ? null : e.textContent; };
+    return { status: g.dataset.status, hidden: row.hidden, percent: text('.job-percent'),
+             started: text('.job-started'), counts: text('.job-counts'),
+             rate: text('.job-rate'), eta: text('.job-eta'),
+             bar_hidden: row.querySelector('.group-job-bar').hidden, width: fill.style.width };
+  })"""
+
+
+@pytest.mark.usefixtures("browser")
+class TestDashboardJobs:
+    """The group header's job line (SPEC section 8) in Chromium."""
+
+    browser = TestDashboard.browser
+    open_tab = TestDashboard.open_tab
+
+    def job(self, tab, prefix):
+        return tab.js(JOB_JS, prefix)
+
+    def wait_job(self, tab, prefix, **expected):
+        last = [None]
+
+        def check():
+            boxes = last[0] = self.job(tab, prefix)
+            return boxes and all(all(b[k] == v for k, v in expected.items()) for b in boxes)
+        try:
+            wait_for(check, timeout=8)
+        except AssertionError:
+            raise AssertionError("job %r never matched %r: %r" % (prefix, expected, last[0]))
+        return last[0]
+
+    def test_header_shows_started_against_expected_counts_bar_rate_and_eta(
+            self, server, open_tab):
+        updates = []
+        for i in range(412):
+            update = {"task_id": "slurm-4242:%d" % i, "n": 100, "total": 100, "unit": "img",
+                      "group_size": 1000, "status": "close"}
+            if 397 <= i < 400:
+                update.update(status="error", n=50, error="OSError: disk full")
+            elif i >= 400:
+                update.update(status="update", n=40, rate=1.5)
+            updates.append(update)
+        # nested bars are neither members nor in the sums
+        updates.append({"task_id": "slurm-4242:400/2", "n": 5, "total": 10, "rate": 99.0})
+        for start in range(0, len(updates), 50):
+            post(server, updates[start:start + 50])
+        tab = open_tab(server.url + "/")
+        boxes = self.wait_job(tab, "slurm-4242", started="412 / 1,000 started")
+        assert {b["status"] for b in boxes} == {"active", "error", "close"}
+        # the same job line in every section's box of the prefix
+        for box in boxes:
+            assert box["counts"] == "397 done \u00b7 3 failed \u00b7 12 running"
+            assert box["rate"] == "18.0 img/s"  # 12 running main bars at 1.5/s
+            assert box["eta"] == "ETA 00:40 (started ones)"  # 12 x 60 left at 18/s
+            # 39,700 + 150 + 480 of 1,000 members x 100 (the 588 to come count as 0)
+            assert box["percent"] == "40%" and float(box["width"][:-1]) == 40.33
+            assert not box["bar_hidden"]
+        # the group's size changes: the header follows; a member ends
+        post(server, {"task_id": "slurm-4242:400", "n": 100, "status": "close", "group_size": 412})
+        boxes = self.wait_job(tab, "slurm-4242", started="412 / 412 started")
+        assert boxes[0]["counts"] == "398 done \u00b7 3 failed \u00b7 11 running"
+        assert boxes[0]["eta"] == "ETA 00:40"  # 11 x 60 at 16.5/s: every member started
+        # a member discarded on the server leaves the header too
+        request(server.url + "/tasks/slurm-4242:401", method="DELETE")
+        boxes = self.wait_job(tab, "slurm-4242", started="411 / 412 started")
+        assert boxes[0]["counts"] == "398 done \u00b7 3 failed \u00b7 10 running"
+        assert tab.errors == [] and tab.csp_violations() == []
+
+    def test_job_without_expected_size_or_totals(self, server, open_tab):
+        post(server, [{"task_id": "etl:%d" % i, "n": 10 * i, "rate": 2.0} for i in range(3)])
+        tab = open_tab(server.url + "/")
+        box, = self.wait_job(tab, "etl", started="3 members")
+        assert box["counts"] == "0 done \u00b7 0 failed \u00b7 3 running"
+        assert box["bar_hidden"] and box["percent"] is None
+        assert box["rate"] == "6.00 it/s" and box["eta"] is None  # no total: no ETA
+        post(server, [{"task_id": "etl:%d" % i, "status": "close"} for i in range(3)])
+        box, = self.wait_job(tab, "etl", counts="3 done \u00b7 0 failed \u00b7 0 running")
+        assert box["rate"] is None and box["eta"] is None
+
+    def test_a_thousand_member_group_updating_keeps_a_right_header(self, server, open_tab):
+        post_all = lambda updates: [post(server, updates[i:i + 50])
+                                    for i in range(0, len(updates), 50)]
+        post_all([{"task_id": "torch-big:rank-%d" % r, "n": 0, "total": 10, "rate": 1.0,
+                   "group_size": 1000} for r in range(1000)])
+        tab = open_tab(server.url + "/")
+        self.wait_job(tab, "torch-big", started="1,000 / 1,000 started")
+        for step in range(1, 4):  # waves of progress, then half of them end
+            post_all([{"task_id": "torch-big:rank-%d" % r, "n": step * 2}
+                      for r in range(1000)])
+        post_all([{"task_id": "torch-big:rank-%d" % r, "n": 10, "status": "close"}
+                  for r in range(500)])
+        boxes = self.wait_job(tab, "torch-big",
+                              counts="500 done \u00b7 0 failed \u00b7 500 running")
+        # 500 x 10 + 500 x 6 of 10,000: exact sums after 3,500 changes
+        assert boxes[0]["percent"] == "80%" and float(boxes[0]["width"][:-1]) == 80
+        assert boxes[0]["rate"] == "500 it/s" and boxes[0]["eta"] == "ETA 00:04"
+        assert tab.errors == []
+
 # -- cli ---------------------------------------------------------------------
 
 def _write(path, text):
