@@ -4092,17 +4092,26 @@ def demo(server_url=None, duration=20.0):
     with_meta = cls(total=500, desc="with meta", unit="img", task_id=run_id + ":meta",
                     meta={"model": "resnet50", "lr": 0.0003, "gpu": 0, "dataset": "imagenet"},
                     **quiet)
+    # A job (SPEC section 8): an array of 8 tasks of which 3 have started so far.
+    array_id = "demo-array-%s" % time.strftime("%H%M%S")
+    for _ in cls(range(40), desc="array task 0: shard 0", unit="file", group_size=8,
+                 task_id=array_id + ":0", **quiet):
+        pass
+    shards = [cls(total=400, desc="array task %d: shard %d" % (k, k), unit="file",
+                  group_size=8, task_id="%s:%d" % (array_id, k), **quiet) for k in (1, 2)]
     deadline = time.monotonic() + duration if duration else float("inf")
     try:
         while time.monotonic() < deadline:
             running.update(3)
             unknown.update(48_000)
             with_meta.update(1)
+            for k, shard in enumerate(shards):
+                shard.update(1 + k)
             running.set_postfix(loss="%.3f" % (2.0 / (1 + running.n / 300)))
             time.sleep(0.1)
     except KeyboardInterrupt:
         pass
-    for bar in (running, unknown, with_meta, stalled):
+    for bar in [running, unknown, with_meta, stalled] + shards:
         bar.close()
     return 0
 

@@ -4960,7 +4960,11 @@ def test_demo_shows_every_state(server):
     assert any(t["error"] and t["error"].startswith("ValueError") for t in by_status["error"])
     assert any(t["meta"] for t in after.values())
     assert any(t["total"] is None for t in after.values())
-    assert len({t["task_id"].split(":")[0] for t in after.values()}) == 1  # one run group
+    groups = {t["task_id"].split(":")[0] for t in after.values()}
+    assert len(groups) == 2  # one run group, and a job of 8 of which 3 started
+    array, = [g for g in groups if g.startswith("demo-array-")]
+    entry = server.store.group(array)
+    assert entry["expected"] == 8 and entry["members"] == 3 and entry["done"] is False
 
 
 def test_demo_server_url_option(server):
