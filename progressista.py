@@ -2880,6 +2880,8 @@ body.disconnected main { opacity: .72; }
 .group-job-bar { flex: 0 1 200px; height: 4px; }
 .job-percent { font-weight: 600; color: var(--text); }
 .group-job-bar .bar-fill { background: var(--blue); }
+.group-job[data-state="failed"] .group-job-bar .bar-fill { background: var(--red); }
+.group-job[data-state="done"] .group-job-bar .bar-fill { background: var(--green); }
 
 /* ---- cards ---- */
 .card {
@@ -3477,6 +3479,9 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     var members = j.members.size, m = j.mains, mains = m.active + m.stale + m.close + m.error;
     setText(el.started, j.expected !== null ? fmtNum(members) + ' / ' + fmtNum(j.expected) + ' started'
       : fmtNum(members) + (members === 1 ? ' member' : ' members'));
+    // the bar: blue while a member runs, then green, or red when one failed
+    var state = m.active || m.stale ? 'running' : m.error ? 'failed' : 'done';
+    if (el.row._state !== state) { el.row._state = state; el.row.dataset.state = state; }
     setText(el.counts, fmtNum(m.close) + ' done \u00b7 ' + fmtNum(m.error) + ' failed \u00b7 ' +
       fmtNum(m.active) + ' running' + (m.stale ? ' \u00b7 ' + fmtNum(m.stale) + ' stalled' : ''));
     // members not started yet count as 0% done, each the size of an average started one

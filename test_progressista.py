@@ -4635,7 +4635,8 @@ JOB_JS = """(prefix) => [...document.querySelectorAll('.group')]
   .filter(g => g.dataset.group === prefix).map(g => {
     const row = g.querySelector('.group-job'), fill = row.querySelector('.bar-fill');
     const text = (c) => { const e = row.querySelector(c); return e.hidden ? null : e.textContent; };
-    return { status: g.dataset.status, hidden: row.hidden, percent: text('.job-percent'),
+    return { status: g.dataset.status, hidden: row.hidden, state: row.dataset.state,
+             percent: text('.job-percent'),
              started: text('.job-started'), counts: text('.job-counts'),
              rate: text('.job-rate'), eta: text('.job-eta'),
              bar_hidden: row.querySelector('.group-job-bar').hidden, width: fill.style.width };
@@ -4689,7 +4690,7 @@ class TestDashboardJobs:
             assert box["eta"] == "ETA 00:40 (started ones)"  # 12 x 60 left at 18/s
             # 39,700 + 150 + 480 of 1,000 members x 100 (the 588 to come count as 0)
             assert box["percent"] == "40%" and float(box["width"][:-1]) == 40.33
-            assert not box["bar_hidden"]
+            assert not box["bar_hidden"] and box["state"] == "running"
         # the group's size changes: the header follows; a member ends
         post(server, {"task_id": "slurm-4242:400", "n": 100, "status": "close", "group_size": 412})
         boxes = self.wait_job(tab, "slurm-4242", started="412 / 412 started")
@@ -4710,7 +4711,9 @@ class TestDashboardJobs:
         assert box["rate"] == "6.00 it/s" and box["eta"] is None  # no total: no ETA
         post(server, [{"task_id": "etl:%d" % i, "status": "close"} for i in range(3)])
         box, = self.wait_job(tab, "etl", counts="3 done \u00b7 0 failed \u00b7 0 running")
-        assert box["rate"] is None and box["eta"] is None
+        assert box["rate"] is None and box["eta"] is None and box["state"] == "done"
+        post(server, {"task_id": "etl:1", "status": "error", "error": "x"})
+        self.wait_job(tab, "etl", counts="2 done \u00b7 1 failed \u00b7 0 running", state="failed")
 
     def test_a_thousand_member_group_updating_keeps_a_right_header(self, server, open_tab):
         post_all = lambda updates: [post(server, updates[i:i + 50])
