@@ -877,10 +877,40 @@ def _reject_constant(name):
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+MAX_META_DEPTH = 32
+
+
+def _lone_surrogate(value):
+    """True if a string anywhere in ``value`` (keys too) holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif kind is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+    return False
+
+
 def parse_json(body):
-    """Bytes to JSON, strictly: UTF-8, no NaN/Infinity, bounded nesting."""
+    """Bytes to JSON, strictly: UTF-8, no NaN/Infinity, bounded nesting, and
+    no lone surrogate (``"\\udc80"``) in any string, keys included."""
     try:
-        return _decoder.decode(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        data = _decoder.decode(text)
+        # Valid UTF-8 has no surrogates: only a \u escape can make one.
+        if "\\u" in text and _SURROGATE_ESCAPE.search(text) and _lone_surrogate(data):
+            raise BadRequest("invalid JSON: a lone surrogate (\\ud800-\\udfff) is not text")
+        return data
     except UnicodeDecodeError:
         raise BadRequest("body is not UTF-8") from None
     except RecursionError:
@@ -908,6 +938,35 @@ def _is_number(value):
     return kind is float and math.isfinite(value)
 
 
+def _meta_problem(meta):
+    """What makes ``meta`` unfit to keep and send on, or None.
+
+    Nested more than ``MAX_META_DEPTH`` levels (no reader should ever hit a
+    recursion limit), a non-finite number (``1e999`` parses to infinity,
+    which no browser's JSON takes), a lone surrogate in a string or key.
+    """
+    stack = [(meta, 1)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is dict or kind is list:
+            if depth > MAX_META_DEPTH:
+                return "nests deeper than %d levels" % MAX_META_DEPTH
+            for child in (item.values() if kind is dict else item):
+                stack.append((child, depth + 1))
+            if kind is dict:
+                stack.extend((key, depth) for key in item)
+        elif kind is float:
+            if not math.isfinite(item):
+                return "holds a number that is not finite"
+        elif kind is str:
+            if not item.isascii() and _lone_surrogate(item):
+                return "holds a lone surrogate, which is not text"
+        elif not (item is None or kind is bool or kind is int):
+            return "holds a value that is not JSON"
+    return None
+
+
 def check_update(update, current=None):
     """Refuse an update object that is not what the protocol says.
 
@@ -927,6 +986,8 @@ def check_update(update, current=None):
                 raise BadRequest("%s must be a string" % key)
             if len(value) > _STR_LIMITS[key]:
                 raise BadRequest("%s is longer than %d characters" % (key, _STR_LIMITS[key]))
+            if not value.isascii() and _lone_surrogate(value):
+                raise BadRequest("%s holds a lone surrogate, which is not text" % key)
         elif key in _NUMBER_FIELDS:
             if value is None and key != "n":
                 continue
@@ -942,6 +1003,9 @@ def check_update(update, current=None):
                 continue
             if type(value) is not dict:
                 raise BadRequest("meta must be an object")
+            problem = _meta_problem(value)
+            if problem:
+                raise BadRequest("meta " + problem)
             if len(_dumps(value)) > MAX_META:
                 raise BadRequest("meta is larger than %d bytes" % MAX_META)
         elif key == "pid":
@@ -1242,12 +1306,17 @@ class Database:
     second server on the same file is refused instead of interleaving.
     """
 
+    log_every = 60.0  # seconds between two log lines about failing writes
+
     def __init__(self, path, store, interval=0.5):
         self.path, self.store, self.interval = path, store, interval
         self.conn = None
         self.lock = threading.Lock()
         self.thread = None
         self.stopping = threading.Event()
+        self.write_errors = 0  # failed flushes, for /metrics
+        self.trouble = None  # why writes fail now (for /health), None while they work
+        self._logged_at = None
 
     def open(self):
         """Open (or create) the file, check it, and load its tasks into the store."""
@@ -1319,8 +1388,26 @@ class Database:
         while not self.stopping.wait(self.interval):
             try:
                 self.flush()
-            except Exception:  # whatever it is, keep the thread: the next flush retries
-                log.exception("writing %s failed; will retry", self.path)
+            except sqlite3.Error:
+                pass  # counted and logged by flush; the next one retries
+            except Exception as exc:  # whatever it is, keep the thread: the next flush retries
+                self._failed(exc, traceback=True)
+
+    def _failed(self, exc, traceback=False):
+        """A flush failed: count it, say why on /health, log it once a minute at most."""
+        self.write_errors += 1
+        self.trouble = "database writes to %s failing: %s" % (self.path, exc)
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= self.log_every:
+            self._logged_at = now
+            log.error("writing %s failed (%d times so far): %s; updates are kept in memory "
+                      "and written when it works again (said once a minute)",
+                      self.path, self.write_errors, exc, exc_info=traceback)
+
+    def _worked(self):
+        if self.trouble is not None:
+            self.trouble = self._logged_at = None
+            log.warning("writing %s works again: every update is saved", self.path)
 
     def flush(self):
         """Write what changed since the last flush, in one transaction."""
@@ -1342,12 +1429,17 @@ class Database:
                 self.conn.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?)", rows)
                 self.conn.execute("COMMIT")
             except sqlite3.Error:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
+                try:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the rows go back to dirty below either way
                 with store.lock:  # put them back, so the next flush retries
                     store.db_dirty.update(k for k, _ in rows if k in store.tasks)
                     store.db_removed.update(removed)
+                self._failed(sys.exc_info()[1])
                 raise
+            self._worked()
         return len(rows) + len(removed)
 
     def stop(self):
@@ -2750,11 +2842,15 @@ def _metrics_pieces(server):
     yield ("# HELP progressista_websocket_clients Dashboards connected now.\n"
            "# TYPE progressista_websocket_clients gauge\n"
            "progressista_websocket_clients %d\n" % server.ws_count)
+    yield ("# HELP progressista_db_write_errors_total Failed writes to the --db file.\n"
+           "# TYPE progressista_db_write_errors_total counter\n"
+           "progressista_db_write_errors_total %d\n"
+           % (server.db.write_errors if server.db is not None else 0))
 
 
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,
                 retention_seconds=86400.0, allow_origins=(), max_tasks=100000,
-                clock=time.time):
+                clock=time.time, allow_hosts=()):
     """Build a ready-to-start server (``.start()`` in the background, or ``serve``)."""
     store = TaskStore(stale_seconds, retention_seconds, max_tasks, clock)
     database = None
@@ -2762,7 +2858,8 @@ def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0
         database = Database(db, store)
         database.open()
     try:
-        return ProgressServer((host, port), store, tokens, allow_origins, database)
+        return ProgressServer((host, port), store, tokens, allow_origins, database,
+                              allow_hosts=allow_hosts)
     except BaseException:
         if database is not None:
             database.close()
@@ -4061,6 +4158,9 @@ def _build_parser():
                    help="web origin allowed cross-site, repeatable ($PROGRESSISTA_ALLOW_ORIGINS)")
     p.add_argument("--max-tasks", default=env("PROGRESSISTA_MAX_TASKS", "100000"),
                    help="task cap; the oldest ended tasks are evicted first (default 100000)")
+    p.add_argument("--allow-host", action="append", default=None,
+                   help="a name this server may be reached by besides loopback ones, "
+                        "repeatable ($PROGRESSISTA_ALLOW_HOSTS)")
 
     p = commands.add_parser("run", help="run a script or module with every tqdm bar remote",
                             usage="progressista run [options] (script.py | -m module) [-- args]")
@@ -4142,9 +4242,13 @@ def main(argv=None):
 
     if args.command == "serve":
         tokens = args.token or _env_list("PROGRESSISTA_API_TOKEN", "PROGRESSISTA_API_TOKENS")
+        if args.token is not None and not all(t.strip(" \t") for t in args.token):
+            parser.error("--token is empty (an unset variable?): give a real token, "
+                         "or leave --token out for no authentication")
+        hosts = args.allow_host or _env_list("PROGRESSISTA_ALLOW_HOSTS")
         origins = args.allow_origin or _env_list("PROGRESSISTA_ALLOW_ORIGINS")
         options = dict(
-            tokens=tokens, db=args.db, allow_origins=origins,
+            tokens=tokens, db=args.db, allow_origins=origins, allow_hosts=hosts,
             stale_seconds=_number(parser, "--stale-seconds", args.stale_seconds),
             retention_seconds=_number(parser, "--retention-seconds", args.retention_seconds),
             max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1))
