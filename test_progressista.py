@@ -3156,7 +3156,7 @@ def test_bad_bodies_change_nothing(seeded, body, status):
 
 def test_too_large_body_is_refused_without_reading_it(seeded):
     srv, before = seeded
-    head = (b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % (50 * (1 << 20)))
     status, headers, body = raw_http(srv, head + b'[{"task_id": "x"}')
     assert status == 413 and json.loads(body)["error"]
@@ -3175,16 +3175,16 @@ def test_too_large_body_is_refused_without_reading_it(seeded):
 def test_missing_content_length_is_411(seeded):
     srv, before = seeded
     status, headers, body = raw_http(
-        srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n'
+        srv, b'POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\r\n'
              b'{"task_id": "x"}', shut_write=True)
     assert status == 411 and json.loads(body)["error"]
     status, headers, body = raw_http(
-        srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+        srv, b'POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n'
              b'10\r\n{"task_id": "x"}\r\n0\r\n\r\n')
-    assert status == 411 and json.loads(body)["error"]
+    assert status == 400 and json.loads(body)["error"]  # RFC 9112: TE on a request
     for length in (b"-1", b"abc", b"1_5", b"+15", b" 0x0f", b"\xd9\xa1\xd9\xa5"):
         status, headers, body = raw_http(
-            srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: ' + length
+            srv, b'POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ' + length
                  + b'\r\n\r\n{"task_id":"x"}')
         assert status == 400 and json.loads(body)["error"], length
     assert tasks(srv) == before
@@ -3193,7 +3193,7 @@ def test_missing_content_length_is_411(seeded):
 def test_short_body_is_400(seeded):
     srv, before = seeded
     status, headers, body = raw_http(
-        srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"task_id"',
+        srv, b'POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"task_id"',
         shut_write=True)
     assert status == 400 and json.loads(body)["error"]
     assert tasks(srv) == before
@@ -3285,7 +3285,7 @@ def test_response_arrives_in_one_piece(server):
     post(server, {"task_id": "one-piece", "desc": "x" * 500})
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
         for path in ["/tasks/one-piece", "/health", "/nope", "/tasks"] * 10:
-            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
             # the first read after the socket turns readable has it all: headers
             # and body were written together, not as two segments
             select.select([sock], [], [], 5)
@@ -3397,9 +3397,9 @@ def test_idle_connections_do_not_starve_others(server):
         for i in range(200):
             idle.append(socket.create_connection(("127.0.0.1", port_of(server)), timeout=5))
         for sock in idle[:20]:
-            sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            sock.sendall(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
         for sock in idle[20:40]:
-            sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\n")  # headers never end
+            sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never end
         started = time.monotonic()
         status, body, _ = post(server, {"task_id": "alive"}, timeout=10)
         assert status == 200
@@ -3417,7 +3417,7 @@ def test_full_server_closes_the_longest_idle_connection_to_make_room(server):
         for i in range(5):
             sock = socket.create_connection(("127.0.0.1", port_of(server)), timeout=5)
             # a kept-alive client between requests: idle, but holding a slot
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert read_response(sock.makefile("rb"))[0] == 200
             idle.append(sock)
         status, _, _ = post(server, {"task_id": "room"}, timeout=10)
@@ -3431,9 +3431,11 @@ def test_full_server_closes_the_longest_idle_connection_to_make_room(server):
 def test_full_server_with_no_idle_connection_answers_503(server):
     server.max_connections = 1
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as busy:
-        busy.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\n")  # mid-request: not idle
+        # its head is in, its body on the way: being served, not idle
+        busy.sendall(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n"
+                     b"\r\n{")
         time.sleep(0.2)
-        status, _, body = raw_http(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = raw_http(server, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert status == 503 and b"too many connections" in body
 
 
@@ -3462,7 +3464,7 @@ def test_slowly_dripped_headers_get_408(server, monkeypatch):
 def test_slowly_dripped_body_gets_408_and_changes_nothing(server, monkeypatch):
     monkeypatch.setattr(progressista.Handler, "request_seconds", 0.5)
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
-        sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n{")
+        sock.sendall(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 40\r\n\r\n{")
         status, _, body = read_response(sock.makefile("rb"))
         assert status == 408 and b"in time" in body
     assert tasks(server) == {}
@@ -3495,9 +3497,9 @@ def test_big_task_list_with_an_unread_body_closes_the_connection(server):
     # More than one piece's worth of tasks: the chunked answer must not leave a
     # smuggled request in the unread body to be served next.
     post(server, [{"task_id": "t%d" % i, "n": i} for i in range(progressista.JSON_CHUNK + 1)])
-    smuggled = b"DELETE /tasks/t5 HTTP/1.1\r\nHost: x\r\n\r\n"
+    smuggled = b"DELETE /tasks/t5 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
-        sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(smuggled), smuggled))
         rest = b""
         while True:
@@ -3514,7 +3516,7 @@ def test_big_task_list_with_an_unread_body_closes_the_connection(server):
 def test_idle_connection_times_out(server, monkeypatch):
     monkeypatch.setattr(progressista.Handler, "timeout", 0.5)
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
         assert sock.recv(100) == b""  # the server hung up on us
 
 
@@ -3823,6 +3825,17 @@ def test_groups_endpoint_needs_the_token(server_factory):
     assert_json_error(*request(srv.url + "/groups?token=wrong"), 401)
     assert _groups(srv, "?token=s3cret")["job"]["expected"] == 2
     assert _groups(srv, headers={"Authorization": "Bearer s3cret"})["job"]["members"] == 1
+
+
+def test_groups_endpoint_streams_many_groups(server):
+    post_all = [{"task_id": "solo-%d" % i, "n": i} for i in range(1500)]
+    for start in range(0, len(post_all), 500):
+        assert post(server, post_all[start:start + 500])[0] == 200
+    status, body, headers = request(server.url + "/groups")
+    assert status == 200 and headers["Transfer-Encoding"] == "chunked"  # in pieces
+    groups = body["groups"]
+    assert len(groups) == 1500 and groups["solo-1499"]["n"] == 1499
+    assert all(g["members"] == 1 and g["tasks"] == 1 for g in groups.values())
 
 
 def test_post_refuses_a_bad_group_size(server):
