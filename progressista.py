@@ -3908,12 +3908,14 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       if (total === null) j.remUnknown++; else { s.rem = Math.max(total - n, 0); j.rem += s.rem; }
     }
   }
+  // Repaint the job line of each box of a changed job (only that line: a
+  // box's own sums are redone when one of its members changes).
   function markJobs() {
     jobsDirty.forEach(function (j) {
       if (!j.active) j.rate = j.rem = 0;  // no drift left behind by sums of floats
       for (var i = 0; i < STATUSES.length; i++) {
         var g = groups.get(STATUSES[i] + '\n' + j.prefix);
-        if (g) g.summary = true;
+        if (g) paintJob(g);
       }
     });
     jobsDirty.clear();
