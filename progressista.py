@@ -891,6 +891,7 @@ def parse_json(body):
 
 
 MAX_ID = 256
+MAX_GROUP_SIZE = 10 ** 9
 MAX_META = 16384
 _STR_LIMITS = {"task_id": MAX_ID, "desc": 1024, "unit": 64, "error": 4096,
                "host": 256, "postfix": 1024}
@@ -946,12 +947,15 @@ def check_update(update, current=None):
         elif key == "pid":
             if value is not None and type(value) is not int:
                 raise BadRequest("pid must be an integer")
+        elif key == "group_size":  # bool is no int here: type(), not isinstance()
+            if value is not None and (type(value) is not int or not 1 <= value <= MAX_GROUP_SIZE):
+                raise BadRequest("group_size must be an integer from 1 to %d" % MAX_GROUP_SIZE)
 
 
 def _new_task(task_id, now):
     return {"task_id": task_id, "desc": None, "n": 0, "total": None, "unit": None,
             "status": "active", "rate": None, "elapsed": None, "error": None,
-            "meta": None, "host": None, "pid": None, "postfix": None,
+            "meta": None, "host": None, "pid": None, "postfix": None, "group_size": None,
             "created_at": now, "updated_at": now, "seen_at": now}
 
 
@@ -1007,6 +1011,8 @@ class TaskStore:
         self.db_dirty, self.db_removed = set(), set()
         self.updates_received = 0
         self.updates_rejected = 0
+        self._groups = {}  # group name -> _Group: its tasks and counts, kept as tasks change
+        self.group_sizes = {}  # group name -> latest expected size (update field group_size)
         self.on_status = None  # alerts: on_status(task, old status or None), lock held
 
     def __len__(self):
@@ -1045,6 +1051,7 @@ class TaskStore:
             task = self.tasks[task_id] = _new_task(task_id, now)
             self._live[task_id] = None
             self.removed.discard(task_id)  # removed and made again: a delta says it once
+            self._group_add(task)
             progressed = True
         elif (task["status"] == "close" or task["status"] == "error") \
                 and update.get("status") not in _ENDING_OR_START:
@@ -1058,6 +1065,8 @@ class TaskStore:
         for key in _PLAIN_FIELDS:
             if key in update:
                 task[key] = update[key]
+        if update.get("group_size") is not None:
+            self._set_group_size(task, update["group_size"])
         if "n" in update and update["n"] != task["n"]:
             task["n"] = update["n"]
             progressed = True
@@ -1095,6 +1104,8 @@ class TaskStore:
         if progressed:
             task["updated_at"] = now
         task["seen_at"] = now
+        if task["status"] != old:
+            self._group_move(task_id, old, task["status"])
         self.dirty.add(task_id)
         if self.persist:
             self.db_dirty.add(task_id)
@@ -1125,6 +1136,7 @@ class TaskStore:
         task = self.tasks.pop(task_id)
         {"active": self._live, "stale": self._stale}.get(task["status"], self._ended).pop(
             task_id, None)
+        self._group_discard(task)
         self.dirty.discard(task_id)
         self.removed.add(task_id)
         if self.persist:
@@ -1148,6 +1160,7 @@ class TaskStore:
                     del self._live[task_id]
                     self._stale[task_id] = None
                     task["status"] = "stale"
+                    self._group_move(task_id, "active", "stale")
                     self.dirty.add(task_id)
                     if self.persist:
                         self.db_dirty.add(task_id)
@@ -1176,8 +1189,18 @@ class TaskStore:
                 task_id = task["task_id"]
                 if task["status"] == "stale":
                     task["status"] = "active"
+                size = task.get("group_size")
+                if type(size) is not int or not 1 <= size <= MAX_GROUP_SIZE:
+                    size = None  # a file from before group sizes, or a bad value: unknown
+                task["group_size"] = size
                 self.tasks[task_id] = task
                 {"active": self._live}.get(task["status"], self._ended)[task_id] = None
+                self._group_add(task)
+                if size is not None:  # saved on its tasks: the latest one's is the group's
+                    self.group_sizes[_group_of(task_id)] = size
+            for name, size in self.group_sizes.items():
+                for task in self._groups[name].tasks.values():
+                    task["group_size"] = size
         self.sweep()
         with self.lock:  # a smaller --max-tasks than the file's: oldest ended go first
             while len(self.tasks) > self.max_tasks and (self._ended or self._stale):
@@ -1228,6 +1251,147 @@ class TaskStore:
         dirty, removed = self.dirty, self.removed
         self.dirty, self.removed = set(), set()
         return {k: self.tasks[k] for k in dirty}, list(removed)
+
+    # Groups (SPEC section 8): a job's ranks or array tasks, by task id prefix.
+
+    def _group_add(self, task):
+        task_id = task["task_id"]
+        name = _group_of(task_id)
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = _Group()
+        group.tasks[task_id] = task
+        member = _member_of(task_id)
+        group.members[member] = group.members.get(member, 0) + 1
+        group.counts[task["status"]] += 1
+        size = self.group_sizes.get(name)
+        if size is not None:
+            task["group_size"] = size
+
+    def _group_discard(self, task):
+        task_id = task["task_id"]
+        name = _group_of(task_id)
+        group = self._groups[name]
+        del group.tasks[task_id]
+        if not group.tasks:  # an empty group is forgotten, its size too
+            del self._groups[name]
+            self.group_sizes.pop(name, None)
+            return
+        member = _member_of(task_id)
+        left = group.members[member] - 1
+        if left:
+            group.members[member] = left
+        else:
+            del group.members[member]
+        group.counts[task["status"]] -= 1
+
+    def _group_move(self, task_id, old, new):
+        counts = self._groups[_group_of(task_id)].counts
+        counts[old] -= 1
+        counts[new] += 1
+
+    def _set_group_size(self, task, size):
+        """The latest size wins, and every task of the group shows it.
+
+        Touching all of the group's tasks happens only when the size changes
+        (a job sends one size from every member), never on a plain update.
+        """
+        name = _group_of(task["task_id"])
+        if self.group_sizes.get(name) == size:
+            task["group_size"] = size
+            return
+        self.group_sizes[name] = size
+        for task_id, member_task in self._groups[name].tasks.items():
+            if member_task["group_size"] != size:
+                member_task["group_size"] = size
+                self.dirty.add(task_id)
+                if self.persist:
+                    self.db_dirty.add(task_id)
+
+    def groups(self, statuses=None):
+        """``{name: entry}`` of every group, or of those with a task in ``statuses``.
+
+        The lock is held only to copy each group's task list and counts; the
+        sums are made outside it (as ``/tasks`` encodes outside it).
+        """
+        with self.lock:
+            copies = [(name, list(group.tasks.values()), dict(group.counts),
+                       len(group.members), self.group_sizes.get(name))
+                      for name, group in self._groups.items()
+                      if statuses is None or any(group.counts[s] for s in statuses)]
+        return {copy[0]: _group_entry(*copy[1:]) for copy in copies}
+
+    def group(self, name):
+        """One group's entry (as in :meth:`groups`), or None when it has no task."""
+        with self.lock:
+            group = self._groups.get(name)
+            if group is None:
+                return None
+            copy = (list(group.tasks.values()), dict(group.counts), len(group.members),
+                    self.group_sizes.get(name))
+        return _group_entry(*copy)
+
+
+class _Group:
+    """One group's index: its tasks (id -> task), members (-> task count), counts."""
+
+    __slots__ = ("tasks", "members", "counts")
+
+    def __init__(self):
+        self.tasks, self.members = {}, {}
+        self.counts = dict.fromkeys(STATUSES, 0)
+
+
+def _is_main_bar(task_id):
+    """A member's main bar: its task without ``/k`` (``run:rank-3``, not ``run:rank-3/2``)."""
+    head, colon, tail = task_id.partition(":")
+    return not colon or "/" not in tail
+
+
+def _group_entry(tasks, counts, members, expected):
+    """A group as ``/groups`` shows it, from its tasks (read without the lock:
+    a value changed meanwhile is as fresh as a ``/tasks`` answer).
+
+    Sums are over main bars; ``rate`` and ``eta`` over the active ones (an
+    ended bar makes no more progress, and what a failed one left undone will
+    not be done).
+    """
+    n = total = rate = remaining = mains = 0
+    active = False
+    created_at = updated_at = None
+    for task in tasks:
+        created, updated = task["created_at"], task["updated_at"]
+        if created_at is None or created < created_at:
+            created_at = created
+        if updated_at is None or updated > updated_at:
+            updated_at = updated
+        if not _is_main_bar(task["task_id"]):
+            continue
+        mains += 1
+        task_n, task_total = task["n"], task["total"]
+        try:  # an int near float64's limit plus a float overflows: the sums become unknown
+            n += task_n
+            if total is not None:
+                total = None if task_total is None else total + task_total
+            if task["status"] == "active":
+                active = True
+                rate += task["rate"] or 0
+                if remaining is not None:
+                    remaining = None if task_total is None \
+                        else remaining + max(0, task_total - task_n)
+        except (OverflowError, TypeError):
+            n = total = rate = remaining = float("nan")
+    eta = None
+    if active and remaining is not None and rate > 0:
+        try:
+            eta = _finite(remaining / rate)
+        except OverflowError:
+            pass
+    done = counts["active"] == 0 and counts["stale"] == 0 and (
+        expected is None or members >= expected)
+    return {"tasks": len(tasks), "members": members, "expected": expected, "counts": counts,
+            "n": _finite(n), "total": _finite(total) if mains else None, "rate": _finite(rate),
+            "eta": eta, "created_at": created_at, "updated_at": updated_at, "done": done}
 
 
 SCHEMA_VERSION = 1
@@ -1633,34 +1797,17 @@ def digest(events, max_groups=10, max_items=3):
 
 
 def _group_states(store, names):
-    """``{group: summary}`` of the ``names`` that still exist: done, counts,
-    task ids, created_at, updated_at."""
+    """``{group: summary}`` (``TaskStore.group``'s, plus ``task_ids``) of the
+    ``names`` that still have tasks."""
     found = {}
-    with store.lock:
-        if hasattr(store, "group_ids"):  # the store's group index
-            members = {g: [store.tasks[k] for k in store.group_ids(g)] for g in names}
-        else:  # one pass, whatever the number of groups asked
-            members = {}
-            for task_id, task in store.tasks.items():
-                group = _group_of(task_id)
-                if group in names:
-                    members.setdefault(group, []).append(task)
-        for group, tasks in members.items():
-            if not tasks:
-                continue
-            counts = dict.fromkeys(STATUSES, 0)
-            for task in tasks:
-                counts[task["status"]] += 1
-            found[group] = {
-                "counts": counts, "task_ids": [t["task_id"] for t in tasks],
-                "created_at": min(t["created_at"] for t in tasks),
-                "updated_at": max(t["updated_at"] for t in tasks),
-                "done": counts["active"] == 0 and counts["stale"] == 0}
-    group_of = getattr(store, "group", None)
-    if group_of is not None:  # §8's rule (the expected size) is the store's to say
-        for group, state in found.items():
-            summary = group_of(group)
-            state["done"] = bool(summary and summary.get("done"))
+    for name in names:
+        summary = store.group(name)
+        if summary is None:
+            continue
+        with store.lock:
+            group = store._groups.get(name)
+            summary["task_ids"] = list(group.tasks) if group is not None else []
+        found[name] = summary
     return found
 
 
@@ -2485,6 +2632,9 @@ class Handler(BaseHTTPRequestHandler):
                 if len(tasks) <= JSON_CHUNK:
                     return self._json(200, _dumps({"tasks": tasks}))
                 return self._respond_pieces(200, _json_pieces('{"tasks":{', tasks, "}}"))
+            if route == "/groups":
+                return self._json(200, _dumps({"groups": self.server.store.groups(
+                    self._statuses())}))
             if route.startswith("/tasks/"):
                 text = self.server.store.get_json(urllib.parse.unquote(route[7:]))
                 if text is None:
@@ -2562,7 +2712,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self):
         known = self.route in ("/", "/health", "/metrics", "/ws", "/progress", "/tasks",
-                               "/static/index.html", "/index.html") \
+                               "/groups", "/static/index.html", "/index.html") \
             or self.route.startswith("/tasks/")
         if not known:
             return self._error(404, "not found: %s" % self.route)
@@ -2841,6 +2991,41 @@ def _metrics_pieces(server):
     yield ("# HELP progressista_websocket_clients Dashboards connected now.\n"
            "# TYPE progressista_websocket_clients gauge\n"
            "progressista_websocket_clients %d\n" % server.ws_count)
+    yield from _group_metrics(store.groups(), label, number)
+
+
+def _group_metrics(groups, label, number):
+    """The groups of SPEC section 8: tasks by status, expected size, progress."""
+    names = sorted(groups)
+    yield ("# HELP progressista_group_tasks Tasks of a group (task id before ':') by status.\n"
+           "# TYPE progressista_group_tasks gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_tasks{group="%s",status="%s"} %d\n'
+                      % (label(name), status, groups[name]["counts"][status])
+                      for name in names[start:start + JSON_CHUNK] for status in STATUSES)
+    yield ("# HELP progressista_group_expected Members a group expects (group_size); "
+           "NaN when unknown.\n# TYPE progressista_group_expected gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_expected{group="%s"} %s\n'
+                      % (label(name), number(groups[name]["expected"]))
+                      for name in names[start:start + JSON_CHUNK])
+    yield ("# HELP progressista_group_progress_ratio Sum of n / sum of total over the main "
+           "bars of a group; NaN when a total is unknown.\n"
+           "# TYPE progressista_group_progress_ratio gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_progress_ratio{group="%s"} %s\n'
+                      % (label(name), number(_group_ratio(groups[name])))
+                      for name in names[start:start + JSON_CHUNK])
+
+
+def _group_ratio(entry):
+    n, total = entry["n"], entry["total"]
+    if not total or n is None:
+        return None
+    try:
+        return n / total
+    except OverflowError:
+        return float("inf")
 
 
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,
