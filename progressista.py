@@ -2959,7 +2959,7 @@ def _metrics_pieces(server):
     store = server.store
     per_task = [
         ("progressista_task_n", "Units done (tqdm's n).", lambda t: t["n"]),
-        ("progressista_task_total", "Units expected (tqdm's total); NaN when unknown.",
+        ("progressista_task_total_units", "Units expected (tqdm's total); NaN when unknown.",
          lambda t: t["total"]),
         ("progressista_task_progress_ratio", "n / total (1 when done); NaN when total is unknown.",
          ratio),

@@ -3417,7 +3417,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 TRICKY_IDS = ['plain', 'say "hi"', 'back\\slash', 'two\nlines', '\\"\n\\n mix',
               'ünïcødé ✓', 'trailing\\', '{brace}=,']
 
-PER_TASK = ("progressista_task_n", "progressista_task_total",
+PER_TASK = ("progressista_task_n", "progressista_task_total_units",
             "progressista_task_progress_ratio", "progressista_task_rate",
             "progressista_task_updated_timestamp_seconds")
 
@@ -3476,11 +3476,11 @@ def test_metrics_parse_with_prometheus_client_and_values_are_right(server_factor
     for i, task_id in enumerate(TRICKY_IDS):
         key = (task_id, "active")
         assert samples["progressista_task_n"][key] == i * 10
-        assert samples["progressista_task_total"][key] == 100
+        assert samples["progressista_task_total_units"][key] == 100
         assert samples["progressista_task_progress_ratio"][key] == pytest.approx(i / 10)
         assert samples["progressista_task_rate"][key] == i + 0.5
         assert samples["progressista_task_updated_timestamp_seconds"][key] == 1_000_000.0
-    assert math.isnan(samples["progressista_task_total"][("unknown-total", "active")])
+    assert math.isnan(samples["progressista_task_total_units"][("unknown-total", "active")])
     assert math.isnan(samples["progressista_task_progress_ratio"][("unknown-total", "active")])
     assert math.isnan(samples["progressista_task_rate"][("unknown-total", "active")])
     assert math.isnan(samples["progressista_task_progress_ratio"][("zero-total", "active")])
@@ -3545,7 +3545,7 @@ def test_metrics_survive_integers_beyond_float(tmp_path):
         srv.stop()
     assert samples["progressista_task_n"][("huge", "active")] == float("inf")
     assert samples["progressista_task_progress_ratio"][("huge", "active")] == float("inf")
-    assert samples["progressista_task_total"][("huge-total", "active")] == float("inf")
+    assert samples["progressista_task_total_units"][("huge-total", "active")] == float("inf")
     assert samples["progressista_task_progress_ratio"][("huge-total", "active")] == 0.0
 
 
