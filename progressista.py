@@ -1735,10 +1735,13 @@ def _event_item(task, kind):
     """How a task is named in a digest line: its member and, for a failure, its error."""
     head, colon, member = task["task_id"].partition(":")
     parts = [member] if colon else []
+    if task.get("desc"):
+        parts.append('"%s"' % _one_line(task["desc"], 40))
+    parts = [" ".join(parts)] if parts else []
     if kind == "fail" and task.get("error"):
         parts.append(_one_line(task["error"]))
     elif kind == "stall" and task.get("total"):
-        parts.append("at %d%%" % (100.0 * task["n"] / task["total"]))
+        parts.append("at %.0f%%" % (task["n"] / task["total"] * 100))
     return ": ".join(parts) if kind == "fail" else " ".join(parts)
 
 
