@@ -1731,10 +1731,14 @@ def _one_line(text, limit=120):
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+_AUTO_MEMBER = re.compile(r"[0-9]{10,}-[0-9]+-[0-9]+\Z")  # a bar's default id: host:ms-pid-n
+
+
 def _event_item(task, kind):
-    """How a task is named in a digest line: its member and, for a failure, its error."""
+    """How a task is named in a digest line: its member (not a default id's
+    number when there is a description) and, for a failure, its error."""
     head, colon, member = task["task_id"].partition(":")
-    parts = [member] if colon else []
+    parts = [member] if colon and not (task.get("desc") and _AUTO_MEMBER.match(member)) else []
     if task.get("desc"):
         parts.append('"%s"' % _one_line(task["desc"], 40))
     parts = [" ".join(parts)] if parts else []
@@ -1776,9 +1780,11 @@ def digest(events, max_groups=10, max_items=3):
                 items.append("+%d more" % (len(tasks) - max_items))
             heads.append("%d %s" % (len(tasks), word))
             parts.append(heads[-1] + (" (%s)" % "; ".join(items) if items else ""))
-        if "done" in entry:
+        done = entry.get("done")
+        if done is not None and not (len(done["task_ids"]) == 1 and any(
+                done["task_ids"][0] in entry.get(kind, ()) for kind, _ in _EVENT_WORDS)):
+            # (a group of one task whose end is on this line already says nothing new)
             totals["done"] += 1
-            done = entry["done"]
             counts = ", ".join("%d %s" % (done["counts"][s], word) for s, word in
                                (("close", "completed"), ("error", "failed"))
                                if done["counts"].get(s))

@@ -2498,6 +2498,14 @@ def test_digest_text_names_group_counts_and_first_errors():
     assert title == "Progressista: 5 failed, 1 stalled, 1 group done in 2 groups"
     assert text.splitlines()[0] == title
     assert text.splitlines()[2] == 'copy: 1 stalled ("copying" at 40%)'
+    # a bar's default id (host:ms-pid-n) is named by its description; a group of
+    # one task that failed needs no "done" after it
+    auto = {"task_id": "vm:1796606694498-21044-1", "desc": "training", "error": "E: x"}
+    title, text = progressista.digest([
+        {"event": "fail", "task_id": auto["task_id"], "group": "vm", "task": auto},
+        {"event": "done", "group": "vm", "counts": {"close": 0, "error": 1},
+         "task_ids": [auto["task_id"]], "elapsed": 1}])
+    assert (title, text) == ("vm: 1 failed", 'vm: 1 failed ("training": E: x)')
 
 
 def test_webhook_kinds_bodies_and_headers():
@@ -2535,23 +2543,25 @@ def test_bad_webhook_urls_are_refused_without_their_secret(url):
         progressista.make_server("127.0.0.1", 0, notify=[url])
 
 
-def test_alert_generic_json_for_a_failure_and_its_group_done(server_factory, receiver):
-    srv = alert_server(server_factory, receiver)
-    post(srv, {"task_id": "run-7:rank-0", "n": 3, "total": 10, "desc": "epoch 1"})
-    post(srv, {"task_id": "run-7:rank-0", "status": "error",
-               "error": "RuntimeError: CUDA out of memory"})
+def test_alert_generic_json_for_a_failure_and_its_group_done(server_factory, receiver, clock):
+    srv = alert_server(server_factory, receiver, clock=clock)
+    post(srv, [{"task_id": "run-7:rank-0", "n": 3, "total": 10, "desc": "epoch 1"},
+               {"task_id": "run-7:rank-1", "n": 3}])
+    clock.advance(65)
+    post(srv, [{"task_id": "run-7:rank-1", "status": "close"},
+               {"task_id": "run-7:rank-0", "status": "error",
+                "error": "RuntimeError: CUDA out of memory"}])
     (req,) = receiver.wait(1)
     assert req["path"] == SECRET_PATH + SECRET_QUERY
     assert req["headers"]["Content-Type"] == "application/json"
     body = json.loads(req["body"])
     assert body["text"] == ('run-7: 1 failed (rank-0 "epoch 1": RuntimeError: CUDA out of '
-                            'memory), done in 0s: 1 failed')
+                            'memory), done in 1m05s: 1 completed, 1 failed')
     fail, done = body["events"]
     assert fail == {"event": "fail", "task_id": "run-7:rank-0", "group": "run-7",
                     "task": task(srv, "run-7:rank-0")}
-    assert done["event"] == "done" and done["group"] == "run-7"
-    assert done["counts"] == {"close": 0, "error": 1} and done["task_ids"] == ["run-7:rank-0"]
-    assert done["elapsed"] >= 0
+    assert done == {"event": "done", "group": "run-7", "counts": {"close": 1, "error": 1},
+                    "task_ids": ["run-7:rank-0", "run-7:rank-1"], "elapsed": 65.0}
 
 
 def test_alert_each_kind_gets_its_body_two_urls_one_message_each(server_factory, receiver):
@@ -2592,7 +2602,7 @@ def test_alert_event_selection(server_factory, receiver):
     (body,) = other.messages(1)
     assert [(e["event"], e.get("task_id")) for e in body["events"]] == [
         ("fail", "x:y"), ("done", None)]
-    assert body["text"] == "x: 1 failed (y), done in 0s: 1 failed"
+    assert body["text"] == "x: 1 failed (y)"  # a group of one: its done adds nothing
 
 
 def test_alert_stall_from_the_servers_own_sweep(server_factory, receiver, clock):
