@@ -26,6 +26,7 @@ import collections
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import itertools
 import json
@@ -509,6 +510,86 @@ _install_defaults = {}  # what patch.install() was given, under explicit keyword
 _bar_numbers = itertools.count(1)  # default task ids; next() is atomic
 
 
+# Ids from the scheduler (SPEC section 8): one id per rank or array task,
+# reused by the bars a process makes one after another; a bar made while
+# another is open takes the lowest free "/k".
+_job_slots = {}  # id from the environment -> slots (1, 2, ...) held by open bars
+_job_lock = threading.RLock()  # re-entrant: tqdm's __del__ may close a bar inside
+
+
+def _size_from(text):
+    """An expected group size from the environment: a positive integer, or None."""
+    text = (text or "").strip()
+    return int(text) if text.isdigit() and 0 < int(text) <= 10 ** 9 else None
+
+
+def _job_from_env(environ=None):
+    """``(task id, expected group size)`` from the scheduler's variables, or
+    ``(None, None)`` outside of one.  First match wins."""
+    env = os.environ if environ is None else environ
+    get = env.get
+    if get("PROGRESSISTA_JOB"):
+        return ("%s:%s-%d" % (get("PROGRESSISTA_JOB"), _HOST, os.getpid()),
+                _size_from(get("PROGRESSISTA_GROUP_SIZE")))
+    if get("SLURM_ARRAY_JOB_ID") and get("SLURM_ARRAY_TASK_ID"):
+        return ("slurm-%s:%s" % (get("SLURM_ARRAY_JOB_ID"), get("SLURM_ARRAY_TASK_ID")),
+                _size_from(get("SLURM_ARRAY_TASK_COUNT")))
+    if get("SLURM_JOB_ID") and get("SLURM_PROCID"):
+        return ("slurm-%s:rank-%s" % (get("SLURM_JOB_ID"), get("SLURM_PROCID")),
+                _size_from(get("SLURM_NTASKS")))
+    if get("RANK") and get("WORLD_SIZE"):
+        run_id = get("TORCHELASTIC_RUN_ID")
+        if not run_id or run_id == "none":  # torchrun's default --rdzv-id names no run
+            run_id = "%s-%s" % (get("MASTER_ADDR", ""), get("MASTER_PORT", ""))
+        return "torch-%s:rank-%s" % (run_id, get("RANK")), _size_from(get("WORLD_SIZE"))
+    return None, None
+
+
+def _default_task_id():
+    """``(task id, slot to release at close or None, expected size or None)``."""
+    base, size = _job_from_env()
+    if base is None:  # a counter, not id(self): a freed bar's address comes back
+        return "%s:%d-%d-%d" % (_HOST, time.time() * 1000, os.getpid(),
+                                next(_bar_numbers)), None, None
+    base = base[:MAX_ID - 8]  # room for "/k"
+    with _job_lock:
+        held = _job_slots.setdefault(base, set())
+        k = 1
+        while k in held:
+            k += 1
+        held.add(k)
+    return (base if k == 1 else "%s/%d" % (base, k)), (base, k), size
+
+
+def _release_slot(slot):
+    with _job_lock:
+        held = _job_slots.get(slot[0])
+        if held is not None:
+            held.discard(slot[1])
+            if not held:
+                del _job_slots[slot[0]]
+
+
+def _checked_group_size(value):
+    """The ``group_size`` keyword: a positive integer, or None with one line on stderr."""
+    if value is None:
+        return None
+    import operator
+    if type(value) is not bool:
+        try:
+            number = operator.index(value)
+            if 0 < number <= 10 ** 9:
+                return number
+        except TypeError:
+            pass
+    try:
+        print("progressista: group_size must be a positive integer, got %r: not sent"
+              % (value,), file=sys.stderr)
+    except Exception:
+        pass
+    return None
+
+
 class _RemoteMixin:
     """What ``RemoteTqdm`` adds to a tqdm class: the remote half.
 
@@ -518,10 +599,12 @@ class _RemoteMixin:
     """
 
     _pst_closed = True  # until __init__ succeeds, close() is local only
+    _pst_slot = None  # (id from the environment, k) while this bar holds "/k"
+    _pst_open_status = "update"  # the status of an open bar's sends after the first
     _pst_looked_at = -1e9  # when the sender last read this bar (sent or not)
 
     def __init__(self, *args, server_url=None, task_id=None, push_every=None,
-                 request_timeout=None, meta=None, headers=None, **kwargs):
+                 request_timeout=None, meta=None, headers=None, group_size=None, **kwargs):
         defaults = _install_defaults
         if kwargs.get("disable", False) is None:
             target = kwargs.get("file") or sys.stderr
@@ -539,10 +622,8 @@ class _RemoteMixin:
         if urllib.parse.urlsplit(url).path in ("", "/"):
             url = url.rstrip("/") + "/progress"
         self._pst_url = url
-        # A counter, not id(self): a bar made right after another is freed
-        # can get its address, and two bars must never share a task.
-        self._pst_id = (str(task_id) if task_id not in (None, "") else "%s:%d-%d-%d" % (
-            _HOST, time.time() * 1000, os.getpid(), next(_bar_numbers)))[:256]
+        # Without one, the id is chosen last (_default_task_id), once nothing can fail.
+        self._pst_id = str(task_id)[:256] if task_id not in (None, "") else None
         every = push_every if push_every is not None else defaults.get("push_every")
         self._pst_every = max(0.0, float(every if every is not None else _env_float(
             "PROGRESSISTA_PUSH_INTERVAL", 0.25)))
@@ -568,6 +649,16 @@ class _RemoteMixin:
         self._pst_sent_at = -1e9
         self._pst_thread = threading.get_ident()
         self._pst_pid = os.getpid()
+        size = group_size if group_size is not None else defaults.get("group_size")
+        if self._pst_id is None:
+            self._pst_id, self._pst_slot, env_size = _default_task_id()
+            if self._pst_slot is not None:
+                # The id is reused: say "start" every time, so this bar reopens
+                # it even if the last bar's close arrives after our first send.
+                self._pst_open_status = "start"
+            if size is None:
+                size = env_size
+        self._pst_group_size = _checked_group_size(size)
         self._pst_closed = False
         _get_sender().register(self)
 
@@ -593,13 +684,13 @@ class _RemoteMixin:
             rate = (self.n - getattr(self, "initial", 0)) / elapsed
         desc, postfix, total = self.desc, self.postfix, _finite(self.total)
         # Within the server's limits, so one odd bar can't get a batch refused.
-        return {
+        payload = {
             "task_id": self._pst_id,
             "n": max(_finite(self.n) or 0, 0),
             "total": total if total is None or total >= 0 else None,
             "desc": str(desc)[:1024] if desc else None,
             "unit": str(self.unit)[:64],
-            "status": status or "update",
+            "status": status or self._pst_open_status,
             "rate": _finite(rate),
             "elapsed": _finite(elapsed),
             "error": error[:4096] if error else None,
@@ -609,6 +700,9 @@ class _RemoteMixin:
             "pid": self._pst_pid,
             "timestamp": time.time(),
         }
+        if self._pst_group_size is not None:
+            payload["group_size"] = self._pst_group_size
+        return payload
 
     def _post(self, payload):
         """Perform one HTTP send of ``payload`` (one update or a list of them).
@@ -622,6 +716,9 @@ class _RemoteMixin:
         if self._pst_closed or getattr(self, "_pst_pid", None) != os.getpid():
             return super().close()
         self._pst_closed = True
+        if self._pst_slot is not None:  # the next bar of this process may take the id
+            _release_slot(self._pst_slot)
+            self._pst_slot = None
         # A for loop abandoned early closes us from GeneratorExit: a break, or an
         # exception on its way up.  Hold the final state briefly so the crash
         # hooks can turn it into an error before anything says "completed".
@@ -668,8 +765,14 @@ RemoteTqdm_doc = """A drop-in ``tqdm`` that also shows the bar on a Progressista
 Same arguments and local display as ``tqdm``; extra keywords, each with an
 environment default: ``server_url`` ($PROGRESSISTA_SERVER_URL), ``task_id``,
 ``push_every`` ($PROGRESSISTA_PUSH_INTERVAL, 0.25 s), ``request_timeout``
-($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict) and
-``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set).
+($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict),
+``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set) and
+``group_size`` (how many members the bar's group will have).
+
+Without ``task_id``, a bar started by Slurm, torchrun or under
+$PROGRESSISTA_JOB takes its id (and group size) from the environment: one
+id per rank or array task, reused by bars made one after another, with
+``/2``, ``/3``... for a bar made while another is open.
 """
 
 
@@ -735,7 +838,8 @@ def install(server_url=None, **defaults):
     ``trange`` helpers), then every module attribute anywhere that still
     points at one of the originals (``from tqdm import tqdm`` done earlier).
     ``defaults`` are ``RemoteTqdm`` keywords (``push_every``, ``meta``,
-    ``headers``, ``request_timeout``, ``token``) for bars that don't set them.
+    ``headers``, ``request_timeout``, ``token``, ``group_size``) for bars that
+    don't set them.
     Call it from ``sitecustomize.py``; ``uninstall()`` undoes it.
     """
     import importlib
@@ -876,10 +980,40 @@ def _reject_constant(name):
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+MAX_META_DEPTH = 32
+
+
+def _lone_surrogate(value):
+    """True if a string anywhere in ``value`` (keys too) holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif kind is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+    return False
+
+
 def parse_json(body):
-    """Bytes to JSON, strictly: UTF-8, no NaN/Infinity, bounded nesting."""
+    """Bytes to JSON, strictly: UTF-8, no NaN/Infinity, bounded nesting, and
+    no lone surrogate (``"\\udc80"``) in any string, keys included."""
     try:
-        return _decoder.decode(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        data = _decoder.decode(text)
+        # Valid UTF-8 has no surrogates: only a \u escape can make one.
+        if "\\u" in text and _SURROGATE_ESCAPE.search(text) and _lone_surrogate(data):
+            raise BadRequest("invalid JSON: a lone surrogate (\\ud800-\\udfff) is not text")
+        return data
     except UnicodeDecodeError:
         raise BadRequest("body is not UTF-8") from None
     except RecursionError:
@@ -908,6 +1042,35 @@ def _is_number(value):
     return kind is float and math.isfinite(value)
 
 
+def _meta_problem(meta):
+    """What makes ``meta`` unfit to keep and send on, or None.
+
+    Nested more than ``MAX_META_DEPTH`` levels (no reader should ever hit a
+    recursion limit), a non-finite number (``1e999`` parses to infinity,
+    which no browser's JSON takes), a lone surrogate in a string or key.
+    """
+    stack = [(meta, 1)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is dict or kind is list:
+            if depth > MAX_META_DEPTH:
+                return "nests deeper than %d levels" % MAX_META_DEPTH
+            for child in (item.values() if kind is dict else item):
+                stack.append((child, depth + 1))
+            if kind is dict:
+                stack.extend((key, depth) for key in item)
+        elif kind is float:
+            if not math.isfinite(item):
+                return "holds a number that is not finite"
+        elif kind is str:
+            if not item.isascii() and _lone_surrogate(item):
+                return "holds a lone surrogate, which is not text"
+        elif not (item is None or kind is bool or kind is int):
+            return "holds a value that is not JSON"
+    return None
+
+
 def check_update(update, current=None):
     """Refuse an update object that is not what the protocol says.
 
@@ -927,6 +1090,8 @@ def check_update(update, current=None):
                 raise BadRequest("%s must be a string" % key)
             if len(value) > _STR_LIMITS[key]:
                 raise BadRequest("%s is longer than %d characters" % (key, _STR_LIMITS[key]))
+            if not value.isascii() and _lone_surrogate(value):
+                raise BadRequest("%s holds a lone surrogate, which is not text" % key)
         elif key in _NUMBER_FIELDS:
             if value is None and key != "n":
                 continue
@@ -942,6 +1107,9 @@ def check_update(update, current=None):
                 continue
             if type(value) is not dict:
                 raise BadRequest("meta must be an object")
+            problem = _meta_problem(value)
+            if problem:
+                raise BadRequest("meta " + problem)
             if len(_dumps(value)) > MAX_META:
                 raise BadRequest("meta is larger than %d bytes" % MAX_META)
         elif key == "pid":
@@ -1411,12 +1579,17 @@ class Database:
     second server on the same file is refused instead of interleaving.
     """
 
+    log_every = 60.0  # seconds between two log lines about failing writes
+
     def __init__(self, path, store, interval=0.5):
         self.path, self.store, self.interval = path, store, interval
         self.conn = None
         self.lock = threading.Lock()
         self.thread = None
         self.stopping = threading.Event()
+        self.write_errors = 0  # failed flushes, for /metrics
+        self.trouble = None  # why writes fail now (for /health), None while they work
+        self._logged_at = None
 
     def open(self):
         """Open (or create) the file, check it, and load its tasks into the store."""
@@ -1488,8 +1661,26 @@ class Database:
         while not self.stopping.wait(self.interval):
             try:
                 self.flush()
-            except Exception:  # whatever it is, keep the thread: the next flush retries
-                log.exception("writing %s failed; will retry", self.path)
+            except sqlite3.Error:
+                pass  # counted and logged by flush; the next one retries
+            except Exception as exc:  # whatever it is, keep the thread: the next flush retries
+                self._failed(exc, traceback=True)
+
+    def _failed(self, exc, traceback=False):
+        """A flush failed: count it, say why on /health, log it once a minute at most."""
+        self.write_errors += 1
+        self.trouble = "database writes to %s failing: %s" % (self.path, exc)
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= self.log_every:
+            self._logged_at = now
+            log.error("writing %s failed (%d times so far): %s; updates are kept in memory "
+                      "and written when it works again (said once a minute)",
+                      self.path, self.write_errors, exc, exc_info=traceback)
+
+    def _worked(self):
+        if self.trouble is not None:
+            self.trouble = self._logged_at = None
+            log.warning("writing %s works again: every update is saved", self.path)
 
     def flush(self):
         """Write what changed since the last flush, in one transaction."""
@@ -1511,12 +1702,17 @@ class Database:
                 self.conn.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?)", rows)
                 self.conn.execute("COMMIT")
             except sqlite3.Error:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
+                try:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the rows go back to dirty below either way
                 with store.lock:  # put them back, so the next flush retries
                     store.db_dirty.update(k for k, _ in rows if k in store.tasks)
                     store.db_removed.update(removed)
+                self._failed(sys.exc_info()[1])
                 raise
+            self._worked()
         return len(rows) + len(removed)
 
     def stop(self):
@@ -2314,12 +2510,49 @@ class Hub:
 
 
 # -- http --------------------------------------------------------------------
+#
+# Two parts, as in http.server: the protocol (``_Protocol``: strict RFC 9112
+# parsing, reads bounded in size and in time, responses with exact lengths,
+# one catch-all error path) and the endpoints (``Handler``), which are
+# declared once in ``Handler.routes``.  404, 405 with ``Allow``, OPTIONS, the
+# token, ``Host`` and ``Origin`` checks all come from that table.
 
 def _is_loopback(host):
     if host in ("localhost", ""):
         return host == "localhost"
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_host(text):
+    """``host[:port]`` -> (host lower-cased, port or None); ValueError when malformed."""
+    text = text.strip().lower()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())) \
+                or not host:
+            raise ValueError(text)
+        ipaddress.IPv6Address(host)
+        return "[%s]" % host, rest[1:] or None
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = text, None
+    elif not (port.isdigit() or port == ""):
+        raise ValueError(text)
+    if not host or not re.match(r"[a-z0-9._~!$&'()*+,;=%-]+\Z", host):
+        raise ValueError(text)
+    return host, port or None
+
+
+def _loopback_name(host):
+    """``localhost``, ``*.localhost``, 127.0.0.0/8 or ``[::1]`` (host without port)."""
+    host = host[:-1] if host.endswith(".") else host
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host).is_loopback
     except ValueError:
         return False
 
@@ -2348,122 +2581,338 @@ class _Headers(dict):
         return dict.__contains__(self, name.lower())
 
 
+def _tokens_of(value):
+    """A comma list header (``Connection``, ``Upgrade``) as lower-cased tokens."""
+    return [item.strip(" \t").lower() for item in value.split(",")]
+
+
 MAX_HEADERS = 100
+MAX_LINE = 65536
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 5.6.2
+_BAD_FIELD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HT: NUL, bare CR...
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")  # visible ASCII, nothing else (RFC 3986)
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
+_ABSOLUTE = re.compile(rb"https?://([^/?#]*)", re.I)
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_TIMEOUTS = (socket.timeout, TimeoutError)  # two classes until Python 3.10
+LEVELS = ("none", "read", "write")  # what a caller may do; a route needs one of them
 
 
-def _parse_version(version):
-    """``HTTP/1.1`` -> (1, 1); ValueError for anything else."""
-    if not version.startswith("HTTP/"):
-        raise ValueError(version)
-    major, minor = version[5:].split(".")
-    if not (major.isdigit() and minor.isdigit() and len(major) < 10 and len(minor) < 10):
-        raise ValueError(version)
-    return int(major), int(minor)
+class _RequestTimeout(Exception):
+    """The request's head and body did not arrive within its deadline."""
 
 
-class Handler(BaseHTTPRequestHandler):
-    """The HTTP API, the dashboard page and the WebSocket upgrade.
+class _SocketReader(io.RawIOBase):
+    """The raw side of a connection's ``rfile``: each ``recv`` holds the deadline.
 
-    Every response is written in one ``sendall`` (headers and body together)
-    on a ``TCP_NODELAY`` socket, so keep-alive clients never wait on Nagle's
-    algorithm and delayed ACKs.
+    Buffered reads (``readline``, ``read(n)``) call ``readinto`` once per
+    ``recv``; while a request is coming in, each call's socket timeout is cut
+    to what is left of the request's deadline, so the deadline holds however
+    slowly the bytes drip, inside a line too.  Between requests the socket
+    keeps its idle timeout.  ``arm()`` starts the deadline at the next byte.
+    """
+
+    def __init__(self, sock, idle_timeout, seconds):
+        self.sock, self.idle_timeout, self.seconds = sock, idle_timeout, seconds
+        self.deadline = None
+        self.armed = False
+        self.cut = False  # the socket timeout was lowered for the deadline
+
+    def readable(self):
+        return True
+
+    def arm(self):
+        self.deadline, self.armed = None, True
+
+    def start(self):
+        """The request has begun (its first byte was buffered before)."""
+        self.armed = False
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.seconds
+
+    def readinto(self, buffer):
+        deadline = self.deadline
+        binding = False
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _RequestTimeout()
+            if self.idle_timeout is None or left < self.idle_timeout:
+                self.sock.settimeout(left)
+                self.cut = binding = True
+        try:
+            n = self.sock.recv_into(buffer)
+        except _TIMEOUTS:
+            if binding:
+                raise _RequestTimeout() from None
+            raise
+        if self.armed and n:
+            self.armed = False
+            self.deadline = time.monotonic() + self.seconds
+        return n
+
+    def end(self):
+        """The request is in: back to the idle timeout (for writes too)."""
+        self.deadline, self.armed = None, False
+        if self.cut:
+            self.cut = False
+            self.sock.settimeout(self.idle_timeout)
+
+
+class _SocketWriter:
+    """``wfile``: each write is one ``sendall``."""
+
+    closed = False
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def write(self, data):
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class _Protocol(BaseHTTPRequestHandler):
+    """HTTP/1.1 as RFC 9112 says, and nothing of the endpoints.
+
+    A request is read with bounded reads (a line of at most 64 KiB, at most
+    100 header lines) and within ``request_seconds`` of its first byte, both
+    held per ``recv``.  Anything malformed is a JSON 4xx and the connection
+    closes.  ``dispatch()`` (the endpoint side) runs under one catch-all: an
+    exception becomes a JSON 500 and one ERROR log line with the traceback,
+    never a connection dropped without an answer.  Every response goes out in
+    one ``sendall`` on a ``TCP_NODELAY`` socket with an exact
+    ``Content-Length`` (or chunked, for a streamed body).
     """
 
     protocol_version = "HTTP/1.1"
     server_version = "Progressista/" + __version__
     sys_version = ""
     timeout = 30  # an idle or half-open connection is closed after this
-    request_seconds = 10.0  # headers and body must arrive within this of the request line
-    _deadline_timeout = False
+    request_seconds = 10.0  # head and body must arrive within this of the first byte
 
     def setup(self):
-        super().setup()
+        self.connection = sock = self.request
+        sock.settimeout(self.timeout)
         try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.reader = _SocketReader(sock, self.timeout, self.request_seconds)
+        self.rfile = io.BufferedReader(self.reader)
+        self.wfile = _SocketWriter(sock)
+
+    def finish(self):
+        try:
+            self.rfile.close()
         except OSError:
             pass
 
     def handle_one_request(self):
-        # Between two requests a connection is idle, and may be closed to make
-        # room for another (see ProgressServer.process_request).
-        self.server.idle[self.connection] = None
-        if self._deadline_timeout:  # a body read ran on the request's deadline
-            self._deadline_timeout = False
-            self.connection.settimeout(self.timeout)
-        super().handle_one_request()
-
-    def parse_request(self):
-        """The request line and headers, as http.server does, minus its cost.
-
-        http.server parses headers with the email package, more than half of
-        the CPU of a small POST; this reads the same lines with the same
-        limits (a line over 64 KiB or over 100 headers is 431) into a dict.
-        """
-        self.server.idle.pop(self.connection, None)
-        self.command = None
-        self.request_version = self.default_request_version
         self.close_connection = True
-        self.requestline = requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = requestline.split()
-        if not words:
-            return False
-        if len(words) != 3:
-            self.send_error(400, "Bad request syntax (%r)" % requestline[:200])
-            return False
-        command, path, version = words
+        self.command, self.path, self.headers = None, "", _Headers()
+        self.request_version = "HTTP/1.1"
+        self._started = self._unread_body = False
+        self.authority = self._access = None
+        server = self.server
+        # Waiting for the next request, head included, a connection is idle and
+        # may be closed to make room for another (ProgressServer.process_request).
+        with server.ws_lock:
+            server.idle[self.connection] = None
+        self.reader.arm()
         try:
-            number = _parse_version(version)
-        except ValueError:
-            self.send_error(400, "Bad request version (%r)" % version[:50])
-            return False
-        if number >= (2, 0):
-            self.send_error(505, "Invalid HTTP version (%s)" % version[5:])
-            return False
-        self.close_connection = number < (1, 1)
-        self.command, self.request_version = command, version
-        self.path = "/" + path.lstrip("/") if path.startswith("//") else path
-        headers = self.headers = _Headers()
-        readline, last = self.rfile.readline, None
-        self._deadline = deadline = time.monotonic() + self.request_seconds
-        for _ in range(MAX_HEADERS + 1):
-            if time.monotonic() > deadline:  # a slow drip of header lines
-                self.send_error(408, "request headers not received in time")
-                return False
-            line = readline(65537)
-            if len(line) > 65536:
-                self.send_error(431, "Line too long")
-                return False
-            if line in (b"\r\n", b"\n", b""):
-                break
-            if line[:1] in (b" ", b"\t") and last is not None:  # obsolete line folding
-                headers[last] += " " + line.strip().decode("iso-8859-1")
-                continue
-            name, sep, value = line.partition(b":")
-            if not sep or not name.strip():
-                self.send_error(400, "Malformed header line")
-                return False
-            last = name.strip().decode("iso-8859-1").lower()
-            value = value.strip().decode("iso-8859-1")
-            headers[last] = headers[last] + ", " + value if last in headers else value
-        else:
-            self.send_error(431, "Too many headers")
-            return False
-        connection = headers.get("connection", "").lower()
-        if connection == "close":
+            if not self._read_head():
+                return
+            with server.ws_lock:
+                if server.idle.pop(self.connection, False) is False:
+                    return  # closed to make room meanwhile: nothing to answer
+            try:
+                self.dispatch()
+            except BadRequest as exc:
+                self._error(exc.status, str(exc))
+        except _RequestTimeout:
+            self._fail(408, "request not received in time (%g s)" % self.request_seconds)
+        except OSError:  # the socket timed out, or the peer went: nobody to answer
             self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if headers.get("expect", "").lower() == "100-continue" and number >= (1, 1):
-            if not self.handle_expect_100():
+            log.debug("connection from %s ended", self.address_string(), exc_info=True)
+        except Exception:
+            log.error("%s %s failed", self.command, self._path_for_log(), exc_info=True)
+            self._fail(500, "internal server error (logged on the server)")
+        finally:
+            if self.close_connection:
+                with server.ws_lock:
+                    server.idle.pop(self.connection, None)
+
+    def _fail(self, status, message):
+        """Answer an error if no response has begun; the connection closes either way."""
+        self.close_connection = True
+        if not self._started:
+            try:
+                self._error(status, message)
+            except OSError:
+                pass
+
+    # Parsing.
+
+    def _line(self):
+        """One line, without its CRLF (or bare LF); None at EOF or mid-line EOF."""
+        line = self.rfile.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise BadRequest("line too long", 431)
+        if not line.endswith(b"\n"):
+            return None
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        return line
+
+    def _read_head(self):
+        """Read and check the request line and header fields; False to stop."""
+        try:
+            for _ in range(8):  # a few empty lines before a request are allowed
+                line = self.rfile.readline(MAX_LINE + 1)
+                if line not in (b"\r\n", b"\n"):
+                    break
+            else:
                 return False
+            if not line:
+                return False
+            self.reader.start()
+            if len(line) > MAX_LINE:
+                raise BadRequest("request line too long", 414)
+            if not line.endswith(b"\n"):
+                return False  # the peer went away mid-line
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            self.requestline = line.decode("latin-1")
+            self._parse_request_line(line)
+            self._parse_fields()
+        except BadRequest as exc:
+            self._error(exc.status, str(exc))
+            self.close_connection = True
+            return False
+        return self._after_head()
+
+    def _parse_request_line(self, line):
+        parts = line.split(b" ")
+        if len(parts) != 3 or b"\r" in line or b"\t" in line:
+            raise BadRequest("malformed request line (%r)" % line[:200].decode("latin-1"))
+        method, target, version = parts
+        match = _VERSION.match(version)
+        if match is None or not _TOKEN.match(method):
+            raise BadRequest("malformed request line (%r)" % line[:200].decode("latin-1"))
+        if (match.group(1), match.group(2)) not in ((b"1", b"0"), (b"1", b"1")):
+            raise BadRequest("HTTP version %s is not supported" % version.decode(), 505)
+        self.request_version = version.decode()
+        self.close_connection = version == b"HTTP/1.0"
+        self.command = method.decode()
+        if not _TARGET.match(target):
+            raise BadRequest("malformed request target")
+        self.authority = None
+        absolute = _ABSOLUTE.match(target)
+        if absolute is not None:  # absolute-form: routed by its path (RFC 9112 3.2.2)
+            self.authority = absolute.group(1).decode()
+            target = target[absolute.end():] or b"/"
+            if target[:1] == b"?":
+                target = b"/" + target
+        if target[:1] != b"/":
+            raise BadRequest("request target must be a path or an absolute URL")
+        path = target.decode("ascii")
+        self.path = "/" + path.lstrip("/") if path.startswith("//") else path
+
+    def _parse_fields(self):
+        headers = self.headers
+        for _ in range(MAX_HEADERS + 1):
+            line = self._line()
+            if line is None:
+                raise ConnectionError("peer closed mid-head")
+            if not line:
+                return
+            if line[:1] in (b" ", b"\t"):
+                raise BadRequest("header line starts with whitespace (obs-fold)")
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.match(name):
+                raise BadRequest("malformed header line")
+            value = value.strip(b" \t")
+            if _BAD_FIELD.search(value):
+                raise BadRequest("control character in header %s" % name.decode())
+            key, text = name.decode("ascii").lower(), value.decode("latin-1")
+            if key in headers:
+                if key in ("content-length", "host", "authorization", "transfer-encoding"):
+                    raise BadRequest("repeated %s header" % name.decode())
+                headers[key] = headers[key] + ", " + text
+            else:
+                headers[key] = text
+        raise BadRequest("too many headers", 431)
+
+    def _after_head(self):
+        headers = self.headers
+        if "transfer-encoding" in headers:
+            codings = _tokens_of(headers["transfer-encoding"])
+            if any(c != "chunked" for c in codings):
+                raise_status, message = 501, "transfer coding not supported"
+            else:
+                raise_status, message = 400, "chunked request bodies are not accepted: " \
+                                             "send Content-Length"
+            self._error(raise_status, message)
+            self.close_connection = True
+            return False
+        length = headers.get("content-length")
+        self.content_length = None
+        if length is not None:
+            if not (length.isdigit() and length.isascii()) or len(length) > 18:
+                self._error(400, "invalid Content-Length")
+                self.close_connection = True
+                return False
+            self.content_length = int(length)
+        # A body nobody reads would be taken for the next request: a response
+        # to such a request closes the connection (read_body clears this).
+        self._unread_body = bool(self.content_length)
+        if "host" not in headers and self.request_version == "HTTP/1.1":
+            self._error(400, "Host header required")
+            self.close_connection = True
+            return False
+        connection = _tokens_of(headers.get("connection", ""))
+        if "close" in connection:
+            self.close_connection = True
+        elif "keep-alive" in connection:
+            self.close_connection = False
+        if headers.get("expect", "").lower() == "100-continue" \
+                and self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
+
+    def read_body(self, limit=MAX_BODY):
+        """The request body (at most ``limit`` bytes), within the request's deadline."""
+        length = self.content_length
+        if length is None:
+            self.close_connection = True
+            raise BadRequest("Content-Length required", 411)
+        if length > limit:
+            self.close_connection = True
+            raise BadRequest("body larger than %d bytes" % limit, 413)
+        try:
+            body = self.rfile.read(length)
+        except _RequestTimeout:
+            self.close_connection = True
+            raise BadRequest("request body not received in time", 408) from None
+        if len(body) < length:
+            self.close_connection = True
+            raise BadRequest("body shorter than Content-Length")
+        self._unread_body = False
+        self.reader.end()
+        return body
 
     # Responses.
 
     def _head(self, status, content_type, length, headers=()):
         """The status line and headers, as bytes; ``length`` None means chunked."""
-        if getattr(self, "_unread_body", False) or (
-                length is None and self.request_version != "HTTP/1.1"):
+        self.reader.end()
+        self._started = True
+        if self._unread_body or (length is None and self.request_version != "HTTP/1.1"):
             self.close_connection = True
         lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
                  "Server: " + self.server_version, "Date: " + _http_date()]
@@ -2505,12 +2954,12 @@ class Handler(BaseHTTPRequestHandler):
         self._json(status, _dumps({"error": message}), headers)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, 501...) as JSON too."""
+        """http.server's own errors, as JSON too."""
         self.close_connection = True
-        if not hasattr(self, "command") or self.command is None:
-            self.command = ""
-        self._respond(code, _dumps({"error": message or self.responses.get(
-            code, ("error",))[0]}).encode())
+        self._error(code, message or self.responses.get(code, ("error",))[0])
+
+    def _cors_headers(self):
+        return []
 
     def log_request(self, code="-", size="-"):
         if log.isEnabledFor(logging.DEBUG):
@@ -2521,97 +2970,198 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def _path_for_log(self):
-        return getattr(self, "path", "").split("?", 1)[0]
+        return (getattr(self, "path", None) or "").split("?", 1)[0]
+
+    def dispatch(self):
+        raise NotImplementedError
+
+
+Route = collections.namedtuple("Route", "method pattern endpoint access")
+Route.__doc__ = """One endpoint: ``method`` and ``pattern`` (a path; ``{name}`` matches
+the rest of it, percent-decoded as UTF-8 and passed as a keyword), the
+``endpoint`` function (called with the handler), and the ``access`` it
+needs: ``"none"`` (anyone), ``"read"`` or ``"write"``."""
+
+
+class _Router:
+    """``Handler.routes`` indexed: exact paths in a dict, patterns in order."""
+
+    def __init__(self, routes):
+        self.exact, self.patterns = {}, []
+        for route in routes:
+            if route.access not in LEVELS:
+                raise ValueError("access must be one of %s: %r" % (LEVELS, route))
+            if "{" in route.pattern:
+                regex = re.compile("".join(
+                    "(?P<%s>.+)" % part[1:-1] if part.startswith("{") else re.escape(part)
+                    for part in re.split(r"(\{\w+\})", route.pattern)) + r"\Z")
+                for known in self.patterns:
+                    if known[0].pattern == regex.pattern:
+                        known[1][route.method] = route
+                        break
+                else:
+                    self.patterns.append((regex, {route.method: route}))
+            else:
+                self.exact.setdefault(route.pattern, {})[route.method] = route
+
+    def match(self, path):
+        """(methods -> route, raw parameters) for ``path``, or (None, None)."""
+        methods = self.exact.get(path)
+        if methods is not None:
+            return methods, {}
+        for regex, methods in self.patterns:
+            found = regex.match(path)
+            if found:
+                return methods, found.groupdict()
+        return None, None
+
+
+def _path_param(text):
+    """A path parameter, strictly percent-decoded as UTF-8 (``+`` stays ``+``)."""
+    if _BAD_PERCENT.search(text):
+        raise BadRequest("bad percent-encoding in the path")
+    try:
+        return urllib.parse.unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the path is not UTF-8 once percent-decoded") from None
+
+
+class Handler(_Protocol):
+    """The endpoints: the HTTP API, the dashboard page and the WebSocket upgrade.
+
+    Each is a method taking the request (and the parameters of its path
+    pattern), declared once in ``routes`` at the end of the class.
+    """
+
+    def dispatch(self):
+        self._split()
+        server = self.server
+        if server.loopback and not self._host_allowed():
+            return self._refuse(403, "Host %r is not this server's name (DNS rebinding?); "
+                                "allow it with --allow-host" % self._host_for_check(),
+                                "Host not allowed")
+        methods, params = server.router.match(self.route)
+        if methods is None:
+            return self._error(404, "not found: %s" % self.route)
+        method = self.command
+        route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
+        if route is None:
+            allow = self._allow(methods)
+            if method == "OPTIONS" and self._cors_headers():
+                return self._respond(204, headers=[
+                    ("Access-Control-Allow-Methods", allow + ", OPTIONS"),
+                    ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                    ("Access-Control-Max-Age", "600")])
+            return self._error(405, "method not allowed", [("Allow", allow)])
+        if route.access != "none":
+            level = self.access()
+            if level == "none":
+                return self._refuse(
+                    401, "unauthorized: send Authorization: Bearer <token> or ?token=",
+                    "no valid token", [("WWW-Authenticate", "Bearer")])
+            if LEVELS.index(level) < LEVELS.index(route.access):
+                return self._refuse(403, "%s token" % ("read-only" if level == "read" else level),
+                                    "read-only token")
+        origin = self.headers.get("Origin")
+        if origin is not None and (route.access == "write" or "upgrade" in self.headers) \
+                and not self._origin_allowed(origin):
+            return self._refuse(403, "cross-origin request refused (see --allow-origin)",
+                                "foreign Origin")
+        route.endpoint(self, **{k: _path_param(v) for k, v in params.items()})
+
+    @staticmethod
+    def _allow(methods):
+        names = list(methods)
+        if "GET" in names and "HEAD" not in names:
+            names.insert(names.index("GET") + 1, "HEAD")
+        return ", ".join(names)
 
     # Request plumbing.
 
     def _split(self):
         path, _, query = self.path.partition("?")
         self.route = path
+        self.query_string = query
         self.query = urllib.parse.parse_qs(query, keep_blank_values=True) if query else {}
-        # A body we won't read would be taken for the next request: a response
-        # to such a request closes the connection (_read_body clears this).
-        self._unread_body = bool(self.headers.get("Transfer-Encoding")) or \
-            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+
+    def _given_token(self):
+        """The token the caller sent, as bytes (UTF-8 however it came), or None."""
+        header = self.headers.get("Authorization")
+        if header is not None:
+            scheme, _, rest = header.partition(" ")
+            if scheme.lower() == "bearer":
+                return rest.strip(" \t").encode("latin-1")  # the bytes as they came
+        for item in self.query_string.split("&"):
+            name, _, value = item.partition("=")
+            if name == "token":
+                return urllib.parse.unquote_to_bytes(value.replace("+", " ")).strip(b" \t")
+        return None
+
+    def access(self):
+        """``"none"``, ``"read"`` or ``"write"``: what the caller's token allows."""
+        if self._access is not None:
+            return self._access
+        levels = self.server.token_levels
+        if not levels:
+            level = "write"
+        else:
+            given, level = self._given_token(), "none"
+            if given:
+                for token, granted in levels.items():  # all of them, each in constant time
+                    if hmac.compare_digest(given, token) \
+                            and LEVELS.index(granted) > LEVELS.index(level):
+                        level = granted
+        self._access = level
+        return level
 
     def _authorized(self):
-        tokens = self.server.tokens
-        if not tokens:
-            return True
-        given = None
-        header = self.headers.get("Authorization", "")
-        if header[:7].lower() == "bearer ":
-            given = header[7:].strip()
-        elif "token" in self.query:
-            given = self.query["token"][0]
-        if not given:
+        return self.access() != "none"
+
+    def _refuse(self, status, message, reason, headers=()):
+        """Answer a refusal, and say so in the log (at most once a minute per
+        address and reason; never the token)."""
+        self.server.note_refused(self.client_address[0], reason,
+                                 "%s %s" % (self.command, self._path_for_log()))
+        self._error(status, message, headers)
+
+    def _host_for_check(self):
+        if self.authority is not None:  # absolute-form: its authority is the Host
+            return self.authority
+        return self.headers.get("Host", "")
+
+    def _host_allowed(self):
+        """On a loopback server, only loopback names and ``--allow-host`` names."""
+        text = self._host_for_check()
+        if not text and self.request_version == "HTTP/1.0":
+            return True  # no Host at all: not a browser, so no rebinding
+        try:
+            host, port = _split_host(text)
+        except ValueError:
             return False
-        given = given.encode("utf-8", "replace")
-        ok = False
-        for token in tokens:  # compare with all of them, in constant time each
-            ok |= hmac.compare_digest(given, token.encode("utf-8"))
-        return ok
+        allowed = self.server.allow_hosts
+        return _loopback_name(host) or "*" in allowed or host.rstrip(".") in allowed \
+            or text.strip().lower() in allowed
 
     def _origin_allowed(self, origin):
         """Same origin as the Host we were asked for, or one of ``--allow-origin``."""
         allowed = self.server.allow_origins
         if origin in allowed or "*" in allowed:
             return True
-        host = self.headers.get("Host", "")
-        return bool(host) and urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
+        scheme, sep, rest = origin.partition("://")
+        host = self._host_for_check().strip().lower()
+        if not sep or not host or scheme.lower() not in ("http", "https") or "/" in rest:
+            return False
+        try:
+            return _split_host(rest) == _split_host(host)
+        except ValueError:
+            return False
 
     def _cors_headers(self):
-        origin = self.headers.get("Origin") if hasattr(self, "headers") else None
+        origin = self.headers.get("Origin")
         allowed = self.server.allow_origins
         if not origin or not allowed or not (origin in allowed or "*" in allowed):
             return []
         return ["Access-Control-Allow-Origin: " + origin, "Vary: Origin"]
-
-    def _guard(self, write=False):
-        """Auth, and refuse writes from foreign web pages; True if we may go on."""
-        if not self._authorized():
-            self._error(401, "unauthorized: send Authorization: Bearer <token> or ?token=",
-                        [("WWW-Authenticate", "Bearer")])
-            return False
-        origin = self.headers.get("Origin")
-        if write and origin and not self._origin_allowed(origin):
-            self._error(403, "cross-origin request refused (see --allow-origin)")
-            return False
-        return True
-
-    def _read_body(self):
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise BadRequest("chunked bodies are not supported: send Content-Length", 411)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise BadRequest("Content-Length required", 411)
-        try:
-            if not length.strip().isdigit() or not length.strip().isascii():
-                raise ValueError  # int() would take "+5", "1_000", "-0"
-            length = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise BadRequest("invalid Content-Length") from None
-        if length > MAX_BODY:
-            self.close_connection = True
-            raise BadRequest("body larger than %d bytes" % MAX_BODY, 413)
-        # The body must come within the request deadline, however it trickles.
-        self.connection.settimeout(max(0.05, self._deadline - time.monotonic()))
-        self._deadline_timeout = True
-        try:
-            body = self.rfile.read(length)
-        except TimeoutError:
-            self.close_connection = True
-            raise BadRequest("request body not received in time", 408) from None
-        if len(body) < length:
-            self.close_connection = True
-            raise BadRequest("body shorter than Content-Length")
-        self._unread_body = False
-        if not body.strip():
-            raise BadRequest("empty body: send an update object or an array of them")
-        return body
 
     def _statuses(self):
         wanted = self.query.get("status")
@@ -2624,125 +3174,18 @@ class Handler(BaseHTTPRequestHandler):
                 ", ".join(sorted(unknown)), ", ".join(STATUSES)))
         return statuses
 
-    # Methods.
-
-    def do_GET(self):
-        self._split()
-        route = self.route
-        try:
-            if route == "/health":
-                return self._health()
-            if route in ("/", "/index.html", "/static/index.html"):
-                return self._page()
-            if not self._guard():
-                return
-            if route == "/tasks":
-                tasks = self.server.store.select(self._statuses())
-                if len(tasks) <= JSON_CHUNK:
-                    return self._json(200, _dumps({"tasks": tasks}))
-                return self._respond_pieces(200, _json_pieces('{"tasks":{', tasks, "}}"))
-            if route == "/groups":
-                return self._json(200, _dumps({"groups": self.server.store.groups(
-                    self._statuses())}))
-            if route.startswith("/tasks/"):
-                text = self.server.store.get_json(urllib.parse.unquote(route[7:]))
-                if text is None:
-                    return self._error(404, "no such task")
-                return self._json(200, text)
-            if route == "/ws":
-                return self._websocket()
-            if route == "/metrics":
-                ctype = "text/plain; version=0.0.4; charset=utf-8"
-                if len(self.server.store) <= JSON_CHUNK:
-                    return self._respond(200, self.server.metrics().encode(), ctype)
-                return self._respond_pieces(
-                    200, (piece.encode() for piece in _metrics_pieces(self.server)), ctype)
-            if route in ("/progress",):
-                return self._error(405, "use POST", [("Allow", "POST")])
-            self._error(404, "not found: %s" % route)
-        except BadRequest as exc:
-            self._error(exc.status, str(exc))
-
-    def do_HEAD(self):
-        if self.path.partition("?")[0] == "/ws":
-            self._split()
-            return self._error(405, "the WebSocket needs GET", [("Allow", "GET")])
-        self.do_GET()
-
-    def do_POST(self):
-        self._split()
-        try:
-            if self.route != "/progress":
-                return self._not_allowed()
-            if not self._guard(write=True):
-                return
-            data = parse_json(self._read_body())
-            count = self.server.store.ingest(data)
-            self._json(200, b'{"ok":true,"accepted":%d}' % count)
-        except BadRequest as exc:
-            self._error(exc.status, str(exc))
-
-    def do_DELETE(self):
-        self._split()
-        try:
-            if not (self.route == "/tasks" or self.route.startswith("/tasks/")):
-                return self._not_allowed()
-            if not self._guard(write=True):
-                return
-            store = self.server.store
-            if self.route == "/tasks":
-                statuses = self._statuses()
-                if statuses is None:
-                    raise BadRequest("say which tasks: DELETE /tasks?status=close[&older_than=S]")
-                older_than = None
-                if "older_than" in self.query:
-                    try:
-                        older_than = float(self.query["older_than"][0])
-                        if not math.isfinite(older_than) or older_than < 0:
-                            raise ValueError
-                    except ValueError:
-                        raise BadRequest("older_than must be a number of seconds") from None
-                return self._json(200, _dumps({"removed": store.delete_where(statuses,
-                                                                              older_than)}))
-            removed = store.delete(urllib.parse.unquote(self.route[7:]))
-            self._json(200, _dumps({"removed": removed}))
-        except BadRequest as exc:
-            self._error(exc.status, str(exc))
-
-    def do_OPTIONS(self):
-        self._split()
-        origin = self.headers.get("Origin")
-        if origin and self._cors_headers():
-            return self._respond(204, headers=[
-                ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-                ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
-                ("Access-Control-Max-Age", "600")])
-        self._not_allowed()
-
-    def _not_allowed(self):
-        known = self.route in ("/", "/health", "/metrics", "/ws", "/progress", "/tasks",
-                               "/groups", "/static/index.html", "/index.html") \
-            or self.route.startswith("/tasks/")
-        if not known:
-            return self._error(404, "not found: %s" % self.route)
-        allow = "POST" if self.route == "/progress" else (
-            "GET, HEAD, DELETE" if self.route.startswith("/tasks") else "GET, HEAD")
-        self._error(405, "method not allowed", [("Allow", allow)])
-
-    def do_PUT(self):
-        self._split()
-        self._not_allowed()
-
-    do_PATCH = do_PUT
-
     # Endpoints.
 
     def _health(self):
         server = self.server
-        self._json(200, _dumps({"status": "ok", "tasks": len(server.store),
-                                "auth_required": bool(server.tokens),
-                                "authorized": self._authorized(),
-                                "version": __version__}))
+        body = {"status": "ok", "tasks": len(server.store),
+                "auth_required": bool(server.token_levels),
+                "authorized": self._authorized(),
+                "version": __version__}
+        trouble = server.db.trouble if server.db is not None else None
+        if trouble:
+            body["status"], body["reason"] = "degraded", trouble
+        self._json(200, _dumps(body))
 
     def _page(self):
         self._respond(200, INDEX_HTML_BYTES, "text/html; charset=utf-8", [
@@ -2752,12 +3195,63 @@ class Handler(BaseHTTPRequestHandler):
             ("X-Frame-Options", "DENY"),
             ("Cache-Control", "no-cache")])
 
+    def _post_progress(self):
+        data = parse_json(self.read_body())
+        count = self.server.store.ingest(data)
+        self._json(200, b'{"ok":true,"accepted":%d}' % count)
+
+    def _get_tasks(self):
+        tasks = self.server.store.select(self._statuses())
+        if len(tasks) <= JSON_CHUNK:
+            return self._json(200, _dumps({"tasks": tasks}))
+        self._respond_pieces(200, _json_pieces('{"tasks":{', tasks, "}}"))
+
+    def _get_groups(self):
+        """SPEC section 8: each group's members, expected size, counts, sums, ETA, done."""
+        groups = self.server.store.groups(self._statuses())
+        if len(groups) <= JSON_CHUNK:
+            return self._json(200, _dumps({"groups": groups}))
+        self._respond_pieces(200, _json_pieces('{"groups":{', groups, "}}"))
+
+    def _delete_tasks(self):
+        statuses = self._statuses()
+        if statuses is None:
+            raise BadRequest("say which tasks: DELETE /tasks?status=close[&older_than=S]")
+        older_than = None
+        if "older_than" in self.query:
+            try:
+                older_than = float(self.query["older_than"][0])
+                if not math.isfinite(older_than) or older_than < 0:
+                    raise ValueError
+            except ValueError:
+                raise BadRequest("older_than must be a number of seconds") from None
+        self._json(200, _dumps({"removed": self.server.store.delete_where(statuses,
+                                                                          older_than)}))
+
+    def _get_task(self, task_id):
+        text = self.server.store.get_json(task_id)
+        if text is None:
+            return self._error(404, "no such task")
+        self._json(200, text)
+
+    def _delete_task(self, task_id):
+        self._json(200, _dumps({"removed": self.server.store.delete(task_id)}))
+
+    def _metrics(self):
+        ctype = "text/plain; version=0.0.4; charset=utf-8"
+        if len(self.server.store) <= JSON_CHUNK:
+            return self._respond(200, self.server.metrics().encode(), ctype)
+        self._respond_pieces(200, (piece.encode() for piece in _metrics_pieces(self.server)),
+                             ctype)
+
     def _websocket(self):
         headers = self.headers
-        if "websocket" not in headers.get("Upgrade", "").lower():
+        if self.command != "GET":
+            return self._error(405, "the WebSocket needs GET", [("Allow", "GET")])
+        if "websocket" not in _tokens_of(headers.get("Upgrade", "")):
             return self._error(426, "this is the WebSocket endpoint: send Upgrade: websocket",
                                [("Upgrade", "websocket")])
-        if "upgrade" not in headers.get("Connection", "").lower():
+        if "upgrade" not in _tokens_of(headers.get("Connection", "")):
             return self._error(400, "Connection: Upgrade header missing")
         if headers.get("Sec-WebSocket-Version", "").strip() != "13":
             return self._error(426, "only WebSocket version 13 is supported",
@@ -2769,28 +3263,50 @@ class Handler(BaseHTTPRequestHandler):
             valid_key = False
         if not valid_key:
             return self._error(400, "Sec-WebSocket-Key must be 16 bytes in base64")
-        origin = headers.get("Origin")
-        if origin and not self._origin_allowed(origin):
-            return self._error(403, "WebSocket from a foreign origin refused (see --allow-origin)")
-        self.close_connection = True
-        self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                          "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
-                          % accept_key(key)).encode("ascii"))
-        self.log_request(101)
-        self.connection.settimeout(None)  # the hub's pings find dead peers instead
-        ws = WebSocket(self.connection, self.rfile)
         server, hub = self.server, self.server.hub
         with server.ws_lock:
-            server.ws_count += 1
+            full = server.ws_count >= server.max_dashboards
+            if not full:
+                server.ws_count += 1
+        if full:
+            return self._error(503, "too many dashboards (%d) connected: try again later"
+                               % server.max_dashboards, [("Retry-After", "5")])
         try:
-            ws.start()
-            hub.attach(ws)
-            ws.serve()
+            self.close_connection = True
+            self.reader.end()
+            self._started = True
+            self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                              "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                              % accept_key(key)).encode("ascii"))
+            self.log_request(101)
+            self.connection.settimeout(None)  # the hub's pings find dead peers instead
+            ws = WebSocket(self.connection, self.rfile)
+            try:
+                ws.start()
+                hub.attach(ws)
+                ws.serve()
+            finally:
+                hub.detach(ws)
+                ws.abort()
         finally:
-            hub.detach(ws)
-            ws.abort()
             with server.ws_lock:
                 server.ws_count -= 1
+
+    # The routing table: one row per endpoint.  HEAD is served wherever GET is.
+    routes = (
+        Route("GET", "/", _page, "none"),
+        Route("GET", "/index.html", _page, "none"),
+        Route("GET", "/static/index.html", _page, "none"),
+        Route("GET", "/health", _health, "none"),
+        Route("POST", "/progress", _post_progress, "write"),
+        Route("GET", "/tasks", _get_tasks, "read"),
+        Route("GET", "/groups", _get_groups, "read"),
+        Route("DELETE", "/tasks", _delete_tasks, "write"),
+        Route("GET", "/tasks/{task_id}", _get_task, "read"),
+        Route("DELETE", "/tasks/{task_id}", _delete_task, "write"),
+        Route("GET", "/metrics", _metrics, "read"),
+        Route("GET", "/ws", _websocket, "read"),
+    )
 
 
 _csp_cache = []
@@ -2820,25 +3336,37 @@ class ProgressServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     max_connections = 1024
+    max_dashboards = 256
+    refusal_log_seconds = 60.0  # one INFO line per client address and reason this often
     notifier = None  # a Notifier (alerts), started and stopped with the server
 
     def __init__(self, address, store=None, tokens=(), allow_origins=(), db=None,
-                 handler=Handler):
+                 handler=Handler, allow_hosts=()):
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.store = store if store is not None else TaskStore()
         self.hub = Hub(self.store)
-        self.tokens = [t for t in tokens if t]
+        tokens = [t.strip(" \t") for t in tokens]
+        if not all(tokens):
+            raise ValueError("an empty token would turn authentication off: give a real token")
+        self.tokens = tokens
+        # What each token may do, by its UTF-8 bytes (see Handler.access).
+        self.token_levels = {t.encode("utf-8"): "write" for t in tokens}
         self.allow_origins = list(allow_origins)
+        self.allow_hosts = {h.strip().lower().rstrip(".") for h in allow_hosts if h.strip()}
         self.db = db
-        self.ws_lock = threading.Lock()
+        self.router = _Router(handler.routes)
+        self.ws_lock = threading.Lock()  # guards ws_count, open_connections, sockets, idle
         self.ws_count = 0
         self.open_connections = 0
         self.sockets = set()  # open connections, closed by stop()
         self.idle = {}  # connections waiting for their next request, oldest first
+        self.refused_lock = threading.Lock()
+        self.refused = {}  # (address, reason) -> when it was last logged
         self.thread = None
         super().__init__(address, handler)
+        self.loopback = _is_loopback(self.server_address[0])
 
     @property
     def url(self):
@@ -2849,12 +3377,27 @@ class ProgressServer(ThreadingHTTPServer):
             host = "127.0.0.1"
         return "http://%s:%d" % (host, port)
 
+    def note_refused(self, address, reason, what):
+        """Log a refused request at INFO, once a minute per address and reason."""
+        now = time.monotonic()
+        with self.refused_lock:
+            last = self.refused.get((address, reason))
+            if last is not None and now - last < self.refusal_log_seconds:
+                return
+            if len(self.refused) >= 4096:  # a flood of addresses: forget the old ones
+                self.refused = {k: t for k, t in self.refused.items()
+                                if now - t < self.refusal_log_seconds}
+            self.refused[(address, reason)] = now
+        log.info("refused %s from %s: %s (said once a minute per client and reason)",
+                 what, address, reason)
+
     def process_request(self, request, client_address):
         """Make room for a new connection, or refuse it cheaply.
 
-        At ``max_connections``, the connection idle the longest between two
-        requests is closed to make room: idle sockets can't starve a client
-        that has something to say.  Only when none is idle is it a 503.
+        At ``max_connections``, the connection idle the longest (between two
+        requests, or still waiting for a request's head) is closed to make
+        room: idle sockets can't starve a client that has something to say.
+        Only when none is idle is it a 503.
         """
         with self.ws_lock:
             victim = None
@@ -2872,10 +3415,11 @@ class ProgressServer(ThreadingHTTPServer):
             except OSError:
                 pass
         if full:
+            body = b'{"error":"too many connections"}'
             try:
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                                b"application/json\r\nContent-Length: 33\r\nConnection: "
-                                b"close\r\n\r\n{\"error\":\"too many connections\"}")
+                                b"application/json\r\nContent-Length: %d\r\nConnection: "
+                                b"close\r\nRetry-After: 1\r\n\r\n%s" % (len(body), body))
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -2892,7 +3436,7 @@ class ProgressServer(ThreadingHTTPServer):
                 self.idle.pop(request, None)
 
     def handle_error(self, request, client_address):
-        log.debug("connection error from %s", client_address[0], exc_info=True)
+        log.error("connection from %s failed", client_address[0], exc_info=True)
 
     def metrics(self):
         return _metrics_text(self)
@@ -3000,6 +3544,10 @@ def _metrics_pieces(server):
     yield ("# HELP progressista_websocket_clients Dashboards connected now.\n"
            "# TYPE progressista_websocket_clients gauge\n"
            "progressista_websocket_clients %d\n" % server.ws_count)
+    yield ("# HELP progressista_db_write_errors_total Failed writes to the --db file.\n"
+           "# TYPE progressista_db_write_errors_total counter\n"
+           "progressista_db_write_errors_total %d\n"
+           % (server.db.write_errors if server.db is not None else 0))
     yield from _group_metrics(store.groups(), label, number)
 
 
@@ -3019,7 +3567,8 @@ def _group_metrics(groups, label, number):
                       % (label(name), number(groups[name]["expected"]))
                       for name in names[start:start + JSON_CHUNK])
     yield ("# HELP progressista_group_progress_ratio Sum of n / sum of total over the main "
-           "bars of a group; NaN when a total is unknown.\n"
+           "bars of a group, members not started yet counted as 0%; NaN when a total is "
+           "unknown.\n"
            "# TYPE progressista_group_progress_ratio gauge\n")
     for start in range(0, len(names), JSON_CHUNK):
         yield "".join('progressista_group_progress_ratio{group="%s"} %s\n'
@@ -3028,10 +3577,15 @@ def _group_metrics(groups, label, number):
 
 
 def _group_ratio(entry):
-    n, total = entry["n"], entry["total"]
+    """How far the group is: members not started yet count as 0% done, each
+    the size of an average started one (so 400 of 1,000 done reads 0.4)."""
+    n, total, expected = entry["n"], entry["total"], entry["expected"]
     if not total or n is None:
         return None
     try:
+        members = entry["members"]
+        if expected is not None and expected > members:
+            total = total / members * expected
         return n / total
     except OverflowError:
         return float("inf")
@@ -3039,7 +3593,8 @@ def _group_ratio(entry):
 
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,
                 retention_seconds=86400.0, allow_origins=(), max_tasks=100000,
-                clock=time.time, notify=(), notify_on=DEFAULT_NOTIFY_ON, notify_window=10.0):
+                clock=time.time, allow_hosts=(), notify=(), notify_on=DEFAULT_NOTIFY_ON,
+                notify_window=10.0):
     """Build a ready-to-start server (``.start()`` in the background, or ``serve``).
 
     ``notify`` is a list of webhook URLs (alerts); a bad one raises ValueError.
@@ -3053,7 +3608,8 @@ def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0
     if notifier is not None:
         notifier.attach(store)  # after the restore: restored states raise no alert
     try:
-        server = ProgressServer((host, port), store, tokens, allow_origins, database)
+        server = ProgressServer((host, port), store, tokens, allow_origins, database,
+                                allow_hosts=allow_hosts)
         server.notifier = notifier
         return server
     except BaseException:
@@ -3205,6 +3761,14 @@ body.disconnected main { opacity: .72; }
 .group-count, .group-progress { color: var(--muted); font-size: 12.5px; font-variant-numeric: tabular-nums; }
 .group-bar { flex: 1 1 120px; max-width: 320px; }
 .group.collapsed { padding-bottom: 0; }
+/* the job line: every task of the prefix, whatever its section (SPEC 8) */
+.group-job { flex: 1 1 100%; display: flex; flex-wrap: wrap; align-items: center; gap: 4px 12px; min-width: 0;
+  color: var(--muted); font-size: 12.5px; font-variant-numeric: tabular-nums; }
+.group-job-bar { flex: 0 1 200px; height: 4px; }
+.job-percent { font-weight: 600; color: var(--text); }
+.group-job-bar .bar-fill { background: var(--blue); }
+.group-job[data-state="failed"] .group-job-bar .bar-fill { background: var(--red); }
+.group-job[data-state="done"] .group-job-bar .bar-fill { background: var(--green); }
 
 /* ---- cards ---- */
 .card {
@@ -3313,7 +3877,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
 </main>
 <div id="toast" class="toast" role="status" hidden></div>
 <template id="tpl-card"><article class="card"><div class="card-head"><div class="card-titles"><div class="task-id"></div><div class="desc"></div></div><button type="button" class="discard" aria-label="Discard task">&times;</button></div><div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100"><div class="bar-fill"></div></div><div class="line stats"><span class="percent"></span><span class="progress-text"></span><span class="rate"></span></div><div class="line times"><span class="elapsed"></span><span class="eta"></span></div><div class="age"></div><div class="host"></div><div class="postfix"></div><ul class="meta"></ul><div class="error-line"></div></article></template>
-<template id="tpl-group"><div class="group"><div class="group-header"><button type="button" class="group-toggle" aria-expanded="true"><span class="chev" aria-hidden="true"></span><span class="group-name"></span></button><span class="group-count"></span><span class="group-progress"></span><div class="bar group-bar"><div class="bar-fill"></div></div></div><div class="list group-body"></div></div></template>
+<template id="tpl-group"><div class="group"><div class="group-header"><button type="button" class="group-toggle" aria-expanded="true"><span class="chev" aria-hidden="true"></span><span class="group-name"></span></button><span class="group-count"></span><span class="group-progress"></span><div class="bar group-bar"><div class="bar-fill"></div></div><div class="group-job" hidden><div class="bar group-job-bar"><div class="bar-fill"></div></div><span class="job-percent"></span><span class="job-started"></span><span class="job-counts"></span><span class="job-rate"></span><span class="job-eta"></span></div></div><div class="list group-body"></div></div></template>
 <script>
 (function () {
   'use strict';
@@ -3557,7 +4121,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   // ---- cards ------------------------------------------------------------
   function newRecord(id) {
     return { id: id, t: null, el: null, status: null, group: null, key: 0, match: true,
-      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0 };
+      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0, job: null, js: null, jm: null };
   }
 
   function cardElement(rec) {
@@ -3718,6 +4282,116 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     setText(g.progress, text);
     setHidden(g.bar, !withTotal);
     if (g.fill._w !== w) { g.fill._w = w; g.fill.style.width = w; }
+    paintJob(g);
+  }
+
+  // ---- jobs (SPEC 8) ------------------------------------------------------
+  // A job is every task of a prefix, whatever its section. Each box of the
+  // prefix shows its members against the expected size (task.group_size),
+  // the members' states (by their main bar: the task without "/k"), the sum
+  // of the main bars, their rate and the ETA, as GET /groups computes them.
+  // Each task adds its share and takes it back when it changes, so an update
+  // costs the same in a job of 10 or of 100,000.
+  var jobs = new Map();     // prefix -> job record
+  var jobsDirty = new Set();
+  function jobShare(rec, t) {
+    var j = rec.job, s = rec.js;
+    if (j) {  // take back the old share
+      j.tasks--;
+      var left = j.members.get(rec.jm) - 1;
+      if (left) j.members.set(rec.jm, left); else j.members.delete(rec.jm);
+      if (s) {
+        j.mains[s.status]--;
+        var uses = j.units.get(s.unit) - 1;
+        if (uses) j.units.set(s.unit, uses); else j.units.delete(s.unit);
+        j.n -= s.n;
+        if (s.total === null) j.noTotal--; else j.total -= s.total;
+        if (s.status === 'active') {
+          j.active--;
+          j.rate -= s.rate;
+          if (s.total === null) j.remUnknown--; else j.rem -= s.rem;
+        }
+      }
+      jobsDirty.add(j);
+      if (!j.tasks) jobs.delete(j.prefix);
+    }
+    rec.job = rec.js = null;
+    var prefix = t ? prefixOf(rec.id) : null;
+    if (prefix === null) return;
+    j = jobs.get(prefix);
+    if (!j) {
+      j = { prefix: prefix, tasks: 0, members: new Map(), mains: { active: 0, stale: 0, close: 0, error: 0 },
+        n: 0, total: 0, noTotal: 0, active: 0, rate: 0, rem: 0, remUnknown: 0, expected: null,
+        units: new Map() };
+      jobs.set(prefix, j);
+    }
+    var tail = rec.id.slice(prefix.length + 1), slash = tail.indexOf('/');
+    rec.job = j;
+    rec.jm = slash < 0 ? tail : tail.slice(0, slash);
+    j.tasks++;
+    j.members.set(rec.jm, (j.members.get(rec.jm) || 0) + 1);
+    var size = num(t.group_size);
+    if (size !== null && size >= 1) j.expected = size;  // the server sets the latest on every task
+    jobsDirty.add(j);
+    if (slash >= 0) return;
+    var n = Math.max(num(t.n) || 0, 0), total = num(t.total), status = t.status;
+    if (total !== null && total < 0) total = null;
+    s = rec.js = { status: status, n: n, total: total, rate: 0, rem: 0, unit: t.unit ? String(t.unit) : 'it' };
+    j.mains[status]++;
+    j.units.set(s.unit, (j.units.get(s.unit) || 0) + 1);
+    j.n += n;
+    if (total === null) j.noTotal++; else j.total += total;
+    if (status === 'active') {
+      j.active++;
+      s.rate = Math.max(num(t.rate) || 0, 0);
+      j.rate += s.rate;
+      if (total === null) j.remUnknown++; else { s.rem = Math.max(total - n, 0); j.rem += s.rem; }
+    }
+  }
+  function markJobs() {
+    jobsDirty.forEach(function (j) {
+      if (!j.active) j.rate = j.rem = 0;  // no drift left behind by sums of floats
+      for (var i = 0; i < STATUSES.length; i++) {
+        var g = groups.get(STATUSES[i] + '\n' + j.prefix);
+        if (g) g.summary = true;
+      }
+    });
+    jobsDirty.clear();
+  }
+  function paintJob(g) {
+    var j = jobs.get(g.prefix), el = g.job || (g.job = jobElements(g.el));
+    setHidden(el.row, !j);
+    if (!j) return;
+    var unit = j.units.size === 1 ? j.units.keys().next().value : '';  // mixed units: counts only
+    var members = j.members.size, m = j.mains, mains = m.active + m.stale + m.close + m.error;
+    setText(el.started, j.expected !== null ? fmtNum(members) + ' / ' + fmtNum(j.expected) + ' started'
+      : fmtNum(members) + (members === 1 ? ' member' : ' members'));
+    // the bar: blue while a member runs, then green, or red when one failed
+    var state = m.active || m.stale ? 'running' : m.error ? 'failed' : 'done';
+    if (el.row._state !== state) { el.row._state = state; el.row.dataset.state = state; }
+    setText(el.counts, fmtNum(m.close) + ' done \u00b7 ' + fmtNum(m.error) + ' failed \u00b7 ' +
+      fmtNum(m.active) + ' running' + (m.stale ? ' \u00b7 ' + fmtNum(m.stale) + ' stalled' : ''));
+    // members not started yet count as 0% done, each the size of an average started one
+    var known = mains > 0 && !j.noTotal && j.total > 0, w = '', pct = '';
+    if (known) {
+      var whole = j.expected !== null && j.expected > members ? j.total / members * j.expected : j.total;
+      var ratio = Math.min(1, Math.max(0, j.n / whole));
+      w = (ratio * 100).toFixed(2) + '%';
+      pct = (j.n >= whole ? 100 : Math.min(99, Math.floor(ratio * 100))) + '%';
+    }
+    setHidden(el.bar, !known);
+    if (el.fill._w !== w) { el.fill._w = w; el.fill.style.width = w; }
+    setShown(el.percent, pct);
+    setTitle(el.bar, known ? fmtProgress(j.n, j.total, unit) + ' over the main bars of the members started' : '');
+    var rate = j.active ? j.rate : 0, early = j.expected !== null && members < j.expected;
+    setShown(el.rate, rate > 0 ? fmtRate(rate, unit || 'it') : '');
+    setShown(el.eta, rate > 0 && !j.remUnknown ? 'ETA ' + fmtInterval(j.rem / rate) + (early ? ' (started ones)' : '') : '');
+  }
+  function jobElements(groupEl) {
+    var row = groupEl.querySelector('.group-job'), bar = row.firstElementChild, percent = bar.nextElementSibling;
+    var started = percent.nextElementSibling, counts = started.nextElementSibling, rate = counts.nextElementSibling;
+    return { row: row, bar: bar, fill: bar.firstElementChild, percent: percent, started: started, counts: counts,
+      rate: rate, eta: rate.nextElementSibling };
   }
 
   // Sort a group's members, refresh its header, count those passing the filter.
@@ -3873,7 +4547,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     pending.forEach(function (t, id) {
       var rec = cards.get(id);
       if (t === null) {
-        if (rec) { unfile(rec); contribute(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
+        if (rec) { unfile(rec); contribute(rec, null); jobShare(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
         return;
       }
       if (!rec) { rec = newRecord(id); cards.set(id, rec); }
@@ -3882,6 +4556,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       rec.search = null;
       rec.painted = false;
       contribute(rec, t);
+      jobShare(rec, t);
       var match = filtering ? matches(searchOf(rec)) : true, key = activityKey(t);
       if (refileAll) { rec.key = key; rec.match = match; return; }
       if (rec.status !== t.status) {
@@ -3898,6 +4573,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       if (rec.el && rec.el.isConnected) paint(rec, now);
     });
     pending.clear();
+    if (jobsDirty.size) markJobs();
     if (refileAll) refile();
     groups.forEach(function (g) { if (!g.size || g.sort || g.dirty || g.summary) settleGroup(g); });
     STATUSES.forEach(function (s) { if (sections[s].dirty || sections[s].sort) renderSection(sections[s], now); });
@@ -4308,17 +4984,26 @@ def demo(server_url=None, duration=20.0):
     with_meta = cls(total=500, desc="with meta", unit="img", task_id=run_id + ":meta",
                     meta={"model": "resnet50", "lr": 0.0003, "gpu": 0, "dataset": "imagenet"},
                     **quiet)
+    # A job (SPEC section 8): an array of 8 tasks of which 3 have started so far.
+    array_id = "demo-array-%s" % time.strftime("%H%M%S")
+    for _ in cls(range(40), desc="array task 0: shard 0", unit="file", group_size=8,
+                 task_id=array_id + ":0", **quiet):
+        pass
+    shards = [cls(total=400, desc="array task %d: shard %d" % (k, k), unit="file",
+                  group_size=8, task_id="%s:%d" % (array_id, k), **quiet) for k in (1, 2)]
     deadline = time.monotonic() + duration if duration else float("inf")
     try:
         while time.monotonic() < deadline:
             running.update(3)
             unknown.update(48_000)
             with_meta.update(1)
+            for k, shard in enumerate(shards):
+                shard.update(1 + k)
             running.set_postfix(loss="%.3f" % (2.0 / (1 + running.n / 300)))
             time.sleep(0.1)
     except KeyboardInterrupt:
         pass
-    for bar in (running, unknown, with_meta, stalled):
+    for bar in [running, unknown, with_meta, stalled] + shards:
         bar.close()
     return 0
 
@@ -4358,6 +5043,9 @@ def _build_parser():
                    help="web origin allowed cross-site, repeatable ($PROGRESSISTA_ALLOW_ORIGINS)")
     p.add_argument("--max-tasks", default=env("PROGRESSISTA_MAX_TASKS", "100000"),
                    help="task cap; the oldest ended tasks are evicted first (default 100000)")
+    p.add_argument("--allow-host", action="append", default=None,
+                   help="a name this server may be reached by besides loopback ones, "
+                        "repeatable ($PROGRESSISTA_ALLOW_HOSTS)")
     p.add_argument("--notify", action="append", default=None, metavar="URL",
                    help="webhook for alerts, repeatable: http(s)://, slack+https://, "
                         "discord+https://, ntfy+https://host/topic ($PROGRESSISTA_NOTIFY, "
@@ -4376,6 +5064,8 @@ def _build_parser():
     p.add_argument("--push-every", help="least seconds between sends of one bar")
     p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
     p.add_argument("--meta", help="JSON object attached to every bar")
+    p.add_argument("--group-size", help="members the job's group will have (default: from "
+                   "Slurm, torchrun or $PROGRESSISTA_GROUP_SIZE)")
 
     p = commands.add_parser("demo", help="push a few bars in every state to a server")
     p.add_argument("--server-url", help="where to POST ($PROGRESSISTA_SERVER_URL)")
@@ -4428,7 +5118,8 @@ def _notify_command(parser, args):
     return 0 if 200 <= status < 300 else 1
 
 
-_RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level")
+_RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level",
+               "--group-size")
 
 
 def _split_run_args(argv):
@@ -4482,9 +5173,13 @@ def main(argv=None):
 
     if args.command == "serve":
         tokens = args.token or _env_list("PROGRESSISTA_API_TOKEN", "PROGRESSISTA_API_TOKENS")
+        if args.token is not None and not all(t.strip(" \t") for t in args.token):
+            parser.error("--token is empty (an unset variable?): give a real token, "
+                         "or leave --token out for no authentication")
+        hosts = args.allow_host or _env_list("PROGRESSISTA_ALLOW_HOSTS")
         origins = args.allow_origin or _env_list("PROGRESSISTA_ALLOW_ORIGINS")
         options = dict(
-            tokens=tokens, db=args.db, allow_origins=origins,
+            tokens=tokens, db=args.db, allow_origins=origins, allow_hosts=hosts,
             stale_seconds=_number(parser, "--stale-seconds", args.stale_seconds),
             retention_seconds=_number(parser, "--retention-seconds", args.retention_seconds),
             max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1),
@@ -4535,6 +5230,8 @@ def main(argv=None):
         if not isinstance(meta, dict):
             parser.error("--meta must be a JSON object, like '{\"run\": 7}'")
         options["meta"] = meta
+    if args.group_size is not None:
+        options["group_size"] = _number(parser, "--group-size", args.group_size, int, 1)
     if not args.module and not os.path.exists(target):
         parser.error("no such script: %s" % target)
     return run(target, script_args, module=bool(args.module), **options)

@@ -1109,6 +1109,194 @@ def test_trange_pandas_auto_asyncio_under_install(server):
         assert got[task_id]["status"] == "close" and got[task_id]["n"] == n, got[task_id]
 
 
+
+# Ids and group sizes from the scheduler's environment (SPEC section 8).
+
+_SCHEDULER_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+                   "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE",
+                   "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _scheduler_env(**variables):
+    """The test's environment as a scheduler would set it, and nothing of the host's own."""
+    env = {k: None for k in _SCHEDULER_VARS}
+    env.update(variables)
+    return env
+
+
+def _run_scheduled(code, srv, variables, **kw):
+    env = _scheduler_env(**variables)
+    full = _clean_env({k: v for k, v in env.items() if v is not None},
+                      PROGRESSISTA_SERVER_URL=srv.url + "/progress",
+                      PROGRESSISTA_PUSH_INTERVAL="0.02")
+    for name in _SCHEDULER_VARS:
+        if env[name] is None:
+            full.pop(name, None)
+    source = PRELUDE + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", source], env=full, capture_output=True,
+                          timeout=60, **kw)
+
+
+# What a rank does: two epochs one after another, each with nested bars.
+_EPOCHS_SCRIPT = """
+    import json, socket, os, time
+    sends = []
+    class Spy(RemoteTqdm):
+        def _post(self, payload):
+            for item in payload if isinstance(payload, list) else [payload]:
+                sends.append((item["task_id"], item["status"], item.get("group_size")))
+            return super()._post(payload)
+    opened = []
+    for epoch in range(2):
+        with Spy(total=2, desc="epoch %d" % epoch, disable=None) as outer:
+            opened.append(outer._pst_id)
+            time.sleep(0.2)  # sent open
+            for step in range(2):
+                inner = Spy(range(3), desc="batches", disable=None)
+                opened.append(inner._pst_id)
+                if epoch == 1 and step == 1:  # two open at once under the outer one
+                    extra = Spy(total=1, disable=None)
+                    opened.append(extra._pst_id)
+                    time.sleep(0.2)
+                    extra.update(1)
+                    extra.close()
+                for _ in inner:
+                    time.sleep(0.05)
+                outer.update(1)
+    after = Spy(total=1, disable=None)  # none open any more: the plain id again
+    opened.append(after._pst_id)
+    after.update(1)
+    after.close()
+    print(json.dumps({"opened": opened, "sends": sends, "host": socket.gethostname(),
+                      "pid": os.getpid()}))
+"""
+
+
+@pytest.mark.parametrize("variables, base, size", [
+    ({"SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "17",
+      "SLURM_ARRAY_TASK_COUNT": "1000", "SLURM_JOB_ID": "4259", "SLURM_PROCID": "0",
+      "SLURM_NTASKS": "1"}, "slurm-4242:17", 1000),
+    ({"SLURM_JOB_ID": "991", "SLURM_PROCID": "5", "SLURM_NTASKS": "16"},
+     "slurm-991:rank-5", 16),
+    ({"RANK": "3", "WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "ft-run-9",
+      "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"}, "torch-ft-run-9:rank-3", 8),
+    ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none",
+      "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"}, "torch-10.1.2.3-29500:rank-0", 2),
+    ({"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "node7", "MASTER_PORT": "1234",
+      "PROGRESSISTA_JOB": "etl-3", "PROGRESSISTA_GROUP_SIZE": "40"}, "etl-3:{host}-{pid}", 40),
+    ({"PROGRESSISTA_JOB": "etl-4"}, "etl-4:{host}-{pid}", None),
+], ids=["slurm-array", "slurm-step", "torchrun", "torchrun-no-run-id", "progressista-job",
+        "job-without-size"])
+def test_ids_from_the_scheduler_reused_nested_and_sized(server, variables, base, size):
+    proc = _run_scheduled(_EPOCHS_SCRIPT, server, variables)
+    assert proc.returncode == 0 and not proc.stderr, proc
+    out = json.loads(proc.stdout)
+    base = base.format(host=out["host"], pid=out["pid"])
+    main, second, third = base, base + "/2", base + "/3"
+    assert out["opened"] == [main, second, second, main, second, second, third, main], out
+    sends = out["sends"]
+    assert {task_id for task_id, _, _ in sends} == {main, second, third}
+    assert all(group_size == size for _, _, group_size in sends), sends
+    # the second epoch reopened the rank's card: its sends after a close say "start"
+    for task_id in (main, second):
+        statuses = [status for t, status, _ in sends if t == task_id]
+        assert "close" in statuses[:-1], statuses
+        closed_at = statuses.index("close")
+        assert statuses[closed_at + 1] == "start", statuses
+        assert set(statuses) <= {"start", "close"}, statuses
+    got = tasks(server)
+    assert set(got) == {main, second, third}
+    assert got[main]["n"] == 1 and got[main]["status"] == "close"  # the last bar's state
+    assert all(t["group_size"] == size for t in got.values())
+    if size is not None:
+        assert server.store.group_sizes == {base.partition(":")[0]: size}
+
+
+def test_no_scheduler_keeps_unique_ids(server):
+    proc = _run_scheduled("""
+        a = RemoteTqdm(range(2), disable=None); list(a)
+        b = RemoteTqdm(range(2), disable=None); list(b)
+        print(a._pst_id != b._pst_id, a._pst_id.count(":"), "/" in b._pst_id)
+    """, server, {})
+    assert proc.stdout.split() == [b"True", b"1", b"False"], proc
+    assert all(t["group_size"] is None for t in tasks(server).values())
+
+
+def test_scheduler_variables_first_match_wins():
+    both = {"SLURM_ARRAY_JOB_ID": "1", "SLURM_ARRAY_TASK_ID": "2", "SLURM_JOB_ID": "3",
+            "SLURM_PROCID": "4", "RANK": "5", "WORLD_SIZE": "6"}
+    assert progressista._job_from_env(both) == ("slurm-1:2", None)
+    del both["SLURM_ARRAY_JOB_ID"]
+    assert progressista._job_from_env(both) == ("slurm-3:rank-4", None)
+    del both["SLURM_PROCID"]
+    assert progressista._job_from_env(both) == ("torch--:rank-5", 6)
+    assert progressista._job_from_env({"RANK": "5"}) == (None, None)
+    assert progressista._job_from_env({}) == (None, None)
+    # a size that is not a positive integer is unknown, never an error
+    for bad in ("", "0", "-3", "x", "2.5", "9" * 12):
+        assert progressista._job_from_env({"RANK": "0", "WORLD_SIZE": bad})[1] is None
+
+
+def test_group_size_keyword_beats_the_environment_and_a_bad_one_is_not_sent(server):
+    proc = _run_scheduled("""
+        with RemoteTqdm(total=1, group_size=12, disable=None) as bar:
+            bar.update(1)
+        with RemoteTqdm(total=1, task_id="mine:a", group_size=True, disable=None) as bar:
+            bar.update(1)
+        with RemoteTqdm(total=1, task_id="mine:b", disable=None) as bar:
+            bar.update(1)
+    """, server, {"RANK": "0", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "r"})
+    assert proc.returncode == 0, proc
+    assert proc.stderr.decode().count("group_size") == 1, proc.stderr
+    got = tasks(server)
+    assert got["torch-r:rank-0"]["group_size"] == 12
+    # an explicit id is not the scheduler's: no size from the environment
+    assert got["mine:a"]["group_size"] is None and got["mine:b"]["group_size"] is None
+    assert got["mine:b"]["n"] == 1
+
+
+def test_run_under_torchrun_variables_and_group_size_option(server, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("from tqdm import tqdm\nfor epoch in range(2):\n"
+                      "    for _ in tqdm(range(5), desc='epoch %d' % epoch):\n"
+                      "        for _ in tqdm(range(3), leave=False):\n            pass\n")
+    for rank in range(2):
+        env = _scheduler_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT="29500")
+        ok(run_cli("run", str(script), srv=server,
+                   env={k: v for k, v in env.items() if v is not None})[0])
+    got = tasks(server)
+    group = "torch-127.0.0.1-29500"
+    assert set(got) == {"%s:rank-%d%s" % (group, r, s) for r in range(2) for s in ("", "/2")}
+    assert got[group + ":rank-1"]["desc"] == "epoch 1" and got[group + ":rank-1"]["n"] == 5
+    entry = server.store.group(group)
+    assert entry["members"] == 2 and entry["expected"] == 2 and entry["done"] is True
+    ok(run_cli("run", "--group-size", "6", str(script), srv=server,
+               env={"PROGRESSISTA_JOB": "nightly"})[0])
+    assert server.store.group("nightly")["expected"] == 6
+    proc, _ = run_cli("run", "--group-size", "0", str(script), srv=server)
+    assert proc.returncode == 2 and b"--group-size" in proc.stderr
+
+
+def test_sitecustomize_install_takes_the_slurm_array_id(server, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from progressista.patch import install\ninstall(server_url=%r)\n"
+        % (server.url + "/progress"))
+    script = tmp_path / "plain.py"
+    script.write_text("from tqdm import tqdm\nfor _ in tqdm(range(12), desc='plain'):\n"
+                      "    pass\nprint('ok')\n")
+    env = _clean_env(PYTHONPATH=os.pathsep.join([str(site), HERE]), SLURM_ARRAY_JOB_ID="77",
+                     SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_COUNT="10")
+    for name in _SCHEDULER_VARS[3:]:
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60,
+                          env=env)
+    assert ok(proc).stdout == b"ok\n"
+    t = only_task(server)
+    assert (t["task_id"], t["group_size"], t["n"]) == ("slurm-77:3", 10, 12)
+
 # -- patch -------------------------------------------------------------------
 
 def test_install_patches_every_name_and_uninstall_restores(tmp_path):
@@ -3475,7 +3663,7 @@ def test_bad_bodies_change_nothing(seeded, body, status):
 
 def test_too_large_body_is_refused_without_reading_it(seeded):
     srv, before = seeded
-    head = (b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % (50 * (1 << 20)))
     status, headers, body = raw_http(srv, head + b'[{"task_id": "x"}')
     assert status == 413 and json.loads(body)["error"]
@@ -3494,16 +3682,16 @@ def test_too_large_body_is_refused_without_reading_it(seeded):
 def test_missing_content_length_is_411(seeded):
     srv, before = seeded
     status, headers, body = raw_http(
-        srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n'
+        srv, b'POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\r\n'
              b'{"task_id": "x"}', shut_write=True)
     assert status == 411 and json.loads(body)["error"]
     status, headers, body = raw_http(
-        srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+        srv, b'POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n'
              b'10\r\n{"task_id": "x"}\r\n0\r\n\r\n')
-    assert status == 411 and json.loads(body)["error"]
+    assert status == 400 and json.loads(body)["error"]  # RFC 9112: TE on a request
     for length in (b"-1", b"abc", b"1_5", b"+15", b" 0x0f", b"\xd9\xa1\xd9\xa5"):
         status, headers, body = raw_http(
-            srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: ' + length
+            srv, b'POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ' + length
                  + b'\r\n\r\n{"task_id":"x"}')
         assert status == 400 and json.loads(body)["error"], length
     assert tasks(srv) == before
@@ -3512,7 +3700,7 @@ def test_missing_content_length_is_411(seeded):
 def test_short_body_is_400(seeded):
     srv, before = seeded
     status, headers, body = raw_http(
-        srv, b'POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"task_id"',
+        srv, b'POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"task_id"',
         shut_write=True)
     assert status == 400 and json.loads(body)["error"]
     assert tasks(srv) == before
@@ -3604,7 +3792,7 @@ def test_response_arrives_in_one_piece(server):
     post(server, {"task_id": "one-piece", "desc": "x" * 500})
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
         for path in ["/tasks/one-piece", "/health", "/nope", "/tasks"] * 10:
-            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
             # the first read after the socket turns readable has it all: headers
             # and body were written together, not as two segments
             select.select([sock], [], [], 5)
@@ -3716,9 +3904,9 @@ def test_idle_connections_do_not_starve_others(server):
         for i in range(200):
             idle.append(socket.create_connection(("127.0.0.1", port_of(server)), timeout=5))
         for sock in idle[:20]:
-            sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            sock.sendall(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
         for sock in idle[20:40]:
-            sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\n")  # headers never end
+            sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never end
         started = time.monotonic()
         status, body, _ = post(server, {"task_id": "alive"}, timeout=10)
         assert status == 200
@@ -3736,7 +3924,7 @@ def test_full_server_closes_the_longest_idle_connection_to_make_room(server):
         for i in range(5):
             sock = socket.create_connection(("127.0.0.1", port_of(server)), timeout=5)
             # a kept-alive client between requests: idle, but holding a slot
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert read_response(sock.makefile("rb"))[0] == 200
             idle.append(sock)
         status, _, _ = post(server, {"task_id": "room"}, timeout=10)
@@ -3750,9 +3938,11 @@ def test_full_server_closes_the_longest_idle_connection_to_make_room(server):
 def test_full_server_with_no_idle_connection_answers_503(server):
     server.max_connections = 1
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as busy:
-        busy.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\n")  # mid-request: not idle
+        # its head is in, its body on the way: being served, not idle
+        busy.sendall(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n"
+                     b"\r\n{")
         time.sleep(0.2)
-        status, _, body = raw_http(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = raw_http(server, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert status == 503 and b"too many connections" in body
 
 
@@ -3781,7 +3971,7 @@ def test_slowly_dripped_headers_get_408(server, monkeypatch):
 def test_slowly_dripped_body_gets_408_and_changes_nothing(server, monkeypatch):
     monkeypatch.setattr(progressista.Handler, "request_seconds", 0.5)
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
-        sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n{")
+        sock.sendall(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 40\r\n\r\n{")
         status, _, body = read_response(sock.makefile("rb"))
         assert status == 408 and b"in time" in body
     assert tasks(server) == {}
@@ -3814,9 +4004,9 @@ def test_big_task_list_with_an_unread_body_closes_the_connection(server):
     # More than one piece's worth of tasks: the chunked answer must not leave a
     # smuggled request in the unread body to be served next.
     post(server, [{"task_id": "t%d" % i, "n": i} for i in range(progressista.JSON_CHUNK + 1)])
-    smuggled = b"DELETE /tasks/t5 HTTP/1.1\r\nHost: x\r\n\r\n"
+    smuggled = b"DELETE /tasks/t5 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
-        sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(smuggled), smuggled))
         rest = b""
         while True:
@@ -3833,7 +4023,7 @@ def test_big_task_list_with_an_unread_body_closes_the_connection(server):
 def test_idle_connection_times_out(server, monkeypatch):
     monkeypatch.setattr(progressista.Handler, "timeout", 0.5)
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
         assert sock.recv(100) == b""  # the server hung up on us
 
 
@@ -4144,6 +4334,22 @@ def test_groups_endpoint_needs_the_token(server_factory):
     assert _groups(srv, headers={"Authorization": "Bearer s3cret"})["job"]["members"] == 1
 
 
+def test_groups_endpoint_streams_many_groups(server):
+    post_all = [{"task_id": "solo-%d" % i, "n": i} for i in range(1500)]
+    for start in range(0, len(post_all), 500):
+        assert post(server, post_all[start:start + 500])[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=10)
+    try:  # kept alive: the answer comes in chunks
+        conn.request("GET", "/groups")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+        groups = json.loads(resp.read())["groups"]
+    finally:
+        conn.close()
+    assert len(groups) == 1500 and groups["solo-1499"]["n"] == 1499
+    assert all(g["members"] == 1 and g["tasks"] == 1 for g in groups.values())
+
+
 def test_post_refuses_a_bad_group_size(server):
     for size in (0, True, "8", 2.0):
         assert_json_error(*post(server, {"task_id": "job:0", "group_size": size}), 400)
@@ -4164,8 +4370,15 @@ def test_group_metrics(server_factory, clock):
     assert tasks_by[('odd "group"\\', "active")] == 1
     assert samples["progressista_group_expected"][("torch-x",)] == 8
     assert math.isnan(samples["progressista_group_expected"][('odd "group"\\',)])
-    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(0.4)
+    # 80 of 200 done by the 2 members started; 6 more of the same size to come
+    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(80 / 800)
     assert math.isnan(samples["progressista_group_progress_ratio"][('odd "group"\\',)])
+    post(srv, [{"task_id": "torch-x:rank-%d" % r, "n": 10, "total": 100} for r in range(2, 8)])
+    samples, types = _samples(_metrics(srv.url))
+    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(140 / 800)
+    post(srv, {"task_id": "torch-x:rank-8", "n": 60, "total": 100})  # more than expected
+    samples, types = _samples(_metrics(srv.url))
+    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(200 / 900)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
@@ -4942,6 +5155,110 @@ def populate_demo(srv, clock):
              == {"active", "stale", "error", "close"})
 
 
+
+JOB_JS = """(prefix) => [...document.querySelectorAll('.group')]
+  .filter(g => g.dataset.group === prefix).map(g => {
+    const row = g.querySelector('.group-job'), fill = row.querySelector('.bar-fill');
+    const text = (c) => { const e = row.querySelector(c); return e.hidden ? null : e.textContent; };
+    return { status: g.dataset.status, hidden: row.hidden, state: row.dataset.state,
+             percent: text('.job-percent'),
+             started: text('.job-started'), counts: text('.job-counts'),
+             rate: text('.job-rate'), eta: text('.job-eta'),
+             bar_hidden: row.querySelector('.group-job-bar').hidden, width: fill.style.width };
+  })"""
+
+
+@pytest.mark.usefixtures("browser")
+class TestDashboardJobs:
+    """The group header's job line (SPEC section 8) in Chromium."""
+
+    browser = TestDashboard.browser
+    open_tab = TestDashboard.open_tab
+
+    def job(self, tab, prefix):
+        return tab.js(JOB_JS, prefix)
+
+    def wait_job(self, tab, prefix, **expected):
+        last = [None]
+
+        def check():
+            boxes = last[0] = self.job(tab, prefix)
+            return boxes and all(all(b[k] == v for k, v in expected.items()) for b in boxes)
+        try:
+            wait_for(check, timeout=8)
+        except AssertionError:
+            raise AssertionError("job %r never matched %r: %r" % (prefix, expected, last[0]))
+        return last[0]
+
+    def test_header_shows_started_against_expected_counts_bar_rate_and_eta(
+            self, server, open_tab):
+        updates = []
+        for i in range(412):
+            update = {"task_id": "slurm-4242:%d" % i, "n": 100, "total": 100, "unit": "img",
+                      "group_size": 1000, "status": "close"}
+            if 397 <= i < 400:
+                update.update(status="error", n=50, error="OSError: disk full")
+            elif i >= 400:
+                update.update(status="update", n=40, rate=1.5)
+            updates.append(update)
+        # nested bars are neither members nor in the sums
+        updates.append({"task_id": "slurm-4242:400/2", "n": 5, "total": 10, "rate": 99.0})
+        for start in range(0, len(updates), 50):
+            post(server, updates[start:start + 50])
+        tab = open_tab(server.url + "/")
+        boxes = self.wait_job(tab, "slurm-4242", started="412 / 1,000 started")
+        assert {b["status"] for b in boxes} == {"active", "error", "close"}
+        # the same job line in every section's box of the prefix
+        for box in boxes:
+            assert box["counts"] == "397 done \u00b7 3 failed \u00b7 12 running"
+            assert box["rate"] == "18.0 img/s"  # 12 running main bars at 1.5/s
+            assert box["eta"] == "ETA 00:40 (started ones)"  # 12 x 60 left at 18/s
+            # 39,700 + 150 + 480 of 1,000 members x 100 (the 588 to come count as 0)
+            assert box["percent"] == "40%" and float(box["width"][:-1]) == 40.33
+            assert not box["bar_hidden"] and box["state"] == "running"
+        # the group's size changes: the header follows; a member ends
+        post(server, {"task_id": "slurm-4242:400", "n": 100, "status": "close", "group_size": 412})
+        boxes = self.wait_job(tab, "slurm-4242", started="412 / 412 started")
+        assert boxes[0]["counts"] == "398 done \u00b7 3 failed \u00b7 11 running"
+        assert boxes[0]["eta"] == "ETA 00:40"  # 11 x 60 at 16.5/s: every member started
+        # a member discarded on the server leaves the header too
+        request(server.url + "/tasks/slurm-4242:401", method="DELETE")
+        boxes = self.wait_job(tab, "slurm-4242", started="411 / 412 started")
+        assert boxes[0]["counts"] == "398 done \u00b7 3 failed \u00b7 10 running"
+        assert tab.errors == [] and tab.csp_violations() == []
+
+    def test_job_without_expected_size_or_totals(self, server, open_tab):
+        post(server, [{"task_id": "etl:%d" % i, "n": 10 * i, "rate": 2.0} for i in range(3)])
+        tab = open_tab(server.url + "/")
+        box, = self.wait_job(tab, "etl", started="3 members")
+        assert box["counts"] == "0 done \u00b7 0 failed \u00b7 3 running"
+        assert box["bar_hidden"] and box["percent"] is None
+        assert box["rate"] == "6.00 it/s" and box["eta"] is None  # no total: no ETA
+        post(server, [{"task_id": "etl:%d" % i, "status": "close"} for i in range(3)])
+        box, = self.wait_job(tab, "etl", counts="3 done \u00b7 0 failed \u00b7 0 running")
+        assert box["rate"] is None and box["eta"] is None and box["state"] == "done"
+        post(server, {"task_id": "etl:1", "status": "error", "error": "x"})
+        self.wait_job(tab, "etl", counts="2 done \u00b7 1 failed \u00b7 0 running", state="failed")
+
+    def test_a_thousand_member_group_updating_keeps_a_right_header(self, server, open_tab):
+        post_all = lambda updates: [post(server, updates[i:i + 50])
+                                    for i in range(0, len(updates), 50)]
+        post_all([{"task_id": "torch-big:rank-%d" % r, "n": 0, "total": 10, "rate": 1.0,
+                   "group_size": 1000} for r in range(1000)])
+        tab = open_tab(server.url + "/")
+        self.wait_job(tab, "torch-big", started="1,000 / 1,000 started")
+        for step in range(1, 4):  # waves of progress, then half of them end
+            post_all([{"task_id": "torch-big:rank-%d" % r, "n": step * 2}
+                      for r in range(1000)])
+        post_all([{"task_id": "torch-big:rank-%d" % r, "n": 10, "status": "close"}
+                  for r in range(500)])
+        boxes = self.wait_job(tab, "torch-big",
+                              counts="500 done \u00b7 0 failed \u00b7 500 running")
+        # 500 x 10 + 500 x 6 of 10,000: exact sums after 3,500 changes
+        assert boxes[0]["percent"] == "80%" and float(boxes[0]["width"][:-1]) == 80
+        assert boxes[0]["rate"] == "500 it/s" and boxes[0]["eta"] == "ETA 00:04"
+        assert tab.errors == []
+
 # -- cli ---------------------------------------------------------------------
 
 def _write(path, text):
@@ -5171,7 +5488,11 @@ def test_demo_shows_every_state(server):
     assert any(t["error"] and t["error"].startswith("ValueError") for t in by_status["error"])
     assert any(t["meta"] for t in after.values())
     assert any(t["total"] is None for t in after.values())
-    assert len({t["task_id"].split(":")[0] for t in after.values()}) == 1  # one run group
+    groups = {t["task_id"].split(":")[0] for t in after.values()}
+    assert len(groups) == 2  # one run group, and a job of 8 of which 3 started
+    array, = [g for g in groups if g.startswith("demo-array-")]
+    entry = server.store.group(array)
+    assert entry["expected"] == 8 and entry["members"] == 3 and entry["done"] is False
 
 
 def test_demo_server_url_option(server):
