@@ -2896,6 +2896,17 @@ def test_alert_receiver_stuck_then_failing_never_holds_ingest(server_factory, re
     assert len(drops) >= 1 and all(r.levelno == logging.WARNING for r in drops)
 
 
+def test_alert_window_in_progress_is_sent_at_shutdown(receiver):
+    srv = progressista.make_server("127.0.0.1", 0, notify=[receiver.url()],
+                                   notify_window=600).start()
+    try:
+        post(srv, {"task_id": "late:0", "status": "error", "error": "E"})
+    finally:
+        srv.stop()
+    (body,) = receiver.messages(1, timeout=1)
+    assert body["text"] == "late: 1 failed (0: E)"
+
+
 def notify_cli(*args, env=None, timeout=60):
     """``python3 progressista.py ARGS`` with a clean environment; text output."""
     return subprocess.run([sys.executable, SCRIPT, *args], env=_clean_env(env),
