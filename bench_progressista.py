@@ -57,10 +57,10 @@ BATCH = 50           # updates per POST in the batched load (as the client's sen
 SETTINGS = {
     "full": dict(iter_n=3_000_000, update_n=1_000_000, client_pairs=11, close_runs=20,
                  rounds=3, load_seconds=4.0, lat_samples=200, scale_rounds=3,
-                 dash_runs=10),
+                 dash_runs=10, alert_samples=5),
     "quick": dict(iter_n=1_000_000, update_n=500_000, client_pairs=7, close_runs=8,
                   rounds=2, load_seconds=2.0, lat_samples=50, scale_rounds=2,
-                  dash_runs=5),
+                  dash_runs=5, alert_samples=3),
 }
 
 _children = []  # every subprocess we start, terminated by PID in cleanup()
@@ -869,6 +869,134 @@ def bench_dashboard(report, cfg, raw):
                ml <= 16, ml)
 
 
+# -- alerts --------------------------------------------------------------------
+
+class WebhookReceiver:
+    """A webhook in this process: records when each POST arrives; answers
+    ``status`` after ``delay`` seconds (500 after 1 s: a webhook that always
+    fails, slowly)."""
+
+    def __init__(self, status=200, delay=0.0):
+        self.arrivals = []  # (time.time(), body)
+        self.cond = threading.Condition()
+        receiver = self
+
+        class Handle(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver.cond:
+                    receiver.arrivals.append((time.time(), body))
+                    receiver.cond.notify_all()
+                if delay:
+                    time.sleep(delay)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        class Quiet(ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.server = Quiet(("127.0.0.1", 0), Handle)
+        self.url = "http://127.0.0.1:%d/hook" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, text, timeout):
+        """When the first message holding ``text`` arrived, or None."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for at, body in self.arrivals:
+                    if text.encode() in body:
+                        return at
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+ALERT_WINDOW = 2.0
+
+
+def bench_alert_latency(report, cfg, raw):
+    """A failing update -> the webhook's receipt: at most the window + 1 s."""
+    receiver = WebhookReceiver()
+    server = Server("ours", ["--notify", receiver.url, "--notify-window", str(ALERT_WINDOW)])
+    lat = []
+    try:
+        for k in range(cfg["alert_samples"]):
+            task_id = "alert-%d:rank-0" % k
+            t0 = time.time()
+            post_json(server.port, "/progress", {"task_id": task_id, "status": "error",
+                                                 "error": "RuntimeError: bench"})
+            at = receiver.wait_for(task_id, ALERT_WINDOW + 30)
+            if at is None:
+                raise RuntimeError("no alert for %s" % task_id)
+            lat.append(at - t0)
+    finally:
+        server.stop()
+        receiver.stop()
+    raw["alert_latency_s"] = lat
+    target = ALERT_WINDOW + 1.0
+    report.add("alert: failing update -> webhook (%g s window, max of %d)"
+               % (ALERT_WINDOW, len(lat)),
+               "%.2f s (median %.2f s)" % (max(lat), median(lat)),
+               "<= %.0f s" % target, max(lat) <= target, max(lat))
+
+
+def _failer(port, stop_at, rate=50.0):
+    """Alongside the load: a new failing task every 1/rate s, each its own group."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    k = 0
+    try:
+        while time.time() < stop_at:
+            post_json(port, "/progress", {"task_id": "failing-%d:rank-0" % k, "status": "error",
+                                          "error": "RuntimeError: bench"}, conn)
+            k += 1
+            time.sleep(1.0 / rate)
+    finally:
+        conn.close()
+    return k
+
+
+def bench_alert_ingest(report, cfg, raw):
+    """Ingest with a webhook that always fails (500 after 1 s) vs with none."""
+    failing = WebhookReceiver(status=500, delay=1.0)
+    servers = {"none": Server("ours"),
+               "failing": Server("ours", ["--notify", failing.url, "--notify-window", "1"])}
+    runs = {"none": [], "failing": []}
+    try:
+        for server in servers.values():
+            load_tasks(server.port, 0, 1000)
+        for _ in range(cfg["rounds"]):
+            for key in ("none", "failing"):
+                server = servers[key]
+                stop_at = time.time() + cfg["load_seconds"] + 1.0
+                failer = threading.Thread(target=_failer, args=(server.port, stop_at),
+                                          daemon=True)
+                failer.start()
+                runs[key].append(run_load(server, "single", 0, 1000, cfg["load_seconds"]))
+                failer.join(60)
+    finally:
+        for server in servers.values():
+            server.stop()
+        failing.stop()
+    raw["alert_ingest"] = runs
+    none = median([r["updates_per_s"] for r in runs["none"]])
+    with_hook = median([r["updates_per_s"] for r in runs["failing"]])
+    ratio = with_hook / none
+    report.add("alert: ingest with an always-failing webhook vs none",
+               "%.0f vs %.0f updates/s (%.2fx; %d webhook tries)"
+               % (with_hook, none, ratio, len(failing.arrivals)),
+               ">= 0.90x", ratio >= 0.90, ratio)
+
+
 # -- main ----------------------------------------------------------------------
 
 def print_table(report, header):
@@ -891,7 +1019,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    parser.add_argument("--only", default="client,ingest,latency,scale,dashboard",
+    parser.add_argument("--only", default="client,ingest,latency,scale,dashboard,alerts",
                         help="comma list of sections to run (default: all)")
     parser.add_argument("--load", metavar="URL",
                         help="only generate the ingest load against a running server")
@@ -973,6 +1101,10 @@ def main():
         if "dashboard" in sections:
             print("\n[dashboard]", flush=True)
             bench_dashboard(report, cfg, report.raw)
+        if "alerts" in sections:
+            print("\n[alerts]", flush=True)
+            bench_alert_latency(report, cfg, report.raw)
+            bench_alert_ingest(report, cfg, report.raw)
     finally:
         for ds in dashboards.values():
             for d in ds:

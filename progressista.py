@@ -1181,6 +1181,7 @@ class TaskStore:
         self.updates_rejected = 0
         self._groups = {}  # group name -> _Group: its tasks and counts, kept as tasks change
         self.group_sizes = {}  # group name -> latest expected size (update field group_size)
+        self.on_status = None  # alerts: on_status(task, old status or None), lock held
 
     def __len__(self):
         return len(self.tasks)
@@ -1213,6 +1214,7 @@ class TaskStore:
     def _apply(self, update, now):
         task_id = update["task_id"]
         task = self.tasks.get(task_id)
+        before = None if task is None else task["status"]
         if task is None:
             task = self.tasks[task_id] = _new_task(task_id, now)
             self._live[task_id] = None
@@ -1275,6 +1277,8 @@ class TaskStore:
         self.dirty.add(task_id)
         if self.persist:
             self.db_dirty.add(task_id)
+        if self.on_status is not None and task["status"] != before:
+            self.on_status(task, before)
 
     def _make_room(self, count, keep=()):
         """Evict for ``count`` new tasks: oldest ended first, then oldest stale.
@@ -1328,6 +1332,8 @@ class TaskStore:
                     self.dirty.add(task_id)
                     if self.persist:
                         self.db_dirty.add(task_id)
+                    if self.on_status is not None:
+                        self.on_status(task, "active")
                     changed = True
             if self.retention_seconds > 0:
                 limit = now - self.retention_seconds
@@ -1723,6 +1729,422 @@ class Database:
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None
+
+
+# -- alerts ------------------------------------------------------------------
+#
+# The server tells people who aren't watching.  The store calls
+# ``Notifier.observe`` (under its lock) whenever a task's status changes; that
+# is one append to a queue.  One thread gathers what came in for a window
+# from the first event, checks then which of the groups that ended are still
+# done, and sends each webhook one digest with everything.
+
+NOTIFY_EVENTS = ("fail", "stall", "finish", "done")
+DEFAULT_NOTIFY_ON = ("fail", "stall", "done")
+_STATUS_EVENT = {"error": "fail", "stale": "stall", "close": "finish"}
+_NOTIFY_PREFIXES = (("slack+", "slack"), ("discord+", "discord"), ("ntfy+", "ntfy"))
+DISCORD_MAX = 2000  # characters of a Discord message
+
+
+def parse_notify_events(text):
+    """``"fail,done"`` to a tuple of events; ValueError names the bad one."""
+    events = tuple(dict.fromkeys(e.strip() for e in str(text).split(",") if e.strip()))
+    for event in events:
+        if event not in NOTIFY_EVENTS:
+            raise ValueError("unknown event %r: use any of %s" % (event, ", ".join(NOTIFY_EVENTS)))
+    if not events:
+        raise ValueError("no events given: use any of %s" % ", ".join(NOTIFY_EVENTS))
+    return events
+
+
+def _url_for_log(url):
+    """Scheme and host of a webhook URL, all a log line may show of it (the path is
+    the secret)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(bad URL)"
+    if ":" in host:
+        host = "[%s]" % host
+    return "%s://%s%s" % (parts.scheme, host, ":%d" % port if port else "")
+
+
+class Webhook:
+    """One ``--notify`` URL: its kind (``json``, ``slack``, ``discord``,
+    ``ntfy``) and the URL it posts to, the kind's prefix removed.
+
+    ``str()`` is the scheme and host only, safe to log.
+    """
+
+    def __init__(self, url):
+        kind, target = "json", str(url)
+        for prefix, name in _NOTIFY_PREFIXES:
+            if target.startswith(prefix):
+                kind, target = name, target[len(prefix):]
+                break
+        try:
+            parts = urllib.parse.urlsplit(target)
+            parts.port  # a bad port raises here, not later on the delivery thread
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            shown = _url_for_log(target) if "://" in target else "a URL without http(s)://"
+            raise ValueError(
+                "not a webhook URL (%s): use http(s)://..., slack+https://..., "
+                "discord+https://... or ntfy+https://host/topic" % shown)
+        if kind == "ntfy" and parts.path.strip("/") == "":
+            raise ValueError("an ntfy URL needs its topic: ntfy+https://host/topic")
+        self.kind = kind
+        self.headers = {}
+        if parts.username is not None:  # user:password@ becomes Basic auth (ntfy's way)
+            auth = "%s:%s" % (urllib.parse.unquote(parts.username),
+                              urllib.parse.unquote(parts.password or ""))
+            self.headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+            netloc = parts.netloc.rpartition("@")[2]
+            target = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        self.url = target
+        self.safe = _url_for_log(target)
+
+    def __str__(self):
+        return self.safe if self.kind == "json" else "%s %s" % (self.kind, self.safe)
+
+    def request(self, text, events=(), title="Progressista"):
+        """The body and headers this kind of receiver takes for one message."""
+        headers = dict(self.headers, **{"User-Agent": "progressista/" + __version__})
+        if self.kind == "ntfy":
+            headers["Content-Type"] = "text/plain; charset=utf-8"
+            headers["Title"] = _header_text(title)
+            if any(e["event"] == "fail" for e in events):
+                headers["Priority"] = "high"
+            return text.encode("utf-8"), headers
+        headers["Content-Type"] = "application/json"
+        if self.kind == "slack":
+            # Slack reads <...> as links and mentions (<!channel>): a task's text must not.
+            text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            body = {"text": text}
+        elif self.kind == "discord":
+            if len(text) > DISCORD_MAX:
+                text = text[:DISCORD_MAX - 1] + "…"
+            body = {"content": text, "allowed_mentions": {"parse": []}}  # no @everyone
+        else:
+            body = {"text": text, "events": list(events)}
+        return _dumps(body).encode("utf-8"), headers
+
+    def send(self, text, events=(), title="Progressista", timeout=5.0):
+        """One attempt: the HTTP status, or None and the reason when nothing answered."""
+        import urllib.error
+        import urllib.request
+        body, headers = self.request(text, events, title)
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with _webhook_opener(self.url.startswith("https:")).open(req, timeout=timeout) \
+                    as resp:
+                resp.read(65536)
+                return resp.status, None
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.code, None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            text = "%s: %s" % (type(exc).__name__, reason) if str(reason) else type(exc).__name__
+            return None, text.replace(self.url, self.safe)[:200]
+
+
+def _webhook_opener(https):
+    """urllib without redirects (a webhook that redirects is answered as it is:
+    a POST must not turn GET), with the shared TLS context for https."""
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    handlers = [NoRedirect()]
+    if https:
+        handlers.append(urllib.request.HTTPSHandler(context=_ssl_context()))
+    return urllib.request.build_opener(*handlers)
+
+
+def _header_text(text):
+    """A header value from any text: RFC 2047 when it is not Latin-1 (ntfy reads both)."""
+    text = " ".join(str(text).split())[:250]
+    try:
+        text.encode("latin-1")
+        return text
+    except UnicodeEncodeError:
+        return "=?utf-8?b?%s?=" % base64.b64encode(text.encode("utf-8")).decode()
+
+
+def _retryable(status):
+    return status is None or status == 429 or status >= 500
+
+
+def deliver(hooks, text, events=(), title="Progressista", attempts=3, timeout=5.0,
+            delays=(1.0, 2.0), wait=time.sleep):
+    """Send one message to every webhook: up to ``attempts`` tries each, with
+    ``delays`` between rounds, on network errors, 5xx and 429.
+
+    Returns ``{hook: (status, reason)}`` of the last try.  A message given up
+    on is logged once, naming the scheme and host only.
+    """
+    results, pending = {}, list(hooks)
+    for attempt in range(attempts):
+        if attempt and wait(delays[min(attempt - 1, len(delays) - 1)]):
+            for hook in pending:  # told to stop waiting: the server is shutting down
+                log.warning("alert to %s dropped at shutdown: %s", hook,
+                            results[hook][1] or "HTTP %d" % results[hook][0])
+            break
+        retry = []
+        for hook in pending:
+            results[hook] = status, reason = hook.send(text, events, title, timeout)
+            if status is not None and 200 <= status < 300:
+                log.debug("alert delivered to %s (HTTP %d)", hook, status)
+            elif _retryable(status) and attempt + 1 < attempts:
+                retry.append(hook)
+            else:
+                log.warning("alert to %s dropped after %d attempt%s: %s", hook, attempt + 1,
+                            "s" if attempt else "", reason or "HTTP %d" % status)
+        pending = retry
+        if not pending:
+            break
+    return results
+
+
+def _duration(seconds):
+    """``42s``, ``12m05s``, ``1h02m``: short enough for a phone's notification."""
+    seconds = int(round(max(0.0, seconds or 0.0)))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(seconds, 60)
+    return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def _one_line(text, limit=120):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+_AUTO_MEMBER = re.compile(r"[0-9]{10,}-[0-9]+-[0-9]+\Z")  # a bar's default id: host:ms-pid-n
+
+
+def _event_item(task, kind):
+    """How a task is named in a digest line: its member (not a default id's
+    number when there is a description) and, for a failure, its error."""
+    head, colon, member = task["task_id"].partition(":")
+    parts = [member] if colon and not (task.get("desc") and _AUTO_MEMBER.match(member)) else []
+    if task.get("desc"):
+        parts.append('"%s"' % _one_line(task["desc"], 40))
+    parts = [" ".join(parts)] if parts else []
+    if kind == "fail" and task.get("error"):
+        parts.append(_one_line(task["error"]))
+    elif kind == "stall" and task.get("total"):
+        parts.append("at %.0f%%" % (task["n"] / task["total"] * 100))
+    return ": ".join(parts) if kind == "fail" else " ".join(parts)
+
+
+_EVENT_WORDS = (("fail", "failed"), ("stall", "stalled"), ("finish", "finished"))
+
+
+def digest(events, max_groups=10, max_items=3):
+    """``(title, text)`` of one message for a window's events, grouped by group.
+
+    ``run-7: 3 failed (rank-0: RuntimeError: CUDA out of memory; …), done in
+    1h02m: 5 completed, 3 failed``: counts by event, the first few task ids
+    with their error lines.  A task that did the same twice counts once.
+    """
+    groups = {}
+    for event in events:
+        entry = groups.setdefault(event["group"], {})
+        if event["event"] == "done":
+            entry["done"] = event
+        else:
+            entry.setdefault(event["event"], {})[event["task_id"]] = event["task"]
+    totals = dict.fromkeys(NOTIFY_EVENTS, 0)
+    lines, short = [], []
+    for name, entry in groups.items():
+        parts, heads = [], []
+        for kind, word in _EVENT_WORDS:
+            tasks = list(entry.get(kind, {}).values())
+            if not tasks:
+                continue
+            totals[kind] += len(tasks)
+            items = [item for item in (_event_item(t, kind) for t in tasks[:max_items]) if item]
+            if len(tasks) > max_items:
+                items.append("+%d more" % (len(tasks) - max_items))
+            heads.append("%d %s" % (len(tasks), word))
+            parts.append(heads[-1] + (" (%s)" % "; ".join(items) if items else ""))
+        done = entry.get("done")
+        if done is not None and not (len(done["task_ids"]) == 1 and any(
+                done["task_ids"][0] in entry.get(kind, ()) for kind, _ in _EVENT_WORDS)):
+            # (a group of one task whose end is on this line already says nothing new)
+            totals["done"] += 1
+            counts = ", ".join("%d %s" % (done["counts"][s], word) for s, word in
+                               (("close", "completed"), ("error", "failed"))
+                               if done["counts"].get(s))
+            heads.append("done in %s" % _duration(done["elapsed"]))
+            parts.append(heads[-1] + (": " + counts if counts else ""))
+        if len(lines) < max_groups:
+            lines.append("%s: %s" % (name, ", ".join(parts)))
+        short.append("%s: %s" % (name, ", ".join(heads)))
+    if len(groups) > max_groups:
+        lines.append("… and %d more groups" % (len(groups) - max_groups))
+    summary = ", ".join(
+        ["%d %s" % (totals[k], word) for k, word in _EVENT_WORDS if totals[k]]
+        + (["%d group%s done" % (totals["done"], "s" * (totals["done"] > 1))]
+           if totals["done"] else []))
+    if len(groups) == 1:
+        return _one_line(short[0], 250), lines[0]
+    title = "Progressista: %s in %d groups" % (summary, len(groups))
+    return title, "\n".join([title] + lines)
+
+
+def _group_states(store, names):
+    """``{group: summary}`` (``TaskStore.group``'s, plus ``task_ids``) of the
+    ``names`` that still have tasks."""
+    found = {}
+    for name in names:
+        summary = store.group(name)
+        if summary is None:
+            continue
+        with store.lock:
+            group = store._groups.get(name)
+            summary["task_ids"] = list(group.tasks) if group is not None else []
+        found[name] = summary
+    return found
+
+
+class Notifier:
+    """Alerts to webhooks: status changes in (``observe``), digests out.
+
+    ``observe`` is called by the store under its lock and only appends to a
+    queue; one daemon thread does the rest, so ingest never waits on a
+    webhook.  Events are gathered for ``window`` seconds from the first one;
+    then each webhook gets one message for all of them.  A group that ended
+    in the window is ``done`` only if it still is when the window closes.
+    """
+
+    timeout = 5.0          # seconds per HTTP attempt
+    attempts = 3
+    retry_delays = (1.0, 2.0)
+    max_queue = 100000     # events held at once; more are counted, not kept
+
+    def __init__(self, urls, events=DEFAULT_NOTIFY_ON, window=10.0):
+        self.hooks = [url if isinstance(url, Webhook) else Webhook(url) for url in urls]
+        self.events = frozenset(parse_notify_events(
+            events if isinstance(events, str) else ",".join(events)))
+        self.window = max(0.0, float(window))
+        statuses = {s for s, e in _STATUS_EVENT.items() if e in self.events}
+        if "done" in self.events:
+            statuses |= {"close", "error"}
+        self._statuses = frozenset(statuses)  # the task statuses worth queueing
+        self.store = None
+        self.queue = collections.deque()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.stopped = threading.Event()  # cuts a retry's backoff short
+        self.thread = None
+        self.overflow = 0
+        self.reported = {}  # group: its updated_at when reported done
+        self.messages = 0   # digests handed to deliver(), for tests and curiosity
+
+    def __str__(self):
+        return "%s to %s, %g s digest" % (", ".join(e for e in NOTIFY_EVENTS if e in self.events),
+                                          ", ".join(map(str, self.hooks)), self.window)
+
+    def attach(self, store):
+        """Watch ``store`` from now on (after ``--db`` is loaded: restored tasks
+        raise nothing for the state they were saved in)."""
+        self.store = store
+        store.on_status = self.observe
+
+    def observe(self, task, old):
+        """The store's hook: ``task`` changed from status ``old`` (None: new).
+
+        Called with the store's lock held, so it only queues a copy."""
+        if task["status"] in self._statuses:
+            if len(self.queue) < self.max_queue:
+                self.queue.append(dict(task))
+            else:
+                self.overflow += 1
+            if not self.wake.is_set():
+                self.wake.set()
+
+    def start(self):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="progressista-alerts",
+                                           daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self, timeout=None):
+        """Send what is gathered now (one attempt per webhook), then end the thread."""
+        self.stopping = True
+        self.stopped.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(self.timeout * len(self.hooks) + 2 if timeout is None else timeout)
+            self.thread = None
+
+    def _loop(self):
+        events, ended, deadline = [], {}, None
+        while True:
+            self.wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            self.wake.clear()
+            while self.queue:
+                task = self.queue.popleft()
+                task_id, group = task["task_id"], _group_of(task["task_id"])
+                kind = _STATUS_EVENT[task["status"]]
+                if kind in self.events:
+                    events.append({"event": kind, "task_id": task_id, "group": group,
+                                   "task": task})
+                if task["status"] != "stale":
+                    ended[group] = None
+                if deadline is None:
+                    deadline = time.monotonic() + self.window
+            if deadline is not None and (self.stopping or time.monotonic() >= deadline):
+                try:
+                    self._close_window(events, ended)
+                except Exception:  # never lose the thread: the next window tries again
+                    log.exception("alerts: a digest failed; carrying on")
+                events, ended, deadline = [], {}, None
+            if self.stopping:
+                return
+
+    def _close_window(self, events, ended):
+        if "done" in self.events and ended:
+            for group, state in _group_states(self.store, ended).items():
+                if not state["done"] or self.reported.get(group) == state["updated_at"]:
+                    continue
+                self.reported[group] = state["updated_at"]
+                events.append({"event": "done", "group": group,
+                               "counts": {"close": state["counts"]["close"],
+                                          "error": state["counts"]["error"]},
+                               "task_ids": state["task_ids"],
+                               "elapsed": state["updated_at"] - state["created_at"]})
+            if len(self.reported) > 20000:  # forget the oldest half: bounded memory
+                for group in list(self.reported)[:10000]:
+                    del self.reported[group]
+        if self.overflow:
+            log.warning("alerts: %d events over the %d the queue holds were not itemised",
+                        self.overflow, self.max_queue)
+            self.overflow = 0
+        if not events:
+            return
+        title, text = digest(events)
+        self.messages += 1
+        deliver(self.hooks, text, events, title, 1 if self.stopping else self.attempts,
+                self.timeout, self.retry_delays, self.stopped.wait)
+
+
+def notify_test(url, text=None, timeout=5.0):
+    """``progressista notify URL [TEXT]``: one test message; ``(status, reason)``."""
+    hook = url if isinstance(url, Webhook) else Webhook(url)
+    text = text or ("Progressista test alert from %s: this webhook works."
+                    % socket.gethostname())
+    return deliver([hook], text, [], "Progressista test", timeout=timeout)[hook]
 
 
 # -- websocket ---------------------------------------------------------------
@@ -2916,6 +3338,7 @@ class ProgressServer(ThreadingHTTPServer):
     max_connections = 1024
     max_dashboards = 256
     refusal_log_seconds = 60.0  # one INFO line per client address and reason this often
+    notifier = None  # a Notifier (alerts), started and stopped with the server
 
     def __init__(self, address, store=None, tokens=(), allow_origins=(), db=None,
                  handler=Handler, allow_hosts=()):
@@ -3025,6 +3448,8 @@ class ProgressServer(ThreadingHTTPServer):
         self.hub.start()
         if self.db is not None:
             self.db.start()
+        if self.notifier is not None:
+            self.notifier.start()
         if not background:
             self.serve_forever()
             return self
@@ -3042,6 +3467,8 @@ class ProgressServer(ThreadingHTTPServer):
         self.hub.stop()
         self.server_close()
         self.close_connections()
+        if self.notifier is not None:
+            self.notifier.stop()
         if self.db is not None:
             self.db.stop()
 
@@ -3085,7 +3512,7 @@ def _metrics_pieces(server):
     store = server.store
     per_task = [
         ("progressista_task_n", "Units done (tqdm's n).", lambda t: t["n"]),
-        ("progressista_task_total", "Units expected (tqdm's total); NaN when unknown.",
+        ("progressista_task_total_units", "Units expected (tqdm's total); NaN when unknown.",
          lambda t: t["total"]),
         ("progressista_task_progress_ratio", "n / total (1 when done); NaN when total is unknown.",
          ratio),
@@ -3166,16 +3593,25 @@ def _group_ratio(entry):
 
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,
                 retention_seconds=86400.0, allow_origins=(), max_tasks=100000,
-                clock=time.time, allow_hosts=()):
-    """Build a ready-to-start server (``.start()`` in the background, or ``serve``)."""
+                clock=time.time, allow_hosts=(), notify=(), notify_on=DEFAULT_NOTIFY_ON,
+                notify_window=10.0):
+    """Build a ready-to-start server (``.start()`` in the background, or ``serve``).
+
+    ``notify`` is a list of webhook URLs (alerts); a bad one raises ValueError.
+    """
+    notifier = Notifier(notify, notify_on, notify_window) if notify else None
     store = TaskStore(stale_seconds, retention_seconds, max_tasks, clock)
     database = None
     if db:
         database = Database(db, store)
         database.open()
+    if notifier is not None:
+        notifier.attach(store)  # after the restore: restored states raise no alert
     try:
-        return ProgressServer((host, port), store, tokens, allow_origins, database,
-                              allow_hosts=allow_hosts)
+        server = ProgressServer((host, port), store, tokens, allow_origins, database,
+                                allow_hosts=allow_hosts)
+        server.notifier = notifier
+        return server
     except BaseException:
         if database is not None:
             database.close()
@@ -3200,6 +3636,10 @@ def serve(host="127.0.0.1", port=8000, **options):
     if _is_loopback(host):
         print("Listening on loopback only: other machines can't reach it "
               "(--host 0.0.0.0 --token T opens it up).", flush=True)
+    if server.notifier is not None:
+        print("Alerts: %s.%s" % (server.notifier, " (stall needs --stale-seconds)" if "stall" in
+                                 server.notifier.events and not server.store.stale_seconds
+                                 else ""), flush=True)
     try:
         server.start(background=False)
     except KeyboardInterrupt:
@@ -4602,7 +5042,7 @@ def _build_parser():
     parser.add_argument("--version", action="version", version="progressista " + __version__)
     parser.add_argument("--log-level", default=env("PROGRESSISTA_LOG_LEVEL", "INFO"),
                         help="DEBUG shows every request (default INFO)")
-    commands = parser.add_subparsers(dest="command", metavar="{serve,run,demo}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,run,demo,notify}")
     commands.required = True
 
     p = commands.add_parser("serve", help="run the server and dashboard")
@@ -4625,6 +5065,15 @@ def _build_parser():
     p.add_argument("--allow-host", action="append", default=None,
                    help="a name this server may be reached by besides loopback ones, "
                         "repeatable ($PROGRESSISTA_ALLOW_HOSTS)")
+    p.add_argument("--notify", action="append", default=None, metavar="URL",
+                   help="webhook for alerts, repeatable: http(s)://, slack+https://, "
+                        "discord+https://, ntfy+https://host/topic ($PROGRESSISTA_NOTIFY, "
+                        "space separated)")
+    p.add_argument("--notify-on", default=env("PROGRESSISTA_NOTIFY_ON", "fail,stall,done"),
+                   metavar="EVENTS", help="alert on these, comma separated: fail, stall, "
+                   "finish, done (default fail,stall,done)")
+    p.add_argument("--notify-window", default=env("PROGRESSISTA_NOTIFY_WINDOW", "10"),
+                   metavar="S", help="one digest per webhook per this many seconds (default 10)")
 
     p = commands.add_parser("run", help="run a script or module with every tqdm bar remote",
                             usage="progressista run [options] (script.py | -m module) [-- args]")
@@ -4641,6 +5090,10 @@ def _build_parser():
     p.add_argument("--server-url", help="where to POST ($PROGRESSISTA_SERVER_URL)")
     p.add_argument("--duration", type=float, default=20.0,
                    help="seconds to keep the live bars moving (0: until Ctrl-C)")
+
+    p = commands.add_parser("notify", help="send one test alert to a webhook URL")
+    p.add_argument("url", help="as for serve --notify (slack+, discord+, ntfy+ or plain)")
+    p.add_argument("text", nargs="?", help="the message (default: a test line)")
     return parser
 
 
@@ -4652,6 +5105,36 @@ def _number(parser, name, text, kind=float, minimum=0):
         return value
     except (TypeError, ValueError):
         parser.error("%s must be a number >= %s, got %r" % (name, minimum, text))
+
+
+def _notify_options(parser, args):
+    """``serve``'s alert options, checked: a bad URL or event is a usage error."""
+    urls = args.notify or os.environ.get("PROGRESSISTA_NOTIFY", "").split()
+    for url in urls:
+        try:
+            Webhook(url)
+        except ValueError as exc:
+            parser.error("--notify: %s" % exc)
+    try:
+        events = parse_notify_events(args.notify_on)
+    except ValueError as exc:
+        parser.error("--notify-on: %s" % exc)
+    window = _number(parser, "--notify-window", args.notify_window)
+    return dict(notify=urls, notify_on=events, notify_window=window)
+
+
+def _notify_command(parser, args):
+    """``notify URL [TEXT]``: print what the receiver answered; 0 on 2xx."""
+    try:
+        hook = Webhook(args.url)
+    except ValueError as exc:
+        parser.error("notify: %s" % exc)
+    status, reason = notify_test(hook, args.text)
+    if status is None:
+        print("%s: no answer (%s)" % (hook, reason), file=sys.stderr)
+        return 1
+    print("%s answered HTTP %d" % (hook, status))
+    return 0 if 200 <= status < 300 else 1
 
 
 _RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level",
@@ -4718,7 +5201,8 @@ def main(argv=None):
             tokens=tokens, db=args.db, allow_origins=origins, allow_hosts=hosts,
             stale_seconds=_number(parser, "--stale-seconds", args.stale_seconds),
             retention_seconds=_number(parser, "--retention-seconds", args.retention_seconds),
-            max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1))
+            max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1),
+            **_notify_options(parser, args))
         port = _number(parser, "--port", args.port, int)
         if port > 65535:
             parser.error("--port must be 0..65535")
@@ -4732,6 +5216,9 @@ def main(argv=None):
                   % (args.host, port, exc.strerror or exc), file=sys.stderr)
             return 1
         return 0
+
+    if args.command == "notify":
+        return _notify_command(parser, args)
 
     if args.command == "demo":
         url = args.server_url or os.environ.get("PROGRESSISTA_SERVER_URL") or DEFAULT_SERVER_URL

@@ -2556,6 +2556,524 @@ def test_group_index_matches_a_full_recount_after_random_churn():
         assert all(t["group_size"] == store.group_sizes.get(name) for t in members)
     assert set(store.groups()) == {progressista._group_of(k) for k in store.tasks}
 
+# -- alerts ------------------------------------------------------------------
+
+SECRET_PATH = "/hooks/T000/B000/s3cretPathPart"
+SECRET_QUERY = "?key=s3cretQueryPart"
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1:0 that records every request.
+
+    It answers the statuses in ``answers`` first (one each), then 200;
+    ``gate`` cleared holds every answer until it is set again.
+    """
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.requests = []
+        self.answers = []
+        self.always = None  # a status answered to every request
+        self.gate = threading.Event()
+        self.gate.set()
+        self.cond = threading.Condition()
+        receiver = self
+
+        class Handle(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver.cond:
+                    receiver.requests.append({"path": self.path, "body": body,
+                                              "headers": dict(self.headers)})
+                    receiver.cond.notify_all()
+                    status = receiver.always or (receiver.answers.pop(0) if receiver.answers
+                                                 else 200)
+                receiver.gate.wait(10)
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handle)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="receiver")
+        self.thread.start()
+
+    def url(self, path=SECRET_PATH + SECRET_QUERY, kind=""):
+        return "%shttp://127.0.0.1:%d%s" % (kind, self.server.server_address[1], path)
+
+    def wait(self, count, timeout=15):
+        """The first ``count`` requests, once they have come."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.requests) >= count, timeout), \
+                "%d webhook requests, expected %d" % (len(self.requests), count)
+            return list(self.requests)
+
+    def messages(self, count, timeout=15):
+        return [json.loads(r["body"]) for r in self.wait(count, timeout)]
+
+    def stop(self):
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def receiver():
+    made = []
+
+    def make():
+        made.append(Receiver())
+        return made[-1]
+
+    first = make()
+    first.make = make
+    yield first
+    for one in made:
+        one.stop()
+
+
+WINDOW = 0.3
+
+
+def alert_server(server_factory, receiver, **options):
+    options.setdefault("notify", [receiver.url()])
+    options.setdefault("notify_window", WINDOW)
+    return server_factory(**options)
+
+
+def test_store_calls_on_status_only_when_a_status_changes(tmp_path):
+    store, clock = make_store(stale_seconds=10)
+    seen = []
+    store.on_status = lambda task, old: seen.append((task["task_id"], old, task["status"]))
+    store.ingest({"task_id": "a", "n": 1})
+    store.ingest({"task_id": "a", "n": 2})
+    store.ingest({"task_id": "a", "status": "error", "error": "E"})
+    store.ingest({"task_id": "a", "n": 3})  # late update to an ended task: nothing
+    store.ingest({"task_id": "a", "status": "start"})
+    store.ingest({"task_id": "b", "status": "close"})
+    clock.advance(11)
+    store.sweep()
+    store.delete("b")
+    store.delete_where({"stale"})
+    assert seen == [("a", None, "active"), ("a", "active", "error"), ("a", "error", "active"),
+                    ("b", None, "close"), ("a", "active", "stale")]
+    store.on_status = None  # restored tasks: load raises nothing, whatever their state
+    store.load([dict(progressista._new_task("r", clock()), status="error")])
+    assert seen[-1] == ("a", "active", "stale")
+
+
+def test_digest_text_names_group_counts_and_first_errors():
+    events = [{"event": "fail", "task_id": "run-7:rank-%d" % i, "group": "run-7",
+               "task": {"task_id": "run-7:rank-%d" % i, "desc": None,
+                        "error": "RuntimeError: CUDA out of memory\nat line 3"}}
+              for i in range(5)]
+    events.append({"event": "done", "group": "run-7", "counts": {"close": 5, "error": 3},
+                   "task_ids": [], "elapsed": 3725})
+    title, text = progressista.digest(events)
+    assert text == ("run-7: 5 failed (rank-0: RuntimeError: CUDA out of memory at line 3; "
+                    "rank-1: RuntimeError: CUDA out of memory at line 3; rank-2: RuntimeError: "
+                    "CUDA out of memory at line 3; +2 more), done in 1h02m: 5 completed, "
+                    "3 failed")
+    assert title == "run-7: 5 failed, done in 1h02m"
+    events.append({"event": "stall", "task_id": "copy", "group": "copy",
+                   "task": {"task_id": "copy", "desc": "copying", "n": 40, "total": 100}})
+    events.append(dict(events[0]))  # the same task twice counts once
+    title, text = progressista.digest(events)
+    assert title == "Progressista: 5 failed, 1 stalled, 1 group done in 2 groups"
+    assert text.splitlines()[0] == title
+    assert text.splitlines()[2] == 'copy: 1 stalled ("copying" at 40%)'
+    # a bar's default id (host:ms-pid-n) is named by its description; a group of
+    # one task that failed needs no "done" after it
+    auto = {"task_id": "vm:1796606694498-21044-1", "desc": "training", "error": "E: x"}
+    title, text = progressista.digest([
+        {"event": "fail", "task_id": auto["task_id"], "group": "vm", "task": auto},
+        {"event": "done", "group": "vm", "counts": {"close": 0, "error": 1},
+         "task_ids": [auto["task_id"]], "elapsed": 1}])
+    assert (title, text) == ("vm: 1 failed", 'vm: 1 failed ("training": E: x)')
+
+
+def test_webhook_kinds_bodies_and_headers():
+    text = "run-7: 1 failed (rank-0: <!channel> & @everyone)"
+    events = [{"event": "fail", "task_id": "run-7:rank-0", "group": "run-7", "task": {}}]
+    body, headers = progressista.Webhook("https://h.example/x").request(text, events, "T")
+    assert json.loads(body) == {"text": text, "events": events}
+    assert headers["Content-Type"] == "application/json"
+    body, _ = progressista.Webhook("slack+https://h.example/x").request(text, events, "T")
+    assert json.loads(body) == {"text": "run-7: 1 failed (rank-0: &lt;!channel&gt; &amp; @everyone)"}
+    body, _ = progressista.Webhook("discord+https://h.example/x").request("é" * 5000, events)
+    content = json.loads(body)["content"]
+    assert len(content) == 2000 and content.endswith("…")
+    assert json.loads(body)["allowed_mentions"] == {"parse": []}
+    hook = progressista.Webhook("ntfy+https://user:pa%20ss@ntfy.example/alerts")
+    assert hook.url == "https://ntfy.example/alerts" and str(hook) == "ntfy https://ntfy.example"
+    body, headers = hook.request(text, events, "run-7: 1 failed")
+    assert body == text.encode() and headers["Content-Type"].startswith("text/plain")
+    assert headers["Title"] == "run-7: 1 failed" and headers["Priority"] == "high"
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"user:pa ss").decode()
+    _, headers = hook.request("x", [], "Ärger ✓ done")
+    assert headers["Title"] == "=?utf-8?b?%s?=" % base64.b64encode("Ärger ✓ done".encode()).decode()
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://h/x", "hooks.slack.com/services/x", "slack+ftp://h/x", "teams+https://h/x",
+    "https://", "http://h:99999/x", "ntfy+https://ntfy.sh", "ntfy+https://ntfy.sh/", "",
+    "http://[::1/x",
+])
+def test_bad_webhook_urls_are_refused_without_their_secret(url):
+    with pytest.raises(ValueError) as info:
+        progressista.Webhook(url)
+    assert "/x" not in str(info.value)
+    with pytest.raises(ValueError):
+        progressista.make_server("127.0.0.1", 0, notify=[url])
+
+
+def test_alert_generic_json_for_a_failure_and_its_group_done(server_factory, receiver, clock):
+    srv = alert_server(server_factory, receiver, clock=clock)
+    post(srv, [{"task_id": "run-7:rank-0", "n": 3, "total": 10, "desc": "epoch 1"},
+               {"task_id": "run-7:rank-1", "n": 3}])
+    clock.advance(65)
+    post(srv, [{"task_id": "run-7:rank-1", "status": "close"},
+               {"task_id": "run-7:rank-0", "status": "error",
+                "error": "RuntimeError: CUDA out of memory"}])
+    (req,) = receiver.wait(1)
+    assert req["path"] == SECRET_PATH + SECRET_QUERY
+    assert req["headers"]["Content-Type"] == "application/json"
+    body = json.loads(req["body"])
+    assert body["text"] == ('run-7: 1 failed (rank-0 "epoch 1": RuntimeError: CUDA out of '
+                            'memory), done in 1m05s: 1 completed, 1 failed')
+    fail, done = body["events"]
+    assert fail == {"event": "fail", "task_id": "run-7:rank-0", "group": "run-7",
+                    "task": task(srv, "run-7:rank-0")}
+    assert done == {"event": "done", "group": "run-7", "counts": {"close": 1, "error": 1},
+                    "task_ids": ["run-7:rank-0", "run-7:rank-1"], "elapsed": 65.0}
+
+
+def test_alert_each_kind_gets_its_body_two_urls_one_message_each(server_factory, receiver):
+    srv = alert_server(server_factory, receiver, notify=[
+        receiver.url("/slack/s"), receiver.url("/discord/d", "discord+"),
+        receiver.url("/ntfy/topic", "ntfy+"), receiver.url("/plain")])
+    srv.notifier.hooks[0] = progressista.Webhook(receiver.url("/slack/s", "slack+"))
+    post(srv, [{"task_id": "job:%d" % i, "status": "error", "error": "ValueError: row %d" % i}
+               for i in range(4)])
+    got = {r["path"]: r for r in receiver.wait(4)}
+    assert set(got) == {"/slack/s", "/discord/d", "/ntfy/topic", "/plain"}
+    text = ("job: 4 failed (0: ValueError: row 0; 1: ValueError: row 1; 2: ValueError: row 2; "
+            "+1 more), done in 0s: 4 failed")
+    assert json.loads(got["/slack/s"]["body"]) == {"text": text}
+    assert json.loads(got["/discord/d"]["body"]) == {"content": text,
+                                                     "allowed_mentions": {"parse": []}}
+    assert got["/ntfy/topic"]["body"].decode() == text
+    assert got["/ntfy/topic"]["headers"]["Content-Type"].startswith("text/plain")
+    assert got["/ntfy/topic"]["headers"]["Title"] == "job: 4 failed, done in 0s"
+    plain = json.loads(got["/plain"]["body"])
+    assert plain["text"] == text and len(plain["events"]) == 5
+    time.sleep(WINDOW * 3)
+    assert len(receiver.requests) == 4  # one message per URL for the window
+
+
+def test_alert_event_selection(server_factory, receiver):
+    srv = alert_server(server_factory, receiver, notify_on="finish")
+    post(srv, [{"task_id": "a", "status": "error", "error": "E"},
+               {"task_id": "g:b", "status": "close"}, {"task_id": "g:c", "n": 1}])
+    (body,) = receiver.messages(1)
+    assert [(e["event"], e["task_id"]) for e in body["events"]] == [("finish", "g:b")]
+    assert body["text"] == "g: 1 finished (b)"
+
+    other = receiver.make()
+    srv = alert_server(server_factory, other)  # the default: fail, stall, done
+    post(srv, [{"task_id": "g:b", "status": "close"}, {"task_id": "g:c", "n": 1}])
+    post(srv, {"task_id": "x:y", "status": "error"})
+    (body,) = other.messages(1)
+    assert [(e["event"], e.get("task_id")) for e in body["events"]] == [
+        ("fail", "x:y"), ("done", None)]
+    assert body["text"] == "x: 1 failed (y)"  # a group of one: its done adds nothing
+
+
+def test_alert_stall_from_the_servers_own_sweep(server_factory, receiver, clock):
+    srv = alert_server(server_factory, receiver, clock=clock, stale_seconds=10)
+    post(srv, [{"task_id": "train:rank-1", "n": 40, "total": 100},
+               {"task_id": "train:rank-2", "n": 10, "total": 100}])
+    clock.advance(5)
+    post(srv, {"task_id": "train:rank-2", "n": 11})
+    clock.advance(6)
+    srv.store.sweep()
+    (body,) = receiver.messages(1)
+    assert body["text"] == "train: 1 stalled (rank-1 at 40%)"
+    (event,) = body["events"]
+    assert event["event"] == "stall" and event["task"]["status"] == "stale"
+
+
+def test_alert_group_done_only_when_still_done_at_window_close(server_factory, receiver):
+    srv = alert_server(server_factory, receiver, notify_window=1.0)
+    # rank-1 closes one bar and opens the next in the same window: not done
+    post(srv, [{"task_id": "g:rank-0", "status": "close"}, {"task_id": "g:rank-1", "n": 1}])
+    post(srv, [{"task_id": "g:rank-1", "status": "close"},
+               {"task_id": "g:rank-1", "status": "start", "desc": "epoch 2"}])
+    time.sleep(2.5)
+    assert receiver.requests == []
+    post(srv, {"task_id": "g:rank-1", "status": "close"})
+    (body,) = receiver.messages(1)
+    (done,) = body["events"]
+    assert done["event"] == "done" and done["counts"] == {"close": 2, "error": 0}
+    assert sorted(done["task_ids"]) == ["g:rank-0", "g:rank-1"]
+    assert body["text"].startswith("g: done in ") and body["text"].endswith(": 2 completed")
+    # reopened and ended again: done again
+    post(srv, {"task_id": "g:rank-0", "status": "start"})
+    post(srv, {"task_id": "g:rank-0", "status": "close"})
+    assert receiver.messages(2)[1]["events"][0]["event"] == "done"
+
+
+def test_alert_done_waits_for_the_expected_group_size(server_factory, receiver):
+    srv = alert_server(server_factory, receiver)
+    post(srv, [{"task_id": "arr:0", "status": "close", "group_size": 3},
+               {"task_id": "arr:1", "status": "close", "group_size": 3}])
+    time.sleep(WINDOW * 4)
+    assert receiver.requests == []  # 2 of 3 members: not done
+    post(srv, {"task_id": "arr:2", "status": "error", "error": "E", "group_size": 3})
+    (body,) = receiver.messages(1)
+    assert body["events"][-1]["counts"] == {"close": 2, "error": 1}
+
+
+def test_alert_digest_of_200_failures_is_one_message(server_factory, receiver):
+    srv = alert_server(server_factory, receiver, notify_window=3.0)
+    for start in range(0, 200, 50):
+        post(srv, [{"task_id": "run-9:rank-%d" % i, "status": "error",
+                    "error": "RuntimeError: NCCL timeout"} for i in range(start, start + 50)])
+    (body,) = receiver.messages(1)
+    assert len(body["events"]) == 201
+    assert body["text"].startswith("run-9: 200 failed (rank-0: RuntimeError: NCCL timeout; ")
+    assert "+197 more), done in " in body["text"]
+    time.sleep(1)
+    assert len(receiver.requests) == 1
+
+
+def test_alert_retries_after_5xx_and_429_then_succeeds(server_factory, receiver, monkeypatch,
+                                                       caplog):
+    monkeypatch.setattr(progressista.Notifier, "retry_delays", (0.05, 0.05))
+    receiver.answers = [503, 429]
+    srv = alert_server(server_factory, receiver)
+    with caplog.at_level(logging.DEBUG, logger="progressista"):
+        post(srv, {"task_id": "r", "status": "error", "error": "E"})
+        reqs = receiver.wait(3)
+        wait_for(lambda: "delivered" in caplog.text)
+    assert reqs[0]["body"] == reqs[1]["body"] == reqs[2]["body"]
+    assert "dropped" not in caplog.text
+    time.sleep(0.3)
+    assert len(receiver.requests) == 3
+
+
+def test_alert_a_4xx_is_not_retried(server_factory, receiver, caplog):
+    receiver.answers = [404]
+    srv = alert_server(server_factory, receiver)
+    post(srv, {"task_id": "r", "status": "error"})
+    receiver.wait(1)
+    wait_for(lambda: "dropped after 1 attempt: HTTP 404" in caplog.text)
+    time.sleep(0.5)
+    assert len(receiver.requests) == 1
+
+
+def test_alert_receiver_stuck_then_failing_never_holds_ingest(server_factory, receiver,
+                                                             monkeypatch, caplog):
+    monkeypatch.setattr(progressista.Notifier, "retry_delays", (0.05, 0.05))
+    receiver.always = 500
+    receiver.gate.clear()  # the receiver holds its answer
+    srv = alert_server(server_factory, receiver, notify_window=0)
+    post(srv, {"task_id": "first", "status": "error"})
+    receiver.wait(1)  # a delivery is in flight, stuck
+    for i in range(20):  # ingest goes on meanwhile, failures included
+        status, _, _ = post(srv, [{"task_id": "t%d-%d" % (i, k), "n": k,
+                                   "status": "error" if k % 10 == 0 else "update"}
+                                  for k in range(50)])
+        assert status == 200
+    assert len(receiver.requests) == 1 and len(tasks(srv)) == 1001
+    receiver.gate.set()
+    wait_for(lambda: "dropped after 3 attempts: HTTP 500" in caplog.text, timeout=20)
+    drops = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(drops) >= 1 and all(r.levelno == logging.WARNING for r in drops)
+
+
+def test_alert_window_in_progress_is_sent_at_shutdown(receiver):
+    srv = progressista.make_server("127.0.0.1", 0, notify=[receiver.url()],
+                                   notify_window=600).start()
+    try:
+        post(srv, {"task_id": "late:0", "status": "error", "error": "E"})
+    finally:
+        srv.stop()
+    (body,) = receiver.messages(1, timeout=1)
+    assert body["text"] == "late: 1 failed (0: E)"
+
+
+def notify_cli(*args, env=None, timeout=60):
+    """``python3 progressista.py ARGS`` with a clean environment; text output."""
+    return subprocess.run([sys.executable, SCRIPT, *args], env=_clean_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _stop_cli(proc):
+    """SIGTERM a ``start_cli_server`` process; all it printed after its URL line."""
+    proc.send_signal(signal.SIGTERM)
+    timer = threading.Timer(20, proc.kill)
+    timer.start()
+    try:
+        out = proc.stdout.read()  # the buffered reader: what start_cli_server read ahead too
+    finally:
+        timer.cancel()
+        proc.stdout.close()
+        proc.wait(5)
+    return out.decode("utf-8", "replace")
+
+
+def test_alert_logs_show_scheme_and_host_only_even_at_debug(receiver, tmp_path):
+    receiver.always = 500
+    good = receiver.make()
+    proc, url = start_cli_server("--notify", receiver.url(), "--notify", good.url(
+        "/other" + SECRET_QUERY, "slack+"), "--notify-window", "0.3", env={
+            "PROGRESSISTA_LOG_LEVEL": "DEBUG"})
+    try:
+        assert request(url + "/progress", "POST", {"task_id": "a", "status": "error",
+                                                   "error": "E"})[0] == 200
+        receiver.wait(3, timeout=30)
+        good.wait(1)
+    finally:
+        out = _stop_cli(proc)
+    bad_host = "http://127.0.0.1:%d" % receiver.server.server_address[1]
+    good_host = "http://127.0.0.1:%d" % good.server.server_address[1]
+    assert "Alerts: fail, stall, done to %s, slack %s, 0.3 s digest." % (
+        bad_host, good_host) in out
+    assert "alert to %s dropped after 3 attempts: HTTP 500" % bad_host in out
+    assert "alert delivered to slack %s (HTTP 200)" % good_host in out
+    for secret in ("s3cret", "/hooks", "/other", "key="):
+        assert secret not in out, out
+
+
+def test_alert_none_for_restored_tasks_after_a_restart(receiver, tmp_path, clock):
+    path = str(tmp_path / "alerts.db")
+    options = dict(db=path, notify=[receiver.url()], notify_window=WINDOW, stale_seconds=30,
+                   clock=clock)
+    srv = progressista.make_server("127.0.0.1", 0, **options).start()
+    try:
+        post(srv, [{"task_id": "run-7:rank-0", "status": "error", "error": "E"},
+                   {"task_id": "run-7:rank-1", "n": 1}, {"task_id": "solo", "status": "close"}])
+        assert len(receiver.messages(1)[0]["events"]) == 2  # rank-0 failed, solo done
+        clock.advance(31)
+        srv.store.sweep()
+        assert receiver.messages(2)[1]["text"] == "run-7: 1 stalled (rank-1)"
+    finally:
+        srv.stop()
+    srv = progressista.make_server("127.0.0.1", 0, **options).start()
+    try:  # restored: an error, a close, and a stale that the restart judges stale again
+        assert srv.store.counts() == {"active": 0, "stale": 1, "close": 1, "error": 1}
+        post(srv, {"task_id": "run-8:rank-0", "status": "error", "error": "F"})
+        third = receiver.messages(3)[2]
+        assert {e.get("task_id") for e in third["events"]} == {"run-8:rank-0", None}
+        time.sleep(WINDOW * 3)
+        assert len(receiver.requests) == 3
+    finally:
+        srv.stop()
+
+
+def test_notify_command_exit_codes(receiver):
+    done = notify_cli("notify", receiver.url(kind="slack+"), "hello from the test")
+    host = "http://127.0.0.1:%d" % receiver.server.server_address[1]
+    assert done.returncode == 0 and done.stdout.strip() == "slack %s answered HTTP 200" % host
+    (req,) = receiver.wait(1)
+    assert json.loads(req["body"]) == {"text": "hello from the test"}
+    assert req["path"] == SECRET_PATH + SECRET_QUERY
+    receiver.answers = [404]
+    done = notify_cli("notify", receiver.url())
+    assert done.returncode == 1 and "HTTP 404" in done.stdout
+    assert json.loads(receiver.wait(2)[1]["body"])["text"].startswith("Progressista test alert")
+    done = notify_cli("notify", "http://127.0.0.1:%d/x" % free_port(),
+                   env={"PROGRESSISTA_LOG_LEVEL": "ERROR"})
+    assert done.returncode == 1 and "no answer" in done.stderr
+    done = notify_cli("notify", "ftp://example.com/s3cret")
+    assert done.returncode == 2 and "not a webhook URL" in done.stderr
+    assert "s3cret" not in done.stderr
+
+
+@pytest.mark.parametrize("args,env", [
+    (("--notify", "ftp://example.com/s3cret"), {}),
+    (("--notify", "http://ok.example/s3cret", "--notify", "slack+nope"), {}),
+    ((), {"PROGRESSISTA_NOTIFY": "http://ok.example/s3cret discord+ftp://h/s3cret"}),
+    (("--notify", "http://ok.example/s3cret", "--notify-on", "fail,boom"), {}),
+    (("--notify", "http://ok.example/s3cret", "--notify-window", "-1"), {}),
+])
+def test_serve_bad_notify_options_are_usage_errors(args, env):
+    done = notify_cli("serve", "--port", "0", *args, env=env, timeout=20)
+    assert done.returncode == 2, done
+    assert "--notify" in done.stderr and "s3cret" not in done.stderr
+
+
+def test_serve_notify_env_fallbacks_two_urls(receiver):
+    other = receiver.make()
+    proc, url = start_cli_server(env={
+        "PROGRESSISTA_NOTIFY": "%s  %s" % (receiver.url(), other.url("/b", "ntfy+")),
+        "PROGRESSISTA_NOTIFY_ON": "finish", "PROGRESSISTA_NOTIFY_WINDOW": "0.2"})
+    try:
+        request(url + "/progress", "POST", [{"task_id": "a:1", "status": "close"},
+                                            {"task_id": "a:2", "status": "error"}])
+        (first,) = receiver.messages(1)
+        (second,) = other.wait(1)
+    finally:
+        out = _stop_cli(proc)
+    assert "Alerts: finish to " in out and "0.2 s digest" in out
+    assert first["text"] == "a: 1 finished (1)" and second["body"] == b"a: 1 finished (1)"
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+def need_promtool():
+    """Skip without promtool; fail instead under PROGRESSISTA_REQUIRE_PROMTOOL=1 (CI)."""
+    if PROMTOOL:
+        return PROMTOOL
+    if os.environ.get("PROGRESSISTA_REQUIRE_PROMTOOL", "") not in ("", "0"):
+        pytest.fail("PROGRESSISTA_REQUIRE_PROMTOOL is set but promtool is missing: "
+                    "apt-get install -y prometheus", pytrace=False)
+    pytest.skip("promtool is missing: apt-get install -y prometheus (Debian) to run this test")
+
+
+def test_metrics_pass_promtool_check_metrics(server_factory, clock):
+    promtool = need_promtool()
+    srv = server_factory(clock=clock, stale_seconds=10)
+    post(srv, [{"task_id": 'we"ird\\id\nx', "n": 1}, {"task_id": "run:rank-0", "n": 5,
+                                                      "total": 10, "group_size": 4},
+               {"task_id": "run:rank-1", "status": "error", "error": "E"},
+               {"task_id": "u", "n": 3}, {"task_id": "done", "status": "close"}])
+    clock.advance(11)
+    srv.store.sweep()
+    text = _metrics(srv.url)
+    assert "progressista_task_total_units{" in text and "progressista_group_tasks{" in text
+    done = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done
+
+
+def test_prometheus_alert_rules_pass_their_promtool_tests():
+    promtool = need_promtool()
+    rules = os.path.join(HERE, "docs", "prometheus-alerts.yml")
+    done = subprocess.run([promtool, "check", "rules", rules], capture_output=True, timeout=60)
+    assert done.returncode == 0, done
+    done = subprocess.run([promtool, "test", "rules",
+                           os.path.join(HERE, "docs", "prometheus-alerts.test.yml")],
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
+def test_promtool_tests_skip_or_fail_as_ci_says(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "PROMTOOL", None)
+    monkeypatch.delenv("PROGRESSISTA_REQUIRE_PROMTOOL", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y prometheus"):
+        need_promtool()
+    monkeypatch.setenv("PROGRESSISTA_REQUIRE_PROMTOOL", "1")
+    with pytest.raises(pytest.fail.Exception, match="promtool is missing"):
+        need_promtool()
+
+
 # -- websocket ---------------------------------------------------------------
 
 def test_accept_key_rfc_example():
@@ -3607,7 +4125,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 TRICKY_IDS = ['plain', 'say "hi"', 'back\\slash', 'two\nlines', '\\"\n\\n mix',
               'ünïcødé ✓', 'trailing\\', '{brace}=,']
 
-PER_TASK = ("progressista_task_n", "progressista_task_total",
+PER_TASK = ("progressista_task_n", "progressista_task_total_units",
             "progressista_task_progress_ratio", "progressista_task_rate",
             "progressista_task_updated_timestamp_seconds")
 
@@ -3666,11 +4184,11 @@ def test_metrics_parse_with_prometheus_client_and_values_are_right(server_factor
     for i, task_id in enumerate(TRICKY_IDS):
         key = (task_id, "active")
         assert samples["progressista_task_n"][key] == i * 10
-        assert samples["progressista_task_total"][key] == 100
+        assert samples["progressista_task_total_units"][key] == 100
         assert samples["progressista_task_progress_ratio"][key] == pytest.approx(i / 10)
         assert samples["progressista_task_rate"][key] == i + 0.5
         assert samples["progressista_task_updated_timestamp_seconds"][key] == 1_000_000.0
-    assert math.isnan(samples["progressista_task_total"][("unknown-total", "active")])
+    assert math.isnan(samples["progressista_task_total_units"][("unknown-total", "active")])
     assert math.isnan(samples["progressista_task_progress_ratio"][("unknown-total", "active")])
     assert math.isnan(samples["progressista_task_rate"][("unknown-total", "active")])
     assert math.isnan(samples["progressista_task_progress_ratio"][("zero-total", "active")])
@@ -3735,7 +4253,7 @@ def test_metrics_survive_integers_beyond_float(tmp_path):
         srv.stop()
     assert samples["progressista_task_n"][("huge", "active")] == float("inf")
     assert samples["progressista_task_progress_ratio"][("huge", "active")] == float("inf")
-    assert samples["progressista_task_total"][("huge-total", "active")] == float("inf")
+    assert samples["progressista_task_total_units"][("huge-total", "active")] == float("inf")
     assert samples["progressista_task_progress_ratio"][("huge-total", "active")] == 0.0
 
 
