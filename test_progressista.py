@@ -1275,6 +1275,172 @@ def test_tqdm_notebook_bars_report_where_ipywidgets_exist(server):
     assert (found["notebook-trange"]["status"], found["notebook-trange"]["n"]) == ("close", 3)
 
 
+# Patching from sitecustomize under a notebook kernel, run's children,
+# __file__, and what run imports.
+
+NOTEBOOK_CELLS = [
+    "from tqdm.auto import tqdm\nfor i in tqdm(range(5), desc='nb-auto'):\n    pass",
+    "from tqdm.autonotebook import tqdm as tqdm_nb\n"
+    "for i in tqdm_nb(range(4), desc='nb-autonotebook'):\n    pass",
+    "for i in tqdm(range(10), desc='nb-fails'):\n    if i == 3:\n"
+    "        raise ValueError('bad row 3')",
+    "for i in tqdm(range(10), desc='nb-break'):\n    if i == 2:\n        break",
+]
+
+EXECUTE_NOTEBOOK = """
+import sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.v4.new_notebook()
+nb.cells = [nbformat.v4.new_code_cell(source) for source in %r]
+NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
+nbformat.write(nb, sys.argv[1])
+"""
+
+
+def _sitecustomize(tmp_path, srv, extra=""):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from progressista.patch import install\ninstall(server_url=%r)\n%s"
+        % (srv.url + "/progress", extra))
+    return site
+
+
+def test_notebook_kernel_keeps_widget_bars_that_report_and_fail(server, tmp_path):
+    for name in ("nbclient", "nbformat", "ipykernel", "ipywidgets"):
+        pytest.importorskip(name)
+    site = _sitecustomize(tmp_path, server)
+    saved = tmp_path / "out.ipynb"
+    proc = subprocess.run(
+        [sys.executable, "-c", EXECUTE_NOTEBOOK % (NOTEBOOK_CELLS,), str(saved)],
+        capture_output=True, timeout=180,
+        env=_clean_env(PYTHONPATH=os.pathsep.join([str(site), HERE])))
+    ok(proc)
+    cells = json.loads(saved.read_text())["cells"]
+    for cell in cells:  # widgets, never a text bar on stderr
+        kinds = [o["output_type"] for o in cell["outputs"]]
+        assert not [o for o in cell["outputs"] if o.get("name") == "stderr"], cell["outputs"]
+        widgets = [o for o in cell["outputs"] if o["output_type"] == "display_data"
+                   and "application/vnd.jupyter.widget-view+json" in o["data"]]
+        assert len(widgets) == 1, kinds
+    assert [o["ename"] for o in cells[2]["outputs"] if o["output_type"] == "error"] == [
+        "ValueError"]
+    got = {t["desc"]: t for t in tasks(server).values()}
+    assert set(got) == {"nb-auto", "nb-autonotebook", "nb-fails", "nb-break"}, got
+    assert (got["nb-auto"]["status"], got["nb-auto"]["n"]) == ("close", 5)
+    assert (got["nb-autonotebook"]["status"], got["nb-autonotebook"]["n"]) == ("close", 4)
+    assert got["nb-fails"]["status"] == "error", got["nb-fails"]
+    assert (got["nb-fails"]["error"], got["nb-fails"]["n"]) == ("ValueError: bad row 3", 3)
+    assert got["nb-break"]["status"] == "close"
+
+
+CHILDREN_SCRIPT = """
+    import builtins, json, multiprocessing, os, subprocess, sys
+    from tqdm import tqdm
+
+    def work(name):
+        for _ in tqdm(range(4), desc=name):
+            pass
+        return getattr(builtins, "SITE_MARK", None)
+
+    if __name__ == "__main__":
+        marks = {}
+        for method in ("spawn", "forkserver", "fork"):
+            with multiprocessing.get_context(method).Pool(1) as pool:
+                marks[method] = pool.map(work, [method])[0]
+        child = subprocess.run([sys.executable, "-c", (
+            "import builtins, json, sys\\nfrom tqdm import tqdm\\n"
+            "for _ in tqdm(range(3), desc='subprocess'): pass\\n"
+            "print(json.dumps([getattr(builtins, 'SITE_MARK', None), sys.path]))")],
+            check=True, capture_output=True)
+        marks["subprocess"], child_path = json.loads(child.stdout)
+        for _ in tqdm(range(2), desc="parent"):
+            pass
+        site_dir = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+        print(json.dumps({"marks": marks, "child_path": child_path, "site_dir": site_dir}))
+"""
+
+
+def test_run_reaches_children_of_every_start_method(server_factory, tmp_path):
+    srv = server_factory(tokens=["kid-token"])
+    site = tmp_path / "site"
+    site.mkdir()  # a sitecustomize of the user's own: run's children still run it
+    (site / "sitecustomize.py").write_text("import builtins\nbuiltins.SITE_MARK = 'chained'\n")
+    script = tmp_path / "kids.py"
+    script.write_text(textwrap.dedent(CHILDREN_SCRIPT))
+    proc, _ = run_cli("run", "--token", "kid-token", "--meta", '{"run": 7}', str(script),
+                      srv=srv, env={"PYTHONPATH": os.pathsep.join([str(site), HERE])})
+    out = json.loads(ok(proc).stdout)
+    assert proc.stderr == b"" or b"|" in proc.stderr  # tqdm's own bars, nothing else
+    assert out["marks"] == dict.fromkeys(["spawn", "forkserver", "fork", "subprocess"],
+                                         "chained")
+    assert out["site_dir"] not in out["child_path"]  # the child's sys.path is its own
+    assert not os.path.exists(out["site_dir"])  # removed when run ends
+    got = {t["desc"]: t for t in tasks(srv, headers={"Authorization": "Bearer kid-token"})
+           .values()}
+    assert set(got) == {"spawn", "forkserver", "fork", "subprocess", "parent"}, got
+    assert len({t["pid"] for t in got.values()}) == 5
+    for t in got.values():
+        assert (t["status"], t["meta"]) == ("close", {"run": 7}), t
+
+
+def test_run_script_file_is_absolute_as_under_python(server, tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "data.txt").write_text("next to the script")
+    (sub / "job.py").write_text(textwrap.dedent("""
+        import os, sys
+        print(__file__, sys.argv[0])
+        os.chdir("/")  # as Hydra does, then open a file next to the script
+        print(open(os.path.join(os.path.dirname(__file__), "data.txt")).read())
+        raise ValueError("the end")
+    """))
+    plain = subprocess.run([sys.executable, os.path.join("sub", "job.py")], cwd=tmp_path,
+                           capture_output=True, timeout=30, env=_clean_env())
+    proc, _ = run_cli("run", os.path.join("sub", "job.py"), srv=server, cwd=tmp_path)
+    assert plain.stdout == ("%s sub/job.py\nnext to the script\n" % (sub / "job.py")).encode()
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, plain.stdout, plain.stderr)
+
+
+def test_run_does_not_import_notebook_modules_for_a_plain_script(server, tmp_path):
+    script = tmp_path / "plain.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from tqdm import tqdm
+        for _ in tqdm(range(3), desc="plain"):
+            pass
+        heavy = ("IPython", "ipywidgets", "tqdm.notebook", "tqdm.auto", "tqdm.asyncio")
+        print([m for m in heavy if m in sys.modules])
+        import tqdm.auto, tqdm.asyncio, tqdm.notebook  # patched when imported
+        from progressista import _RemoteMixin
+        print([issubclass(c, _RemoteMixin) for c in (
+            tqdm.auto.tqdm, tqdm.asyncio.tqdm, tqdm.notebook.tqdm, tqdm.auto.trange(1, disable=True).__class__)])
+    """))
+    proc, _ = run_cli("run", str(script), srv=server)
+    assert ok(proc).stdout == b"[]\n[True, True, True, True]\n"
+    assert only_task(server)["desc"] == "plain"
+
+
+def test_lazy_patch_builds_on_the_original_classes_and_uninstalls(tmp_path):
+    proc, _ = run_job("""
+        progressista.install(server_url="http://127.0.0.1:9/progress")
+        import tqdm, tqdm.std
+        # in a tuple: install() rebinds any module-level name of the original
+        keep = (progressista._remote_class(tqdm.std.tqdm).__mro__[2],)
+        import tqdm.auto, tqdm.asyncio
+        M = progressista._RemoteMixin
+        assert issubclass(tqdm.auto.tqdm, M) and tqdm.auto.tqdm is tqdm.asyncio.tqdm
+        base = tqdm.asyncio.tqdm.__mro__[2]  # the original tqdm_asyncio...
+        assert not issubclass(base, M) and base.__mro__[1] is keep[0]  # ...on the original
+        progressista.uninstall()
+        assert not issubclass(tqdm.auto.tqdm, M) and tqdm.std.tqdm is keep[0]
+        import tqdm.autonotebook  # imported after uninstall: left alone
+        assert not issubclass(tqdm.autonotebook.tqdm, M)
+        print("ok")
+    """, url="http://127.0.0.1:9/progress")
+    assert ok(proc).stdout == b"ok\n"
+
+
 # -- store -------------------------------------------------------------------
 
 def test_store_merge_keeps_missing_fields():
