@@ -4602,3 +4602,43 @@ def test_version_and_help():
 def test_no_command_is_a_usage_error():
     proc, _ = run_cli()
     assert proc.returncode == 2 and b"usage" in proc.stderr
+
+
+def test_log_level_works_wherever_the_help_shows_it(server, tmp_path):
+    script = _write(tmp_path / "t.py", """
+        import json, logging, sys
+        print(json.dumps([sys.argv[1:], logging.getLogger().level,
+                          logging.getLogger("progressista").level]))
+    """)
+    placements = [
+        ("--log-level", "DEBUG", "run", script, "--", "--lr", "3"),
+        ("--log-level=DEBUG", "run", script, "--", "--lr", "3"),
+        ("run", "--log-level", "DEBUG", script, "--", "--lr", "3"),
+        ("run", script, "--log-level", "DEBUG", "--", "--lr", "3"),
+        ("run", script, "--log-level=DEBUG", "--server-url=%s" % server.url, "--", "--lr", "3"),
+        ("--log-level", "WARNING", "run", "--log-level", "DEBUG", script, "--", "--lr", "3"),
+    ]
+    for argv in placements:
+        proc, _ = run_cli(*argv, srv=server)
+        # the target's own logging is untouched; progressista's logger is at DEBUG
+        assert json.loads(ok(proc).stdout) == [["--lr", "3"], logging.WARNING, logging.DEBUG], argv
+    proc, _ = run_cli("run", script, "--", "--lr", "3", srv=server)  # none given: as before
+    assert json.loads(ok(proc).stdout) == [["--lr", "3"], logging.WARNING, logging.NOTSET]
+    proc, _ = run_cli("run", "--log-level", "LOUD", script, srv=server)
+    assert proc.returncode == 2 and b"--log-level must be" in proc.stderr
+    for sub in ("serve", "run", "demo"):
+        assert b"--log-level" in ok(run_cli(sub, "--help")[0]).stdout, sub
+    # serve --log-level DEBUG logs every request; before the command too
+    for args, env in ((("--log-level", "DEBUG"), None), ((), {"PROGRESSISTA_LOG_LEVEL": "DEBUG"})):
+        proc, url = start_cli_server(*args, env=env)
+        try:
+            assert request(url + "/health")[0] == 200
+            line = b""
+            while b'"GET /health"' not in line:
+                line = proc.stdout.readline()
+                assert line, "no request line in the DEBUG log"
+            assert b"DEBUG" in line
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+            proc.stdout.close()
