@@ -3778,7 +3778,8 @@ class TestDashboard:
     # fixtures
 
     @pytest.fixture(scope="class")
-    def browser(self):
+    @classmethod  # one browser for the class; as an instance method, pytest 9.1+ warns
+    def browser(cls):
         need_browser()
         from playwright.sync_api import sync_playwright
         with sync_playwright() as p:
