@@ -4646,3 +4646,18 @@ def test_log_level_works_wherever_the_help_shows_it(server, tmp_path):
             proc.terminate()
             proc.wait(timeout=15)
             proc.stdout.close()
+
+
+def test_readme_quick_start_runs_as_written(server, tmp_path):
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    quick = readme[readme.index("## Quick start"):readme.index("## Tests")]
+    commands = re.findall(r"^python3 progressista\.py (.+)$", quick, re.M)
+    assert commands == ["serve", "demo --duration 10", "run count.py"], commands
+    script = re.search(r"cat > count\.py <<'EOF'\n(.*?)\nEOF\n", quick, re.S).group(1)
+    (tmp_path / "count.py").write_text(script + "\n")
+    proc, _ = run_cli(*commands[2].split(), srv=server, cwd=tmp_path)
+    assert b"counting: 100%" in ok(proc).stderr
+    t = only_task(server)
+    assert (t["desc"], t["n"], t["total"], t["status"]) == ("counting", 100, 100, "close")
+    proc, _ = run_cli("demo", "--duration", "0.2", srv=server)  # demo takes --duration
+    ok(proc)
