@@ -1051,7 +1051,7 @@ import sys
 
 
 def _progressista_child(name, path, options):
-    import importlib.machinery, importlib.util, json, os
+    import importlib, importlib.machinery, importlib.util, json, os
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if not (p and os.path.abspath(p) == here)]
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", sys.path)
@@ -1068,7 +1068,19 @@ def _progressista_child(name, path, options):
                                  "%%s: %%s\\n" %% (exc.__class__.__name__, exc))
     try:
         module = sys.modules.get(name)
-        if module is None:
+        if module is None and "." in name:
+            # Vendored (mypkg._vendor.progressista): import it with its packages,
+            # from where the parent found it; by file alone, the child's own
+            # import of the package would break later.
+            root = path
+            for _ in name.split("."):
+                root = os.path.dirname(root)
+            sys.path.insert(0, root)
+            try:
+                module = importlib.import_module(name)
+            finally:
+                sys.path.remove(root)
+        elif module is None:
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module

@@ -1444,6 +1444,35 @@ def test_lazy_patch_builds_on_the_original_classes_and_uninstalls(tmp_path):
     assert ok(proc).stdout == b"ok\n"
 
 
+def test_run_of_a_vendored_copy_reaches_spawned_children(server, tmp_path):
+    vendor = tmp_path / "mypkg" / "_vendor"
+    vendor.mkdir(parents=True)
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(SCRIPT, vendor / "progressista.py")
+    (tmp_path / "job.py").write_text(textwrap.dedent("""
+        import multiprocessing, sys
+        from tqdm import tqdm
+        def work(x):
+            for _ in tqdm(range(3), desc="vendored child"):
+                pass
+            import mypkg._vendor.progressista as vendored  # the child's own import works
+            return sorted(m for m in sys.modules if m.startswith(("progressista", "mypkg.")))
+        if __name__ == "__main__":
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                print(pool.map(work, [0])[0])
+    """))
+    proc, _ = run_job("""
+        from mypkg._vendor.progressista import run
+        sys.exit(run("job.py", server_url=%r))
+    """ % server.url, prelude=False, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+        setup="import sys\n")
+    assert ok(proc).stdout == (b"['mypkg._vendor', 'mypkg._vendor.progressista', "
+                               b"'mypkg._vendor.progressista.client', "
+                               b"'mypkg._vendor.progressista.patch']\n")
+    assert only_task(server)["desc"] == "vendored child"
+
+
 # -- store -------------------------------------------------------------------
 
 def test_store_merge_keeps_missing_fields():
