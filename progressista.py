@@ -916,16 +916,15 @@ _cell_thread = None  # the thread running the current cell, between pre and post
 
 
 def _hook_ipython():
-    """Follow IPython's cells, when this process runs one; called on the first bar."""
+    """Follow IPython's cells, when this process runs them; called once, on the first bar."""
     global _cell_thread
     ipython = sys.modules.get("IPython")
     try:
         shell = ipython.get_ipython() if ipython is not None else None
-        if shell is None or getattr(shell, "_progressista_hooked", False):
+        if shell is None:
             return
         shell.events.register("pre_run_cell", _pre_run_cell)
         shell.events.register("post_run_cell", _post_run_cell)
-        shell._progressista_hooked = True
     except Exception:  # an IPython too old, or something that only looks like it
         return
     _cell_thread = threading.main_thread().ident  # the first bar is made in a cell
@@ -1094,7 +1093,10 @@ def _progressista_child(name, path, options):
         pass
 
 
-_progressista_child(%r, %r, %r)
+try:
+    _progressista_child(%r, %r, %r)
+except Exception:  # an odd interpreter runs unreported, never broken
+    pass
 del _progressista_child
 '''
 
