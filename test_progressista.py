@@ -3803,23 +3803,28 @@ class Tab:
         return self.js("() => window.__csp")
 
 
+@pytest.fixture(scope="class")
+def browser():
+    """One Chromium for the class that uses it (TestDashboard).
+
+    A module-level function: pytest 9.1+ deprecates class-scoped fixtures
+    written as instance methods, and a classmethod fixture fails on Python 3.9.
+    """
+    need_browser()
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 @pytest.mark.usefixtures("browser")
 class TestDashboard:
     """The live page in Chromium."""
 
     # fixtures
-
-    @pytest.fixture(scope="class")
-    @classmethod  # one browser for the class; as an instance method, pytest 9.1+ warns
-    def browser(cls):
-        need_browser()
-        from playwright.sync_api import sync_playwright
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                yield browser
-            finally:
-                browser.close()
 
     @pytest.fixture
     def open_tab(self, browser):
