@@ -187,7 +187,7 @@ class _Sender:
 
     def finish(self, bar, payload, hold=False):
         """Queue a closed bar's last state; wait for it unless ``hold``."""
-        final = _Final(bar, payload, time.monotonic() + EARLY_CLOSE_HOLD if hold else 0.0,
+        final = _Final(bar, payload, time.monotonic() + _early_close_hold() if hold else 0.0,
                        threading.get_ident())
         with self.lock:
             self.bars.pop(id(bar), None)
@@ -462,6 +462,7 @@ def _install_process_hooks():
             _sender.flush(waits)
 
     threading.excepthook = thread_excepthook
+    _hook_ipython()  # a notebook cell's exception never reaches the hooks above
 
 
 def _report_crash(exc, thread):
@@ -830,6 +831,13 @@ def _remote_trange(cls):
     return trange
 
 
+# tqdm modules patched when they are imported rather than by install(): a
+# notebook kernel imports IPython after sitecustomize has run, and tqdm.auto
+# and tqdm.autonotebook decide at import time between a widget and a text bar;
+# tqdm.notebook imports IPython and ipywidgets (0.3 s) that a script may never use.
+_LAZY_MODULES = ("tqdm.auto", "tqdm.autonotebook", "tqdm.asyncio", "tqdm.notebook")
+
+
 def install(server_url=None, **defaults):
     """Make every ``tqdm`` bar made from now on a remote one.
 
@@ -837,12 +845,14 @@ def install(server_url=None, **defaults):
     ``tqdm.autonotebook``, ``tqdm.asyncio`` and ``tqdm.notebook`` (and their
     ``trange`` helpers), then every module attribute anywhere that still
     points at one of the originals (``from tqdm import tqdm`` done earlier).
+    Of these modules, the ones not imported yet are patched when they are, so
+    that ``tqdm.auto`` still picks a widget under a notebook kernel started
+    after the patch, and a plain script never imports IPython.
     ``defaults`` are ``RemoteTqdm`` keywords (``push_every``, ``meta``,
     ``headers``, ``request_timeout``, ``token``, ``group_size``) for bars that
     don't set them.
     Call it from ``sitecustomize.py``; ``uninstall()`` undoes it.
     """
-    import importlib
     _import_tqdm()
     uninstall()
     token = defaults.pop("token", None)
@@ -851,12 +861,19 @@ def install(server_url=None, **defaults):
                                    Authorization="Bearer " + token)
     _install_defaults.clear()
     _install_defaults.update(defaults, server_url=server_url)
+    with _patch_lock:
+        _patch_loaded()
+    if _import_hook not in sys.meta_path:
+        sys.meta_path.insert(0, _import_hook)
+
+
+def _patch_loaded():
+    """Patch the tqdm modules imported so far, and every name bound to their bars."""
     replacements = {}  # id(original) -> (original, replacement)
     for module_name in _PATCH_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except Exception:  # tqdm.notebook without IPython and the like
-            continue
+        module = sys.modules.get(module_name)
+        if module is None or module_name in _import_hook.running:
+            continue  # not imported yet (the import hook will), or half-imported
         for name in _PATCH_CLASS_NAMES:
             original = module.__dict__.get(name)
             if isinstance(original, type) and not issubclass(original, _RemoteMixin):
@@ -905,33 +922,171 @@ def install(server_url=None, **defaults):
                         _patched.append((value, attr, old))
 
 
-def uninstall():
-    """Undo ``install()``: every patched name gets its original back."""
+def _unpatch():
+    """Every patched name gets its original back (the defaults stay)."""
     while _patched:
         module, name, original = _patched.pop()
         try:
             setattr(module, name, original)
         except Exception:
             pass
+
+
+def uninstall():
+    """Undo ``install()``: every patched name gets its original back."""
+    try:
+        sys.meta_path.remove(_import_hook)
+    except ValueError:
+        pass
+    with _patch_lock:
+        _unpatch()
     _install_defaults.clear()
+
+
+_patch_lock = threading.RLock()  # guards _patched
+
+
+class _TqdmImportHook:
+    """Patches ``tqdm.auto`` and its kin when they are imported after install().
+
+    A meta path finder that only wraps the loader of those few modules: the
+    module runs against the unpatched tqdm (so its classes are built on the
+    originals and ``tqdm.auto`` makes the choice it would make without us),
+    then everything loaded is patched again, exactly as install() would have.
+    """
+
+    def __init__(self):
+        self.local = threading.local()  # this thread's depth of wrapped imports
+        self.running = set()  # names of the wrapped modules being executed
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _LAZY_MODULES or getattr(self.local, "finding", False):
+            return None
+        import importlib.util
+        self.local.finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        except Exception:
+            return None
+        finally:
+            self.local.finding = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        spec.loader = _PatchingLoader(spec.loader, self)
+        return spec
+
+
+class _PatchingLoader:
+    """The real loader of a lazily patched tqdm module, patching after it runs."""
+
+    def __init__(self, loader, hook):
+        self.loader, self.hook = loader, hook
+
+    def __getattr__(self, name):  # get_source, is_package... as the real one
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        local = self.hook.local
+        depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
+        self.hook.running.add(module.__name__)
+        try:
+            if depth == 0:
+                with _patch_lock:
+                    _unpatch()
+            self.loader.exec_module(module)
+        finally:
+            self.hook.running.discard(module.__name__)
+            local.depth = depth
+            if depth == 0 and _import_hook in sys.meta_path:  # still installed
+                with _patch_lock:
+                    _unpatch()
+                    _patch_loaded()
+
+
+_import_hook = _TqdmImportHook()
+
+
+# IPython catches the exception that ends a cell, so neither sys.excepthook nor
+# the exit hook ever sees it: a loop left by it would end as completed.  Where
+# IPython runs (a notebook kernel, the ipython shell), a loop closed early in a
+# cell holds its final state until the cell ends, and the cell's error decides.
+
+CELL_HOLD = 10.0  # at most this long, for a cell that carries on after the loop
+_cell_thread = None  # the thread running the current cell, between pre and post_run_cell
+
+
+def _hook_ipython():
+    """Follow IPython's cells, when this process runs them; called once, on the first bar."""
+    global _cell_thread
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+        if shell is None:
+            return
+        shell.events.register("pre_run_cell", _pre_run_cell)
+        shell.events.register("post_run_cell", _post_run_cell)
+    except Exception:  # an IPython too old, or something that only looks like it
+        return
+    _cell_thread = threading.main_thread().ident  # the first bar is made in a cell
+
+
+def _pre_run_cell(info=None):
+    global _cell_thread
+    _cell_thread = threading.get_ident()
+
+
+def _post_run_cell(result=None):
+    """The cell ended: its early-closed loops end ``error`` if it failed, else ``close``."""
+    global _cell_thread
+    thread, _cell_thread = _cell_thread, None
+    sender, error = _sender, getattr(result, "error_in_exec", None)
+    if sender is None or thread is None:
+        return
+    try:
+        summary = _summarize(error) if error is not None else None
+        with sender.lock:
+            for final in sender.finals.values():
+                if final.hold_until and final.thread == thread:
+                    if summary:
+                        final.payload["status"], final.payload["error"] = "error", summary
+                    final.hold_until = 0.0
+        sender.wake.set()
+    except Exception:
+        pass
+
+
+def _early_close_hold():
+    """How long a loop closed by GeneratorExit on this thread waits to learn why."""
+    return CELL_HOLD if _cell_thread == threading.get_ident() else EARLY_CLOSE_HOLD
 
 
 def run(target, args=(), module=False, **options):
     """Run a script (or ``module=True``: a module) as ``__main__``, every bar remote.
 
-    ``sys.argv`` is what the target would see; returns its exit status.  An
-    uncaught exception prints its traceback, marks the open bars ``error``
-    and returns 1.  ``options`` go to ``install()``.
+    ``sys.argv`` is what the target would see, and ``__file__`` is absolute,
+    as under ``python``; returns its exit status.  An uncaught exception
+    prints its traceback, marks the open bars ``error`` and returns 1.
+    ``options`` go to ``install()``, here and in every Python child the
+    target starts (see ``_children_site``).
     """
     import runpy
     import traceback
     install(**options)
     sys.argv = [target] + list(args)  # for a module, runpy swaps in its path
     sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.abspath(target)))
+    site_dir, pythonpath = _children_site(options), os.environ.get("PYTHONPATH")
+    if site_dir:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site_dir, pythonpath]))
     try:
         if module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
-        else:
+        elif os.path.isfile(target) and not target.endswith((".pyc", ".pyo")):
+            _run_file(target)
+        else:  # a directory or zip with __main__.py, or compiled code
             runpy.run_path(target, run_name="__main__")
     except SystemExit as exc:
         code = exc.code
@@ -953,7 +1108,126 @@ def run(target, args=(), module=False, **options):
         if waits:
             _sender.flush(waits)
         return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    finally:
+        if site_dir:
+            if pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = pythonpath
+            import shutil
+            shutil.rmtree(site_dir, ignore_errors=True)
     return 0
+
+
+def _run_file(target):
+    """``runpy.run_path`` for a plain script, with ``__file__`` absolute.
+
+    Python 3.9+ makes a script's ``__file__`` (and so its tracebacks)
+    absolute but leaves ``sys.argv[0]`` as typed; run_path would give the
+    path it is given to both.  Scripts that chdir and then open files next
+    to ``__file__`` (Hydra does) need the absolute one.
+    """
+    import builtins
+    import io
+    import types
+    path = os.path.abspath(target)
+    with io.open_code(path) as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=path, __cached__=None, __loader__=None, __package__=None,
+                         __spec__=None, __builtins__=builtins)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = main
+    try:
+        exec(code, main.__dict__)
+    finally:
+        sys.modules["__main__"] = saved
+
+
+# What the children of ``run`` find first on their PYTHONPATH.  It runs the
+# sitecustomize it hides (Python imports only the first one on the path), then
+# loads this very file and installs the patch with run's options.  Nothing in
+# it may break the child: a Python without tqdm just runs unreported.
+_CHILD_SITECUSTOMIZE = '''\
+"""Written by `progressista run`: every Python child of the job reports its bars."""
+import sys
+
+
+def _progressista_child(name, path, options):
+    import importlib, importlib.machinery, importlib.util, json, os
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if not (p and os.path.abspath(p) == here)]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", sys.path)
+    if spec is not None and spec.loader is not None:  # the one this file hides
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sitecustomize"] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # as site.py reports it, and carry on
+            if sys.flags.verbose:
+                sys.excepthook(*sys.exc_info())
+            else:
+                sys.stderr.write("Error in sitecustomize; set PYTHONVERBOSE for traceback:\\n"
+                                 "%%s: %%s\\n" %% (exc.__class__.__name__, exc))
+    try:
+        module = sys.modules.get(name)
+        if module is None and "." in name:
+            # Vendored (mypkg._vendor.progressista): import it with its packages,
+            # from where the parent found it; by file alone, the child's own
+            # import of the package would break later.
+            root = path
+            for _ in name.split("."):
+                root = os.path.dirname(root)
+            sys.path.insert(0, root)
+            try:
+                module = importlib.import_module(name)
+            finally:
+                sys.path.remove(root)
+        elif module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        module.install(**json.loads(options))
+    except Exception:
+        pass
+
+
+try:
+    _progressista_child(%r, %r, %r)
+except Exception:  # an odd interpreter runs unreported, never broken
+    pass
+del _progressista_child
+'''
+
+
+def _children_site(options):
+    """A new directory holding ``sitecustomize.py`` for run's children, or None.
+
+    ``run`` puts it first on its children's ``PYTHONPATH``, so that a Python
+    child started fresh (``multiprocessing`` with ``spawn`` or ``forkserver``,
+    ``subprocess.run([sys.executable, ...])``) reports with the same server,
+    token and meta as the target; forked children inherit the patch anyway.
+    """
+    import tempfile
+    try:
+        text = json.dumps(options, default=str)
+        site_dir = tempfile.mkdtemp(prefix="progressista-run-")  # 0700: the token is in it
+    except (TypeError, ValueError, OSError):
+        return None
+    name = "progressista" if __name__ == "__main__" else __name__
+    try:
+        with open(os.path.join(site_dir, "sitecustomize.py"), "w", encoding="utf-8") as f:
+            f.write(_CHILD_SITECUSTOMIZE % (name, os.path.abspath(__file__), text))
+    except OSError:
+        import shutil
+        shutil.rmtree(site_dir, ignore_errors=True)
+        return None
+    return site_dir
 
 
 def _flush_crash(exc):
@@ -5040,8 +5314,7 @@ def _build_parser():
     parser = argparse.ArgumentParser(
         prog="progressista", description="tqdm progress bars from anywhere, live in a browser.")
     parser.add_argument("--version", action="version", version="progressista " + __version__)
-    parser.add_argument("--log-level", default=env("PROGRESSISTA_LOG_LEVEL", "INFO"),
-                        help="DEBUG shows every request (default INFO)")
+    parser.add_argument("--log-level", default=None, help=LOG_LEVEL_HELP)
     commands = parser.add_subparsers(dest="command", metavar="{serve,run,demo,notify}")
     commands.required = True
 
@@ -5094,7 +5367,17 @@ def _build_parser():
     p = commands.add_parser("notify", help="send one test alert to a webhook URL")
     p.add_argument("url", help="as for serve --notify (slack+, discord+, ntfy+ or plain)")
     p.add_argument("text", nargs="?", help="the message (default: a test line)")
+
+    # --log-level goes before the command or after it, as the README shows it
+    # (``serve --log-level DEBUG``); given after, it wins.  Keep this last.
+    for p in commands.choices.values():
+        p.add_argument("--log-level", default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
     return parser
+
+
+LOG_LEVEL_HELP = ("DEBUG, INFO, WARNING or ERROR ($PROGRESSISTA_LOG_LEVEL; default INFO). "
+                  "For serve, DEBUG logs every request; for run, it sets the level of "
+                  "progressista's own log only, on stderr, never the target's logging")
 
 
 def _number(parser, name, text, kind=float, minimum=0):
@@ -5141,6 +5424,14 @@ _RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log
                "--group-size")
 
 
+def _command_at(argv):
+    """Where the command is in ``argv``: after the top-level options, if any."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--log-level" else 1
+    return i
+
+
 def _split_run_args(argv):
     """Split ``run`` arguments into ours and the target's.
 
@@ -5169,8 +5460,13 @@ def _split_run_args(argv):
     if "--" in rest:
         cut = rest.index("--")
         between, k = rest[:cut], 0
-        while k < len(between) and between[k] in _RUN_VALUED[1:]:
-            k += 2
+        while k < len(between):
+            if between[k] in _RUN_VALUED[1:]:
+                k += 2
+            elif between[k].partition("=")[0] in _RUN_VALUED[1:] and "=" in between[k]:
+                k += 1  # --server-url=URL
+            else:
+                break
         if k == len(between):
             return ours + between, rest[cut + 1:]
     return ours, rest
@@ -5181,14 +5477,26 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     script_args = []
-    if argv[:1] == ["run"]:
-        argv, script_args = _split_run_args(argv)
+    at = _command_at(argv)
+    if argv[at:at + 1] == ["run"]:
+        ours, script_args = _split_run_args(argv[at:])
+        argv = argv[:at] + ours
     args = parser.parse_args(argv)
-    level = getattr(logging, str(args.log_level).upper(), None)
+    level_name = args.log_level or os.environ.get("PROGRESSISTA_LOG_LEVEL") or "INFO"
+    level = getattr(logging, level_name.upper(), None)
     if not isinstance(level, int):
-        parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
-    if args.command != "run":  # a run target configures logging itself, as under python
-        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR, got %r" % level_name)
+    log_format = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    if args.command != "run":
+        logging.basicConfig(level=level, format=log_format)
+    elif args.log_level or os.environ.get("PROGRESSISTA_LOG_LEVEL"):
+        # A run target configures logging itself, as under python: only our
+        # own logger gets a handler, and only when a level was asked for.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(log_format))
+        log.addHandler(handler)
+        log.setLevel(level)
+        log.propagate = False
 
     if args.command == "serve":
         tokens = args.token or _env_list("PROGRESSISTA_API_TOKEN", "PROGRESSISTA_API_TOKENS")

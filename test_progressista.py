@@ -1463,6 +1463,204 @@ def test_tqdm_notebook_bars_report_where_ipywidgets_exist(server):
     assert (found["notebook-trange"]["status"], found["notebook-trange"]["n"]) == ("close", 3)
 
 
+# Patching from sitecustomize under a notebook kernel, run's children,
+# __file__, and what run imports.
+
+NOTEBOOK_CELLS = [
+    "from tqdm.auto import tqdm\nfor i in tqdm(range(5), desc='nb-auto'):\n    pass",
+    "from tqdm.autonotebook import tqdm as tqdm_nb\n"
+    "for i in tqdm_nb(range(4), desc='nb-autonotebook'):\n    pass",
+    "for i in tqdm(range(10), desc='nb-fails'):\n    if i == 3:\n"
+    "        raise ValueError('bad row 3')",
+    "for i in tqdm(range(10), desc='nb-break'):\n    if i == 2:\n        break",
+]
+
+EXECUTE_NOTEBOOK = """
+import sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.v4.new_notebook()
+nb.cells = [nbformat.v4.new_code_cell(source) for source in %r]
+NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
+nbformat.write(nb, sys.argv[1])
+"""
+
+
+def _sitecustomize(tmp_path, srv, extra=""):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from progressista.patch import install\ninstall(server_url=%r)\n%s"
+        % (srv.url + "/progress", extra))
+    return site
+
+
+def test_notebook_kernel_keeps_widget_bars_that_report_and_fail(server, tmp_path):
+    import importlib.util
+    missing = [name for name in ("nbclient", "nbformat", "ipykernel", "ipywidgets")
+               if importlib.util.find_spec(name) is None]  # found, not imported here
+    if missing:
+        pytest.skip("the test extra is not installed: %s" % ", ".join(missing))
+    site = _sitecustomize(tmp_path, server)
+    saved = tmp_path / "out.ipynb"
+    proc = subprocess.run(
+        [sys.executable, "-c", EXECUTE_NOTEBOOK % (NOTEBOOK_CELLS,), str(saved)],
+        capture_output=True, timeout=180,
+        env=_clean_env(PYTHONPATH=os.pathsep.join([str(site), HERE])))
+    ok(proc)
+    cells = json.loads(saved.read_text())["cells"]
+    for cell in cells:  # widgets, never a text bar on stderr
+        kinds = [o["output_type"] for o in cell["outputs"]]
+        assert not [o for o in cell["outputs"] if o.get("name") == "stderr"], cell["outputs"]
+        widgets = [o for o in cell["outputs"] if o["output_type"] == "display_data"
+                   and "application/vnd.jupyter.widget-view+json" in o["data"]]
+        assert len(widgets) == 1, kinds
+    assert [o["ename"] for o in cells[2]["outputs"] if o["output_type"] == "error"] == [
+        "ValueError"]
+    got = {t["desc"]: t for t in tasks(server).values()}
+    assert set(got) == {"nb-auto", "nb-autonotebook", "nb-fails", "nb-break"}, got
+    assert (got["nb-auto"]["status"], got["nb-auto"]["n"]) == ("close", 5)
+    assert (got["nb-autonotebook"]["status"], got["nb-autonotebook"]["n"]) == ("close", 4)
+    assert got["nb-fails"]["status"] == "error", got["nb-fails"]
+    assert (got["nb-fails"]["error"], got["nb-fails"]["n"]) == ("ValueError: bad row 3", 3)
+    assert got["nb-break"]["status"] == "close"
+
+
+CHILDREN_SCRIPT = """
+    import builtins, json, multiprocessing, os, subprocess, sys
+    from tqdm import tqdm
+
+    def work(name):
+        for _ in tqdm(range(4), desc=name):
+            pass
+        return getattr(builtins, "SITE_MARK", None)
+
+    if __name__ == "__main__":
+        marks = {}
+        for method in ("spawn", "forkserver", "fork"):
+            with multiprocessing.get_context(method).Pool(1) as pool:
+                marks[method] = pool.map(work, [method])[0]
+        child = subprocess.run([sys.executable, "-c", (
+            "import builtins, json, sys\\nfrom tqdm import tqdm\\n"
+            "for _ in tqdm(range(3), desc='subprocess'): pass\\n"
+            "print(json.dumps([getattr(builtins, 'SITE_MARK', None), sys.path]))")],
+            check=True, capture_output=True)
+        marks["subprocess"], child_path = json.loads(child.stdout)
+        for _ in tqdm(range(2), desc="parent"):
+            pass
+        site_dir = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+        print(json.dumps({"marks": marks, "child_path": child_path, "site_dir": site_dir}))
+"""
+
+
+def test_run_reaches_children_of_every_start_method(server_factory, tmp_path):
+    srv = server_factory(tokens=["kid-token"])
+    site = tmp_path / "site"
+    site.mkdir()  # a sitecustomize of the user's own: run's children still run it
+    (site / "sitecustomize.py").write_text("import builtins\nbuiltins.SITE_MARK = 'chained'\n")
+    script = tmp_path / "kids.py"
+    script.write_text(textwrap.dedent(CHILDREN_SCRIPT))
+    proc, _ = run_cli("run", "--token", "kid-token", "--meta", '{"run": 7}', str(script),
+                      srv=srv, env={"PYTHONPATH": os.pathsep.join([str(site), HERE])})
+    out = json.loads(ok(proc).stdout)
+    assert proc.stderr == b"" or b"|" in proc.stderr  # tqdm's own bars, nothing else
+    assert out["marks"] == dict.fromkeys(["spawn", "forkserver", "fork", "subprocess"],
+                                         "chained")
+    assert out["site_dir"] not in out["child_path"]  # the child's sys.path is its own
+    assert not os.path.exists(out["site_dir"])  # removed when run ends
+    got = {t["desc"]: t for t in tasks(srv, headers={"Authorization": "Bearer kid-token"})
+           .values()}
+    assert set(got) == {"spawn", "forkserver", "fork", "subprocess", "parent"}, got
+    assert len({t["pid"] for t in got.values()}) == 5
+    for t in got.values():
+        assert (t["status"], t["meta"]) == ("close", {"run": 7}), t
+
+
+def test_run_script_file_is_absolute_as_under_python(server, tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "data.txt").write_text("next to the script")
+    (sub / "job.py").write_text(textwrap.dedent("""
+        import os, sys
+        print(__file__, sys.argv[0])
+        os.chdir("/")  # as Hydra does, then open a file next to the script
+        print(open(os.path.join(os.path.dirname(__file__), "data.txt")).read())
+        raise ValueError("the end")
+    """))
+    plain = subprocess.run([sys.executable, os.path.join("sub", "job.py")], cwd=tmp_path,
+                           capture_output=True, timeout=30, env=_clean_env())
+    proc, _ = run_cli("run", os.path.join("sub", "job.py"), srv=server, cwd=tmp_path)
+    assert plain.stdout == ("%s sub/job.py\nnext to the script\n" % (sub / "job.py")).encode()
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, plain.stdout, plain.stderr)
+
+
+def test_run_does_not_import_notebook_modules_for_a_plain_script(server, tmp_path):
+    script = tmp_path / "plain.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from tqdm import tqdm
+        for _ in tqdm(range(3), desc="plain"):
+            pass
+        heavy = ("IPython", "ipywidgets", "tqdm.notebook", "tqdm.auto", "tqdm.asyncio")
+        print([m for m in heavy if m in sys.modules])
+        import tqdm.auto, tqdm.asyncio, tqdm.notebook  # patched when imported
+        from progressista import _RemoteMixin
+        print([issubclass(c, _RemoteMixin) for c in (
+            tqdm.auto.tqdm, tqdm.asyncio.tqdm, tqdm.notebook.tqdm, tqdm.auto.trange(1, disable=True).__class__)])
+    """))
+    proc, _ = run_cli("run", str(script), srv=server)
+    assert ok(proc).stdout == b"[]\n[True, True, True, True]\n"
+    assert only_task(server)["desc"] == "plain"
+
+
+def test_lazy_patch_builds_on_the_original_classes_and_uninstalls(tmp_path):
+    proc, _ = run_job("""
+        progressista.install(server_url="http://127.0.0.1:9/progress")
+        import tqdm, tqdm.std
+        # in a tuple: install() rebinds any module-level name of the original
+        keep = (progressista._remote_class(tqdm.std.tqdm).__mro__[2],)
+        import tqdm.auto, tqdm.asyncio
+        M = progressista._RemoteMixin
+        assert issubclass(tqdm.auto.tqdm, M) and tqdm.auto.tqdm is tqdm.asyncio.tqdm
+        base = tqdm.asyncio.tqdm.__mro__[2]  # the original tqdm_asyncio...
+        assert not issubclass(base, M) and base.__mro__[1] is keep[0]  # ...on the original
+        progressista.uninstall()
+        assert not issubclass(tqdm.auto.tqdm, M) and tqdm.std.tqdm is keep[0]
+        import tqdm.autonotebook  # imported after uninstall: left alone
+        assert not issubclass(tqdm.autonotebook.tqdm, M)
+        print("ok")
+    """, url="http://127.0.0.1:9/progress")
+    assert ok(proc).stdout == b"ok\n"
+
+
+def test_run_of_a_vendored_copy_reaches_spawned_children(server, tmp_path):
+    vendor = tmp_path / "mypkg" / "_vendor"
+    vendor.mkdir(parents=True)
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(SCRIPT, vendor / "progressista.py")
+    (tmp_path / "job.py").write_text(textwrap.dedent("""
+        import multiprocessing, sys
+        from tqdm import tqdm
+        def work(x):
+            for _ in tqdm(range(3), desc="vendored child"):
+                pass
+            import mypkg._vendor.progressista as vendored  # the child's own import works
+            return sorted(m for m in sys.modules if m.startswith(("progressista", "mypkg.")))
+        if __name__ == "__main__":
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                print(pool.map(work, [0])[0])
+    """))
+    proc, _ = run_job("""
+        from mypkg._vendor.progressista import run
+        sys.exit(run("job.py", server_url=%r))
+    """ % server.url, prelude=False, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+        setup="import sys\n")
+    assert ok(proc).stdout == (b"['mypkg._vendor', 'mypkg._vendor.progressista', "
+                               b"'mypkg._vendor.progressista.client', "
+                               b"'mypkg._vendor.progressista.patch']\n")
+    assert only_task(server)["desc"] == "vendored child"
+
+
 # -- store -------------------------------------------------------------------
 
 def test_store_merge_keeps_missing_fields():
@@ -4589,22 +4787,28 @@ class Tab:
         return self.js("() => window.__csp")
 
 
+@pytest.fixture(scope="class")
+def browser():
+    """One Chromium for the class that uses it (TestDashboard).
+
+    A module-level function: pytest 9.1+ deprecates class-scoped fixtures
+    written as instance methods, and a classmethod fixture fails on Python 3.9.
+    """
+    need_browser()
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 @pytest.mark.usefixtures("browser")
 class TestDashboard:
     """The live page in Chromium."""
 
     # fixtures
-
-    @pytest.fixture(scope="class")
-    def browser(self):
-        need_browser()
-        from playwright.sync_api import sync_playwright
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                yield browser
-            finally:
-                browser.close()
 
     @pytest.fixture
     def open_tab(self, browser):
@@ -5528,3 +5732,58 @@ def test_version_and_help():
 def test_no_command_is_a_usage_error():
     proc, _ = run_cli()
     assert proc.returncode == 2 and b"usage" in proc.stderr
+
+
+def test_log_level_works_wherever_the_help_shows_it(server, tmp_path):
+    script = _write(tmp_path / "t.py", """
+        import json, logging, sys
+        print(json.dumps([sys.argv[1:], logging.getLogger().level,
+                          logging.getLogger("progressista").level]))
+    """)
+    placements = [
+        ("--log-level", "DEBUG", "run", script, "--", "--lr", "3"),
+        ("--log-level=DEBUG", "run", script, "--", "--lr", "3"),
+        ("run", "--log-level", "DEBUG", script, "--", "--lr", "3"),
+        ("run", script, "--log-level", "DEBUG", "--", "--lr", "3"),
+        ("run", script, "--log-level=DEBUG", "--server-url=%s" % server.url, "--", "--lr", "3"),
+        ("--log-level", "WARNING", "run", "--log-level", "DEBUG", script, "--", "--lr", "3"),
+    ]
+    for argv in placements:
+        proc, _ = run_cli(*argv, srv=server)
+        # the target's own logging is untouched; progressista's logger is at DEBUG
+        assert json.loads(ok(proc).stdout) == [["--lr", "3"], logging.WARNING, logging.DEBUG], argv
+    proc, _ = run_cli("run", script, "--", "--lr", "3", srv=server)  # none given: as before
+    assert json.loads(ok(proc).stdout) == [["--lr", "3"], logging.WARNING, logging.NOTSET]
+    proc, _ = run_cli("run", "--log-level", "LOUD", script, srv=server)
+    assert proc.returncode == 2 and b"--log-level must be" in proc.stderr
+    for sub in ("serve", "run", "demo"):
+        assert b"--log-level" in ok(run_cli(sub, "--help")[0]).stdout, sub
+    # serve --log-level DEBUG logs every request; before the command too
+    for args, env in ((("--log-level", "DEBUG"), None), ((), {"PROGRESSISTA_LOG_LEVEL": "DEBUG"})):
+        proc, url = start_cli_server(*args, env=env)
+        try:
+            assert request(url + "/health")[0] == 200
+            line = b""
+            while b'"GET /health"' not in line:
+                line = proc.stdout.readline()
+                assert line, "no request line in the DEBUG log"
+            assert b"DEBUG" in line
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+            proc.stdout.close()
+
+
+def test_readme_quick_start_runs_as_written(server, tmp_path):
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    quick = readme[readme.index("## Quick start"):readme.index("## Tests")]
+    commands = re.findall(r"^python3 progressista\.py (.+)$", quick, re.M)
+    assert commands == ["serve", "demo --duration 10", "run count.py"], commands
+    script = re.search(r"cat > count\.py <<'EOF'\n(.*?)\nEOF\n", quick, re.S).group(1)
+    (tmp_path / "count.py").write_text(script + "\n")
+    proc, _ = run_cli(*commands[2].split(), srv=server, cwd=tmp_path)
+    assert b"counting: 100%" in ok(proc).stderr
+    t = only_task(server)
+    assert (t["desc"], t["n"], t["total"], t["status"]) == ("counting", 100, 100, "close")
+    proc, _ = run_cli("demo", "--duration", "0.2", srv=server)  # demo takes --duration
+    ok(proc)
