@@ -5387,7 +5387,6 @@ JOB_JS = """(prefix) => [...document.querySelectorAll('.group')]
 class TestDashboardJobs:
     """The group header's job line (SPEC section 8) in Chromium."""
 
-    browser = TestDashboard.browser
     open_tab = TestDashboard.open_tab
 
     def job(self, tab, prefix):
