@@ -2877,14 +2877,16 @@ def _fit(text, width):
 
 
 def render(view, width=None, height=None, now=None, header=(), ascii_only=False,
-           format_meter=None):
+           format_meter="tqdm"):
     """The watch screen as lines: the four sections with counts, newest first,
     group lines with their sums, error lines, cut to ``height`` with ``… N more``.
 
     Without ``width`` and ``height``, every task is listed and no meter is
     fitted to a width (``--once`` and piped output).  ``format_meter`` is
-    tqdm's (the plain meter without it).
+    tqdm's when it can be imported; ``None`` gives a plain meter.
     """
+    if format_meter == "tqdm":
+        format_meter = _tqdm_format_meter()
     now = view.now() if now is None else now
     ellipsis = "..." if ascii_only else "…"
     layout = _layout(view)
@@ -3222,7 +3224,7 @@ def _watch_screen(view, base, token, out, err, format_meter):
     main_thread = threading.current_thread() is threading.main_thread()
     feed = _Feed(base, token, wake)
     ascii_only = not _can_encode(out, "█…·")
-    status, down_since, last_text = "connecting to %s" % base, None, None
+    status, down_since, last_text = "connecting", None, None
     last_draw, dirty, failure = 0.0, True, None
     try:
         if keys is not None:
