@@ -2644,7 +2644,12 @@ _CONTROL = dict.fromkeys(itertools.chain(range(0x20), range(0x7F, 0xA0)), " ")
 
 
 class WatchError(Exception):
-    """``watch`` or ``wait`` can't go on: the server is unreachable or refuses us."""
+    """``watch`` or ``wait`` can't reach the server (``kind`` ``"down"``) or the
+    server refuses the token (``"refused"``); the message is one line for stderr."""
+
+    def __init__(self, message, kind):
+        super().__init__(message)
+        self.message, self.kind = message, kind
 
 
 def _server_base(server_url=None):
@@ -3030,10 +3035,10 @@ class _Feed:
             try:
                 ws = connect_watch(self.base, self.headers)
             except WatchError as exc:
-                if exc.args[1] == "refused":
-                    self._emit("refused", exc.args[0])
+                if exc.kind == "refused":
+                    self._emit("refused", exc.message)
                     return
-                self._emit("down", exc.args[0])
+                self._emit("down", exc.message)
                 self.stopping.wait(delay)
                 delay = min(5.0, delay * 2)
                 continue
@@ -3059,9 +3064,14 @@ def connect_watch(base, headers, timeout=10.0):
     try:
         return WebSocketClient.connect(base + "/ws", headers, timeout)
     except HandshakeRefused as exc:
-        if exc.status in (401, 403):
-            raise WatchError("%s refused the token (HTTP %d: %s)"
-                             % (base, exc.status, exc.reason), "refused") from None
+        if exc.status == 401 and "Authorization" not in headers:
+            raise WatchError("%s needs a token: give --token or set $PROGRESSISTA_API_TOKEN"
+                             % base, "refused") from None
+        if exc.status == 401:
+            raise WatchError("%s refused the token (HTTP 401)" % base, "refused") from None
+        if exc.status == 403:
+            raise WatchError("%s refused us (HTTP 403: %s)" % (base, exc.reason),
+                             "refused") from None
         raise WatchError("%s answered HTTP %d: %s" % (base, exc.status, exc.reason),
                          "down") from None
     except ProtocolError as exc:
@@ -3135,7 +3145,7 @@ def watch(words=(), server_url=None, token=None, once=False, json_lines=False,
         try:
             changes = view.apply(_snapshot(base, headers))
         except WatchError as exc:
-            print("progressista: %s" % exc.args[0], file=err)
+            print("progressista: %s" % exc.message, file=err)
             return 1
         if json_lines:
             for task_id, _, task in changes:

@@ -3802,6 +3802,15 @@ def test_watch_refused_token_is_one_line_and_exit_1(server_factory, args):
     assert "wrong-token" not in done.stderr
 
 
+def test_watch_without_a_token_says_how_to_give_one(server_factory, monkeypatch):
+    srv = server_factory(tokens=["s3cret"])
+    err = io.StringIO()
+    monkeypatch.delenv("PROGRESSISTA_API_TOKEN", raising=False)
+    assert progressista.watch(server_url=srv.url, once=True, out=io.StringIO(), err=err) == 1
+    assert err.getvalue() == ("progressista: %s needs a token: give --token or set "
+                              "$PROGRESSISTA_API_TOKEN\n" % srv.url)
+
+
 @pytest.mark.parametrize("args", [["--once"], ["--once", "--json"]])
 def test_watch_unreachable_is_one_line_and_exit_1(args):
     url = "http://127.0.0.1:%d" % free_port()
