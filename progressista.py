@@ -2825,7 +2825,7 @@ def _group_task(name, members, expected, started):
         units.add(task.get("unit") or "it")
     if not with_total:
         n = sum(_finite(task.get("n")) or 0 for task in members)
-    label = "%s (%d tasks%s)" % (name, len(members),
+    label = "%s (%d tasks%s)" % (_printable(name), len(members),
                                  ", %d/%d started" % (started, expected) if expected else "")
     return label, {"n": n, "total": total or None, "rate": rate or None, "elapsed": elapsed,
                    "unit": units.pop() if len(units) == 1 else "", "status": "active", "_group": True}
@@ -2934,57 +2934,61 @@ def render(view, width=None, height=None, now=None, header=(), ascii_only=False,
     for status, title in SECTIONS:
         lines.append(_fit("%s (%d)" % (title, counts[status]), width))
         quota = quotas.get(status)
-        rows, shown = [], 0  # rows: (indent, label, task, error-line)
-        for key, name, item in layout[status]:
-            if quota is not None and len(rows) >= quota:
-                break
-            if type(item) is list:
-                started, expected = sizes.get(name, (len(item), None))
-                label, summed = _group_task(name, [e[2] for e in item], expected, started)
-                rows.append(("  ", label, summed, None))
-                item.sort(key=lambda e: e[0], reverse=True)
-                cut = len(name) + 1
-                for _, task_id, task in item:
-                    if quota is not None and len(rows) >= quota:
-                        break
-                    rows.append(("    ", task_id[cut:], task, None))
-                    shown += 1
-                    if task.get("error") and status == "error":
-                        rows.append(("      ", None, None, task["error"]))
-            else:
-                rows.append(("  ", name, item, None))
-                shown += 1
-                if item.get("error") and status == "error":
-                    rows.append(("    ", None, None, item["error"]))
-        cut_short = quota is not None and quota > 0 and (
-            shown < counts[status] or len(rows) > quota)
-        if cut_short:
-            rows = rows[:quota - 1]
+        rows, more = _rows(layout[status], status, quota, sizes), 0
+        if quota is not None and _shown(rows[:quota]) < counts[status]:
+            rows = rows[:quota - 1] if quota else []
+            more = counts[status] - _shown(rows) if quota else 0
         elif quota is not None:
-            rows = rows[:quota]
-        labelled = [row for row in rows if row[3] is None]
-        label_width = 0
-        for indent, label, task, _ in labelled:
-            desc = task.get("desc")
-            text = _printable(label) + (" · " + _printable(desc) if desc else "")
-            label_width = max(label_width, len(indent) + len(text))
+            rows = rows[:quota]  # every task fits; only error lines may not
+        label_width = max([len(indent) + len(label) for indent, label, _, error in rows
+                           if error is None] or [0])
         if width is not None:
             label_width = min(label_width, max(16, width * 2 // 5))
+        meter_width = None if width is None else max(10, width - label_width - 1)
         for indent, label, task, error in rows:
             if error is not None:
                 lines.append(_fit(indent + _printable(error), width))
-                continue
-            desc = task.get("desc")
-            text = _fit(indent + _printable(label) + (" · " + _printable(desc) if desc else ""),
-                        label_width)
-            meter_width = None if width is None else max(10, width - label_width - 1)
-            lines.append(_fit(text.ljust(label_width) + " " + _meter(
-                task, meter_width, now, ascii_only, format_meter), width))
-        if cut_short:
-            lines.append(_fit("  %s %d more" % (ellipsis, counts[status] - _shown(rows)), width))
+            else:
+                lines.append(_fit(_fit(indent + label, label_width).ljust(label_width) + " " +
+                                  _meter(task, meter_width, now, ascii_only, format_meter), width))
+        if more:
+            lines.append(_fit("  %s %d more" % (ellipsis, more), width))
     if ascii_only:
         lines = [line.replace("…", "...").replace("·", "-") for line in lines]
     return lines
+
+
+def _task_label(task_id, task):
+    """What a task line starts with: its description, then its id (as tqdm puts desc first)."""
+    desc = task.get("desc")
+    return _printable(desc) + " · " + _printable(task_id) if desc else _printable(task_id)
+
+
+def _rows(entries, status, quota, sizes):
+    """A section's rows ``(indent, label, task, error)``, a few beyond ``quota`` at most:
+    group lines, their members, lone tasks, and the error line of a failed task."""
+    rows = []
+
+    def add(indent, label, task):
+        rows.append((indent, label, task, None))
+        if status == "error" and task.get("error"):
+            rows.append((indent + "  ", None, None, task["error"]))
+
+    for _, name, item in entries:
+        if quota is not None and len(rows) > quota:
+            break
+        if type(item) is not list:
+            add("  ", _task_label(name, item), item)
+            continue
+        started, expected = sizes.get(name, (len(item), None))
+        rows.append(("  ",) + _group_task(name, [e[2] for e in item], expected, started) + (None,))
+        item.sort(key=lambda e: e[0], reverse=True)
+        cut = len(name) + 1
+        for _, task_id, task in item:
+            if quota is not None and len(rows) > quota:
+                break
+            add("    ", _task_label(task_id[cut:], task), task)
+    return rows
 
 
 def _shown(rows):
@@ -3104,12 +3108,11 @@ def _can_encode(stream, text):
 
 
 def _status_line(task_id, task, now, format_meter):
-    """Piped output: ``12:03:04 Failed  run-7:rank-3 · epoch 3  37%|███▋ | 37/100 [...]``."""
+    """Piped output: ``12:03:04 Failed  epoch 3 · run-7:rank-3  37%|███▋ | 37/100 [...]``."""
     status = task.get("status") if task.get("status") in SECTION_NAMES else "active"
-    desc = task.get("desc")
-    line = "%s %-15s %s%s  %s" % (
-        time.strftime("%H:%M:%S"), SECTION_NAMES[status], _printable(task_id),
-        " · " + _printable(desc) if desc else "", _meter(task, None, now, False, format_meter))
+    line = "%s %-15s %s  %s" % (time.strftime("%H:%M:%S"), SECTION_NAMES[status],
+                                _task_label(task_id, task),
+                                _meter(task, None, now, False, format_meter))
     if status == "error" and task.get("error"):
         line += "  " + _printable(task["error"])
     return line
@@ -3293,8 +3296,9 @@ def _watch_screen(view, base, token, out, err, format_meter):
             if down_since is not None:
                 shown = "reconnecting, server away for %s" % _age(time.time() - down_since)
             header = ["progressista watch · %s · %s%s · q quits" % (
-                base, shown, " · filter: " + " ".join(view.terms) if view.terms else ""),
-                ""]
+                base, shown, " · filter: " + " ".join(view.terms) if view.terms else "")]
+            if size.lines >= 15:
+                header.append("")
             lines = render(view, size.columns, size.lines, header=header,
                            ascii_only=ascii_only, format_meter=format_meter)
             text = "\x1b[H" + "\x1b[K\r\n".join(lines[:size.lines]) + "\x1b[K\x1b[J"

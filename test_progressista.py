@@ -3668,11 +3668,12 @@ def test_render_sections_newest_first_groups_errors():
     text = "\n".join(lines)
     assert [line for line in lines if not line.startswith(" ")] == [
         "Active (4)", "Needs Attention (1)", "Failed (1)", "Completed (1)"]
-    order = [line.split()[0] for line in lines[1:5]]
-    assert order == ["new", "job", "b", "a"]  # newest first, a group's members too
+    order = [line.split()[0] for line in lines[1:6]]
+    assert order == ["the", "job", "b", "a", "the"]  # newest first, a group's members too
+    assert "the new one · new" in lines[1] and "the old one · old" in lines[5]
     group = lines[2]
     assert "2 tasks" in group and "40/200" in group and "20%" in group
-    assert re.search(r"new · the new one +\d+%\|.*\| 1/10 \[00:05<00:04,  2\.00it/s\]", text)
+    assert re.search(r"the new one · new +\d+%\|.*\| 1/10 \[00:05<00:04,  2\.00it/s\]", text)
     assert "  bad" in text and "    ValueError: bad row 17" in text
     assert "no progress for 1m" in text  # a stale task says for how long (server time 2000)
     assert "\x1b" not in text
@@ -3688,10 +3689,14 @@ def test_render_cuts_to_the_height_and_width():
     for heading in ("Active (100)", "Needs Attention (0)", "Failed (10)", "Completed (0)"):
         assert heading in lines
     active = lines[lines.index("Active (100)") + 1:lines.index("Needs Attention (0)")]
-    assert active[0].startswith("  t099 · xxx") and active[0].endswith("]")
+    assert active[0].startswith("  xxxxx") and active[0].endswith("]")
     assert active[-1] == "  … %d more" % (100 - (len(active) - 1))
     failed = lines[lines.index("Failed (10)") + 1:lines.index("Completed (0)")]
     assert failed[-1].startswith("  … ") and len(failed) >= 3
+    # No room for a failed task's error line: the task line itself, not "… 1 more".
+    small = _view(_task("boom", "error", error="E: x"), _task("ok", "close"))
+    lines = progressista.render(small, width=80, height=6)
+    assert lines[3].startswith("  boom ") and lines[4:5] == ["Completed (1)"] and len(lines) == 6
     # A terminal too small for anything but the headings still shows them.
     assert progressista.render(view, width=30, height=4)[:1] == ["Active (100)"]
 
@@ -3765,7 +3770,7 @@ def test_watch_once_prints_sections_and_task_lines(server):
                               out=out, err=err) == 0
     text = out.getvalue()
     assert text.splitlines()[0] == "Active (1)"
-    assert re.search(r"^  job:a · first +50%\|█████     \| 5/10 \[", text, re.M)
+    assert re.search(r"^  first · job:a +50%\|█████     \| 5/10 \[", text, re.M)
     assert "  job:b" in text and "    KeyError: 'x'" in text
     assert re.search(r"^  lone +3it \[", text, re.M)
     assert "\x1b" not in text and err.getvalue() == ""
@@ -3837,8 +3842,8 @@ def test_watch_piped_prints_status_changes_and_no_escape_codes(server):
     finally:
         assert stop_watch(proc) == 0
     lines = [line.rstrip("\n") for line in out]
-    assert re.fullmatch(r"\d\d:\d\d:\d\d Active +job:a · step +10%\|█ +\| 1/10 \[.*", lines[1])
-    assert re.fullmatch(r"\d\d:\d\d:\d\d Failed +job:a · step +50%\|.*\]  OSError: disk full",
+    assert re.fullmatch(r"\d\d:\d\d:\d\d Active +step · job:a +10%\|█ +\| 1/10 \[.*", lines[1])
+    assert re.fullmatch(r"\d\d:\d\d:\d\d Failed +step · job:a +50%\|.*\]  OSError: disk full",
                         lines[2])
     assert len(lines) == 3  # one summary (the next is 10 s away at least), two changes
     assert not any("\x1b" in line for line in out + err)
