@@ -2942,8 +2942,8 @@ def render(view, width=None, height=None, now=None, header=(), ascii_only=False,
             rows = rows[:quota]  # every task fits; only error lines may not
         label_width = max([len(indent) + len(label) for indent, label, _, error in rows
                            if error is None] or [0])
-        if width is not None:
-            label_width = min(label_width, max(16, width * 2 // 5))
+        if width is not None:  # tqdm's meter needs ~45 columns besides its bar
+            label_width = min(label_width, max(12, min(width * 2 // 5, width - 55)))
         meter_width = None if width is None else max(10, width - label_width - 1)
         for indent, label, task, error in rows:
             if error is not None:

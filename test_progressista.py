@@ -3914,7 +3914,7 @@ def _watch_command(url, *extra):
     import shlex
     return ("printf 'BEFORE WATCH\\n'; PROGRESSISTA_SERVER_URL=%s %s %s watch %s; "
             "echo EXIT=$?; stty -a | tr ' ;' '\\n\\n' | grep -E -x -e '-?(icanon|echo)'; "
-            "sleep 600" % (shlex.quote(url), shlex.quote(sys.executable), shlex.quote(SCRIPT),
+            "echo END; sleep 600" % (shlex.quote(url), shlex.quote(sys.executable), shlex.quote(SCRIPT),
                            " ".join(map(shlex.quote, extra))))
 
 
@@ -3947,8 +3947,9 @@ def test_watch_in_a_terminal_resizes_and_q_restores_it(server, tmux):
         assert len(lines) <= height and all(len(line) <= width for line in lines)
         assert "Active (50)" in lines and any(line.startswith("  … ") for line in lines)
     tmux.run("send-keys", "q")
-    wait_for(lambda: "EXIT=0" in tmux.screen(), timeout=20)
+    wait_for(lambda: "END" in tmux.screen(), timeout=20)
     screen = tmux.screen()
+    assert "EXIT=0" in screen
     assert not tmux.alternate() and "BEFORE WATCH" in screen and "Active (" not in screen
     assert "icanon" in screen.split() and "echo" in screen.split()  # not -icanon, -echo
 
