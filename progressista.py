@@ -2637,6 +2637,7 @@ SECTION_NAMES = dict(SECTIONS)
 WATCH_REDRAW_SECONDS = 0.25   # at most 4 redraws a second
 WATCH_SUMMARY_SECONDS = 10.0  # piped: a summary line at most this often
 WAIT_LOST_SECONDS = 30.0      # wait: a server gone this long after we connected is gone
+WAIT_SETTLE_SECONDS = 1.0     # wait: done must hold this long (a job's next bar may be on its way)
 _PREFIXED_UNITS = ("B", "b", "bit", "Hz")  # units the page scales (k, M, ...) at any size
 # Control characters (C0, DEL, C1) in a task's strings would be escape codes
 # on the user's terminal: they are shown as spaces.
@@ -2943,7 +2944,7 @@ def render(view, width=None, height=None, now=None, header=(), ascii_only=False,
         label_width = max([len(indent) + len(label) for indent, label, _, error in rows
                            if error is None] or [0])
         if width is not None:  # tqdm's meter needs ~45 columns besides its bar
-            label_width = min(label_width, max(12, min(width * 2 // 5, width - 55)))
+            label_width = min(label_width, max(16, min(width * 2 // 5, width - 55)))
         meter_width = None if width is None else max(10, width - label_width - 1)
         for indent, label, task, error in rows:
             if error is not None:
@@ -3396,15 +3397,21 @@ def wait(names, server_url=None, token=None, timeout=None, err=None):
     deadline = None if timeout is None else time.monotonic() + timeout
     view = TaskView()
     feed = _Feed(base, token).start()
-    connected, down_since, last_line = False, time.monotonic(), None
+    connected, down_since, last_line, done_since, state = False, None, None, None, {}
     try:
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            now = time.monotonic()
+            if done_since is not None and now - done_since >= WAIT_SETTLE_SECONDS \
+                    and feed.events.empty():
+                return 1 if any(entry["counts"]["error"] for entry in state.values()) else 0
+            left = None if deadline is None else deadline - now
+            if left is not None and left <= 0 and done_since is None:
                 print("progressista wait: timed out after %gs" % timeout, file=err, flush=True)
                 return 2
+            pause = 1.0 if done_since is None else done_since + WAIT_SETTLE_SECONDS - now
             try:
-                kind, value = feed.events.get(timeout=min(1.0, left) if left else 1.0)
+                kind, value = feed.events.get(timeout=max(0.0, min(pause, left or pause)
+                                                          if done_since is None else pause))
             except queue.Empty:
                 kind = None
             if kind == "refused":
@@ -3428,8 +3435,10 @@ def wait(names, server_url=None, token=None, timeout=None, err=None):
                 if line != last_line:
                     print(line, file=err, flush=True)
                     last_line = line
-                if all(entry["done"] for entry in state.values()):
-                    return 1 if any(entry["counts"]["error"] for entry in state.values()) else 0
+                if not all(entry["done"] for entry in state.values()):
+                    done_since = None
+                elif done_since is None:
+                    done_since = time.monotonic()
             if connected and down_since is not None and \
                     time.monotonic() - down_since > WAIT_LOST_SECONDS:
                 print("progressista wait: %s is gone (no answer for %ds)"

@@ -4003,6 +4003,20 @@ def test_wait_exit_0_when_all_closed_and_names_not_yet_there(server):
     assert len(lines) == len(set(lines))  # a line per change of counts, not per message
 
 
+def test_wait_done_must_hold_a_moment_while_the_next_bar_starts(server):
+    post(server, {"task_id": "job:a", "n": 1})
+    thread, result, err = _wait_in_thread(server, ["job"], timeout=60)
+    wait_for(lambda: "job: 1 active" in err.getvalue(), timeout=20)
+    post(server, {"task_id": "job:a", "status": "close"})
+    time.sleep(0.3)  # so the close and the next bar's start come in two deltas
+    post(server, {"task_id": "job:b", "n": 1})
+    wait_for(lambda: "job: 1 active · 1 completed" in err.getvalue(), timeout=20)
+    assert thread.is_alive() and "job: 1 completed (done)" in err.getvalue()
+    post(server, {"task_id": "job:b", "status": "close"})
+    thread.join(20)
+    assert result["status"] == 0
+
+
 def test_wait_exit_1_when_any_failed(server):
     post(server, [{"task_id": "job:a", "status": "close"},
                   {"task_id": "job:b", "status": "error", "error": "E"}])
