@@ -48,6 +48,7 @@ __all__ = [
     "RemoteTqdm", "install", "uninstall", "run", "demo",
     "TaskStore", "Hub", "ProgressServer", "make_server", "serve",
     "accept_key", "encode_frame", "read_frame", "main",
+    "WebSocketClient", "watch", "wait",
 ]
 
 log = logging.getLogger("progressista")
@@ -2918,7 +2919,7 @@ def render(view, width=None, height=None, now=None, header=(), ascii_only=False,
         left, pending = budget, sorted(needs, key=needs.get)
         while pending:  # water-filling: small sections whole, the rest share what is left
             status = pending.pop(0)
-            quotas[status] = min(needs[status], left // (len(pending) + 1))
+            quotas[status] = min(needs[status], -(-left // (len(pending) + 1)))
             left -= quotas[status]
         for status, _ in SECTIONS:  # rounding leaves a few rows: to the first in need
             extra = min(left, needs[status] - quotas[status])
