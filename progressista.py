@@ -2693,18 +2693,22 @@ def _activity(task):
 class TaskView:
     """The tasks a terminal shows, kept up to date from ``/ws`` messages.
 
-    Only the tasks passing the filter ``words`` are kept.  ``apply`` returns
-    what changed as ``(task_id, old, new)`` triples (``None`` for absent), so
-    a reconnect's fresh snapshot reads as the changes missed meanwhile.
+    Only the tasks passing the filter ``words`` (or the predicate ``keep``)
+    are kept.  ``apply`` returns what changed as ``(task_id, old, new)``
+    triples (``None`` for absent), so a reconnect's fresh snapshot reads as
+    the changes missed meanwhile.
     """
 
-    def __init__(self, words=()):
+    def __init__(self, words=(), keep=None):
         self.terms = _filter_terms(words)
+        self.keep = keep
         self.tasks = {}
         self.offset = 0.0  # server clock minus ours
         self.snapshots = 0
 
     def matches(self, task_id, task):
+        if self.keep is not None and not self.keep(task_id):
+            return False
         if not self.terms:
             return True
         text = _search_text(task_id, task)
@@ -2728,7 +2732,7 @@ class TaskView:
                 changes.append((task_id, tasks.pop(task_id), None))
         else:
             for task_id in message.get("removed") or ():
-                old = tasks.pop(task_id, None)
+                old = tasks.pop(task_id, None) if isinstance(task_id, str) else None
                 if old is not None:
                     changes.append((task_id, old, None))
         for task_id, task in incoming.items():
@@ -2833,7 +2837,7 @@ def _group_task(name, members, expected, started):
                    "unit": units.pop() if len(units) == 1 else "", "status": "active", "_group": True}
 
 
-def _layout(view, members_of=None):
+def _layout(view):
     """Each section's entries, newest first: ``(key, task_id, task)`` for a
     task, ``(key, name, [(key, task_id, task), ...])`` for a group of 2 or more."""
     buckets = {status: {} for status in STATUSES}
@@ -3280,14 +3284,15 @@ def _watch_screen(view, base, token, out, err, format_meter):
                         dirty = True
                 elif kind == "up":
                     status, down_since, dirty = "live", None, True
-                elif kind == "down":
-                    down_since = down_since or time.time()
-                    status, dirty = "reconnecting (%s)" % value, True
+                elif kind == "down":  # the header says for how long, from down_since
+                    down_since, dirty = down_since or time.time(), True
                 elif kind == "refused":
                     failure = value
                     return 1
-            current = os.get_terminal_size(out.fileno()) if hasattr(out, "fileno") \
-                else os.terminal_size((80, 24))
+            try:
+                current = os.get_terminal_size(out.fileno())
+            except (AttributeError, ValueError, OSError):  # not a terminal after all
+                current = os.terminal_size((80, 24))
             if current != size:
                 size, dirty = current, True
             if time.monotonic() - last_draw >= 1.0:
@@ -3396,7 +3401,11 @@ def wait(names, server_url=None, token=None, timeout=None, err=None):
         print("progressista: %s" % exc, file=err)
         return 3
     deadline = None if timeout is None else time.monotonic() + timeout
-    view = TaskView()
+    groups = {name for name in names if ":" not in name}
+    exact = tuple(name for name in names if ":" in name)
+    view = TaskView(keep=lambda task_id: _group_of(task_id) in groups or (
+        task_id.startswith(exact) and any(task_id == name or task_id.startswith(name + "/")
+                                          for name in exact)))
     feed = _Feed(base, token).start()
     connected, down_since, last_line, done_since, state = False, None, None, None, {}
     try:
