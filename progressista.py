@@ -2834,7 +2834,8 @@ def _group_task(name, members, expected, started):
     label = "%s (%d tasks%s)" % (_printable(name), len(members),
                                  ", %d/%d started" % (started, expected) if expected else "")
     return label, {"n": n, "total": total or None, "rate": rate or None, "elapsed": elapsed,
-                   "unit": units.pop() if len(units) == 1 else "", "status": "active", "_group": True}
+                   "unit": units.pop() if len(units) == 1 else "", "status": "active",
+                   "_group": True}
 
 
 def _layout(view):
@@ -3114,7 +3115,7 @@ def _can_encode(stream, text):
 
 
 def _status_line(task_id, task, now, format_meter):
-    """Piped output: ``12:03:04 Failed  epoch 3 · run-7:rank-3  37%|███▋ | 37/100 [...]``."""
+    """Piped: ``12:03:04 Failed  epoch 3 · run-7:rank-3  37%|███▋ | 37/100 [...]``."""
     status = task.get("status") if task.get("status") in SECTION_NAMES else "active"
     line = "%s %-15s %s  %s" % (time.strftime("%H:%M:%S"), SECTION_NAMES[status],
                                 _task_label(task_id, task),
