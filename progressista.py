@@ -3452,7 +3452,7 @@ def wait(names, server_url=None, token=None, timeout=None, err=None):
                     done_since = time.monotonic()
             if connected and down_since is not None and \
                     time.monotonic() - down_since > WAIT_LOST_SECONDS:
-                print("progressista wait: %s is gone (no answer for %ds)"
+                print("progressista wait: %s is gone (no answer for %gs)"
                       % (base, WAIT_LOST_SECONDS), file=err, flush=True)
                 return 3
     except KeyboardInterrupt:

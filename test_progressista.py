@@ -4043,6 +4043,19 @@ def test_wait_exit_3_unreachable_or_refused(server_factory):
     assert "refused the token" in err.getvalue() and "bad" not in err.getvalue().split()
 
 
+def test_wait_exit_3_when_the_server_goes_for_good(server_factory, monkeypatch):
+    monkeypatch.setattr(progressista, "WAIT_LOST_SECONDS", 0.5)
+    srv = server_factory()
+    post(srv, {"task_id": "job:a", "n": 1})
+    thread, result, err = _wait_in_thread(srv, ["job"], timeout=60)
+    wait_for(lambda: "job: 1 active" in err.getvalue(), timeout=20)
+    srv.stop()
+    thread.join(30)
+    assert result["status"] == 3
+    lines = err.getvalue().splitlines()
+    assert "reconnecting" in lines[-2] and lines[-1].endswith("is gone (no answer for 0.5s)")
+
+
 def test_wait_in_a_shell_pipeline(server_factory):
     srv = server_factory(tokens=["s3cret"])
     post(srv, {"task_id": "run-7:rank-0", "status": "close"},
