@@ -49,6 +49,7 @@ __all__ = [
     "RemoteTqdm", "install", "uninstall", "run", "demo",
     "TaskStore", "Hub", "ProgressServer", "make_server", "serve",
     "accept_key", "encode_frame", "read_frame", "main",
+    "WebSocketClient", "watch", "wait",
 ]
 
 log = logging.getLogger("progressista")
@@ -2783,6 +2784,178 @@ class Hub:
                 ws.send(encode_frame(b"", 0x9))
 
 
+# The client side of the same protocol, for ``watch`` and ``wait``: the frame
+# functions above, with the roles swapped (we mask, the server must not).
+
+MAX_WS_CLIENT_MESSAGE = 1 << 30  # a snapshot of 100,000 tasks is ~40 MB; a guard, not a cap
+
+
+class HandshakeRefused(ConnectionError):
+    """The server answered the WebSocket handshake with an HTTP error
+    (``status`` 401 or 403 for a refused token)."""
+
+    def __init__(self, status, reason):
+        super().__init__("HTTP %d: %s" % (status, reason))
+        self.status, self.reason = status, reason
+
+
+class WebSocketClient:
+    """One client connection to ``/ws``: connect, ``recv`` messages, ``close``.
+
+    ``recv`` answers pings and echoes a close on its own, and reassembles
+    fragmented messages; it is meant for one reading thread, while ``send``
+    and ``close`` may come from another (the send lock keeps frames whole).
+    """
+
+    def __init__(self, sock, rfile, max_message=MAX_WS_CLIENT_MESSAGE):
+        self.sock, self.rfile = sock, rfile
+        self.max_message = max_message
+        self.send_lock = threading.Lock()
+        self.closed = False
+
+    @classmethod
+    def connect(cls, url, headers=None, timeout=10.0):
+        """Open ``url`` (``ws://``, ``wss://``, or ``http(s)://`` meaning the
+        same); raises ``OSError`` when unreachable, ``HandshakeRefused`` for an
+        HTTP answer other than 101, ``ProtocolError`` for a wrong accept key."""
+        parts = urllib.parse.urlsplit(url)
+        secure = parts.scheme in ("wss", "https")
+        if parts.scheme not in ("ws", "wss", "http", "https") or not parts.hostname:
+            raise ValueError("not a WebSocket URL: %r" % url)
+        port = parts.port or (443 if secure else 80)
+        sock = socket.create_connection((parts.hostname, port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if secure:
+                sock = _ssl_context().wrap_socket(sock, server_hostname=parts.hostname)
+            key = base64.b64encode(os.urandom(16)).decode("ascii")
+            host = parts.hostname if ":" not in parts.hostname else "[%s]" % parts.hostname
+            if parts.port:
+                host += ":%d" % parts.port
+            lines = ["GET %s HTTP/1.1" % ((parts.path or "/") + ("?" + parts.query if parts.query
+                                                                 else "")),
+                     "Host: " + host, "Upgrade: websocket", "Connection: Upgrade",
+                     "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13",
+                     "User-Agent: progressista/" + __version__]
+            lines += ["%s: %s" % item for item in (headers or {}).items()]
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+            rfile = sock.makefile("rb")
+            status, fields = cls._read_head(rfile)
+            if status != 101:
+                reason = ""
+                length = fields.get("content-length", "")
+                if length.isdigit() and int(length) <= 65536:
+                    body = rfile.read(int(length))
+                    try:
+                        reason = json.loads(body)["error"]
+                    except (ValueError, KeyError, TypeError):
+                        reason = body.decode("utf-8", "replace").strip()
+                raise HandshakeRefused(status, str(reason)[:200] or "handshake refused")
+            if "websocket" not in fields.get("upgrade", "").lower() or \
+                    fields.get("sec-websocket-accept", "") != accept_key(key):
+                raise ProtocolError(1002, "the server's handshake answer does not match our key")
+            sock.settimeout(None)
+            return cls(sock, rfile)
+        except BaseException:
+            sock.close()
+            raise
+
+    @staticmethod
+    def _read_head(rfile):
+        """Status and lower-cased fields of an HTTP answer, bounded as the server's reads are."""
+        line = rfile.readline(65537)
+        match = re.match(rb"HTTP/1\.[01] (\d{3})", line)
+        if not match:
+            raise ConnectionError("not an HTTP answer: %r" % line[:80])
+        fields = {}
+        for _ in range(100):
+            line = rfile.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                return int(match.group(1)), fields
+            name, _, value = line.decode("latin-1").partition(":")
+            fields[name.strip().lower()] = value.strip()
+        raise ConnectionError("too many header fields in the handshake answer")
+
+    def settimeout(self, seconds):
+        self.sock.settimeout(seconds)
+
+    def send(self, payload, opcode=0x1):
+        """Send one masked frame (RFC 6455 5.3: a fresh random mask each)."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        frame = encode_frame(payload, opcode, mask=os.urandom(4))
+        with self.send_lock:
+            self.sock.sendall(frame)
+
+    def recv(self):
+        """The next text (``str``) or binary (``bytes``) message.
+
+        Raises ``ConnectionError`` when the connection ends (after echoing
+        the server's close), ``ProtocolError`` (after closing with its code)
+        when the server breaks the protocol, ``socket.timeout`` on a timeout.
+        """
+        fragments, opcode, size, decoder = None, 0, 0, None
+        try:
+            while True:
+                fin, op, payload = read_frame(self.rfile, self.max_message, require_mask=False)
+                if op == 0x8:
+                    code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
+                    self.close(code if 1000 <= code < 5000 and code not in (1005, 1006)
+                               else 1000)
+                    raise ConnectionError("the server closed the connection (%d)" % code)
+                if op == 0x9:
+                    self.send(payload, 0xA)
+                    continue
+                if op == 0xA:
+                    continue
+                if op == 0x0:
+                    if fragments is None:
+                        raise ProtocolError(1002, "continuation frame with nothing to continue")
+                else:
+                    if fragments is not None:
+                        raise ProtocolError(1002, "new message before the last one ended")
+                    fragments, opcode, size = [], op, 0
+                    decoder = codecs.getincrementaldecoder("utf-8")() if op == 0x1 else None
+                size += len(payload)
+                if size > self.max_message:
+                    raise ProtocolError(1009, "message larger than %d bytes" % self.max_message)
+                if decoder is not None:
+                    try:
+                        fragments.append(decoder.decode(payload, final=fin))
+                    except UnicodeDecodeError:
+                        raise ProtocolError(1007, "text message is not UTF-8") from None
+                else:
+                    fragments.append(payload)
+                if fin:
+                    return "".join(fragments) if opcode == 0x1 else b"".join(fragments)
+        except ProtocolError as exc:
+            self.close(exc.code, exc.reason)
+            raise
+        except ValueError as exc:  # a read on a socket another thread closed
+            self.abort()
+            raise ConnectionError(str(exc)) from None
+
+    def close(self, code=1000, reason=""):
+        """Send a close frame (once) and drop the connection."""
+        if not self.closed:
+            try:
+                self.sock.settimeout(1.0)
+                self.send(struct.pack("!H", code) + reason.encode()[:120], 0x8)
+            except OSError:
+                pass
+        self.abort()
+
+    def abort(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
 # -- http --------------------------------------------------------------------
 #
 # Two parts, as in http.server: the protocol (``_Protocol``: strict RFC 9112
@@ -3924,6 +4097,839 @@ def serve(host="127.0.0.1", port=8000, **options):
         finally:
             signal.signal(signal.SIGTERM, previous)
         print("Progressista stopped.", flush=True)
+
+
+# -- terminal ----------------------------------------------------------------
+# ``watch`` and ``wait``: the dashboard's live view in a terminal, and an exit
+# status for scripts, both fed by the WebSocket client above.
+
+SECTIONS = (("active", "Active"), ("stale", "Needs Attention"),
+            ("error", "Failed"), ("close", "Completed"))
+SECTION_NAMES = dict(SECTIONS)
+WATCH_REDRAW_SECONDS = 0.25   # at most 4 redraws a second
+WATCH_SUMMARY_SECONDS = 10.0  # piped: a summary line at most this often
+WAIT_LOST_SECONDS = 30.0      # wait: a server gone this long after we connected is gone
+WAIT_SETTLE_SECONDS = 1.0     # wait: done must hold this long (a job's next bar may be on its way)
+_PREFIXED_UNITS = ("B", "b", "bit", "Hz")  # units the page scales (k, M, ...) at any size
+# Control characters (C0, DEL, C1) in a task's strings would be escape codes
+# on the user's terminal: they are shown as spaces.
+_CONTROL = dict.fromkeys(itertools.chain(range(0x20), range(0x7F, 0xA0)), " ")
+
+
+class WatchError(Exception):
+    """``watch`` or ``wait`` can't reach the server (``kind`` ``"down"``) or the
+    server refuses the token (``"refused"``); the message is one line for stderr."""
+
+    def __init__(self, message, kind):
+        super().__init__(message)
+        self.message, self.kind = message, kind
+
+
+def _server_base(server_url=None):
+    """``scheme://host:port`` of the server, as the client finds it; the path is ignored."""
+    url = server_url or os.environ.get("PROGRESSISTA_SERVER_URL") or DEFAULT_SERVER_URL
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("the server URL must be http:// or https://, got %r" % url)
+    return "%s://%s" % (parts.scheme, parts.netloc.rpartition("@")[2])
+
+
+def _printable(value):
+    return ("" if value is None else str(value)).translate(_CONTROL)
+
+
+def _filter_terms(words):
+    """The dashboard's filter: every whitespace-separated word, lower-cased."""
+    return " ".join(words or ()).lower().split()
+
+
+def _search_text(task_id, task):
+    """What the filter looks in, as on the page: id, description, host, meta."""
+    parts = [task_id, task.get("desc") or "", task.get("host") or ""]
+    meta = task.get("meta")
+    if isinstance(meta, dict):
+        for key, value in meta.items():
+            parts.append(key)
+            parts.append(value if isinstance(value, str)
+                         else json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    return "\n".join(str(part) for part in parts).lower()
+
+
+def _activity(task):
+    """Newest first: last progress, else last contact, else creation (the page's order)."""
+    return _finite(task.get("updated_at")) or _finite(task.get("seen_at")) \
+        or _finite(task.get("created_at")) or 0
+
+
+class TaskView:
+    """The tasks a terminal shows, kept up to date from ``/ws`` messages.
+
+    Only the tasks passing the filter ``words`` (or the predicate ``keep``)
+    are kept.  ``apply`` returns what changed as ``(task_id, old, new)``
+    triples (``None`` for absent), so a reconnect's fresh snapshot reads as
+    the changes missed meanwhile.
+    """
+
+    def __init__(self, words=(), keep=None):
+        self.terms = _filter_terms(words)
+        self.keep = keep
+        self.tasks = {}
+        self.offset = 0.0  # server clock minus ours
+        self.snapshots = 0
+
+    def matches(self, task_id, task):
+        if self.keep is not None and not self.keep(task_id):
+            return False
+        if not self.terms:
+            return True
+        text = _search_text(task_id, task)
+        return all(term in text for term in self.terms)
+
+    def now(self):
+        return time.time() + self.offset
+
+    def apply(self, message):
+        if not isinstance(message, dict):
+            return []
+        if isinstance(message.get("server_time"), (int, float)):
+            self.offset = message["server_time"] - time.time()
+        incoming = message.get("tasks")
+        incoming = incoming if isinstance(incoming, dict) else {}
+        changes = []
+        tasks = self.tasks
+        if message.get("type") == "snapshot":
+            self.snapshots += 1
+            for task_id in [t for t in tasks if t not in incoming]:
+                changes.append((task_id, tasks.pop(task_id), None))
+        else:
+            for task_id in message.get("removed") or ():
+                old = tasks.pop(task_id, None) if isinstance(task_id, str) else None
+                if old is not None:
+                    changes.append((task_id, old, None))
+        for task_id, task in incoming.items():
+            if not isinstance(task, dict):
+                continue
+            old = tasks.get(task_id)
+            if self.matches(task_id, task):
+                if old != task:
+                    tasks[task_id] = task
+                    changes.append((task_id, old, task))
+            elif old is not None:
+                del tasks[task_id]
+                changes.append((task_id, old, None))
+        return changes
+
+    def counts(self):
+        counts = dict.fromkeys(STATUSES, 0)
+        for task in self.tasks.values():
+            status = task.get("status")
+            counts[status if status in counts else "active"] += 1
+        return counts
+
+
+def _plain_meter(n, total, elapsed, rate, unit, postfix=None):
+    """A tqdm-like meter without tqdm: `` 45% 450/1000 it [01:02<01:15, 7.20it/s]``."""
+    def clock(seconds):
+        seconds = int(max(0, seconds))
+        h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+        return "%d:%02d:%02d" % (h, m, s) if h else "%02d:%02d" % (m, s)
+    rate_text = ("%.2f%s/s" % (rate, unit)) if rate else "?%s/s" % unit
+    if total:
+        left = clock((total - n) / rate) if rate else "?"
+        text = "%3d%% %g/%g %s [%s<%s, %s" % (min(100, 100 * n // total), n, total, unit,
+                                             clock(elapsed), left, rate_text)
+    else:
+        text = "%g%s [%s, %s" % (n, unit, clock(elapsed), rate_text)
+    return text + (", " + postfix if postfix else "") + "]"
+
+
+def _meter(task, width, now, ascii_only=False, format_meter=None):
+    """One task's (or group's) meter in tqdm's own format, ``width`` columns or free."""
+    n = _finite(task.get("n")) or 0
+    total = _finite(task.get("total"))
+    total = total if total and total > 0 else None
+    elapsed = max(0, _finite(task.get("elapsed")) or 0)
+    rate = _finite(task.get("rate"))
+    rate = rate if rate and rate > 0 else None
+    unit = _printable(task.get("unit") or "it")[:20]
+    postfix = _printable(task.get("postfix"))[:200] or None  # tqdm's set_postfix text
+    if task.get("status") == "stale":
+        idle = "no progress for %s" % _age(now - _activity(task))
+        postfix = idle if postfix is None else postfix + ", " + idle
+    if format_meter is not None:
+        big = max(abs(n), total or 0)
+        try:
+            return format_meter(n, total, elapsed, ncols=width, prefix="", unit=unit, rate=rate,
+                                postfix=postfix, ascii=ascii_only or None,
+                                unit_scale=unit in _PREFIXED_UNITS or big >= 1e5)
+        except Exception:  # tqdm's formatting of odd numbers is no reason to stop watching
+            pass
+    return _plain_meter(n, total, elapsed, rate, unit, postfix)
+
+
+def _age(seconds):
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm" % (seconds // 60)
+    if seconds < 86400:
+        return "%dh %dm" % (seconds // 3600, seconds // 60 % 60)
+    return "%dd %dh" % (seconds // 86400, seconds // 3600 % 24)
+
+
+def _tqdm_format_meter():
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm.format_meter
+
+
+def _group_task(name, members, expected, started):
+    """A group's summed pseudo-task (the page's group header): Σn and Σtotal over
+    the members with a total, Σrate, the longest elapsed."""
+    n = total = rate = elapsed = 0
+    with_total, units = 0, set()
+    for task in members:
+        task_total = _finite(task.get("total"))
+        if task_total and task_total > 0:
+            n += _finite(task.get("n")) or 0
+            total += task_total
+            with_total += 1
+        rate += _finite(task.get("rate")) or 0
+        elapsed = max(elapsed, _finite(task.get("elapsed")) or 0)
+        units.add(task.get("unit") or "it")
+    if not with_total:
+        n = sum(_finite(task.get("n")) or 0 for task in members)
+    label = "%s (%d tasks%s)" % (_printable(name), len(members),
+                                 ", %d/%d started" % (started, expected) if expected else "")
+    return label, {"n": n, "total": total or None, "rate": rate or None, "elapsed": elapsed,
+                   "unit": units.pop() if len(units) == 1 else "", "status": "active",
+                   "_group": True}
+
+
+def _layout(view):
+    """Each section's entries, newest first: ``(key, task_id, task)`` for a
+    task, ``(key, name, [(key, task_id, task), ...])`` for a group of 2 or more."""
+    buckets = {status: {} for status in STATUSES}
+    for task_id, task in view.tasks.items():
+        status = task.get("status")
+        bucket = buckets[status if status in buckets else "active"]
+        group = task_id.partition(":")[0] if ":" in task_id else None
+        entry = (_activity(task), task_id, task)
+        if group is None:
+            bucket[task_id] = entry
+        else:
+            found = bucket.get(group)
+            if found is None:
+                bucket[group] = entry
+            elif type(found[2]) is list:
+                found[2].append(entry)
+                if entry[0] > found[0]:
+                    bucket[group] = (entry[0], group, found[2])
+            else:
+                bucket[group] = (max(found[0], entry[0]), group, [found, entry])
+    return {status: sorted(bucket.values(), key=lambda e: e[0], reverse=True)
+            for status, bucket in buckets.items()}
+
+
+def _group_sizes(view, names):
+    """For the groups in ``names``: (members started, expected size or None) over all
+    sections; the expected size is the newest task's ``group_size``."""
+    wanted = set(names)
+    members, expected = {}, {}
+    for task_id, task in view.tasks.items():
+        group = _group_of(task_id)
+        if group not in wanted:
+            continue
+        members.setdefault(group, set()).add(_member_of(task_id))
+        size = task.get("group_size")
+        if isinstance(size, int) and size >= 1:
+            key = _activity(task)
+            if group not in expected or key >= expected[group][0]:
+                expected[group] = (key, size)
+    return {group: (len(members[group]), expected[group][1] if group in expected else None)
+            for group in members}
+
+
+def _fit(text, width):
+    if width is None or len(text) <= width:
+        return text
+    return text[:max(0, width - 1)] + "…"
+
+
+def render(view, width=None, height=None, now=None, header=(), ascii_only=False,
+           format_meter="tqdm"):
+    """The watch screen as lines: the four sections with counts, newest first,
+    group lines with their sums, error lines, cut to ``height`` with ``… N more``.
+
+    Without ``width`` and ``height``, every task is listed and no meter is
+    fitted to a width (``--once`` and piped output).  ``format_meter`` is
+    tqdm's when it can be imported; ``None`` gives a plain meter.
+    """
+    if format_meter == "tqdm":
+        format_meter = _tqdm_format_meter()
+    now = view.now() if now is None else now
+    ellipsis = "..." if ascii_only else "…"
+    layout = _layout(view)
+    counts = {status: sum(len(e[2]) if type(e[2]) is list else 1 for e in entries)
+              for status, entries in layout.items()}
+    lines = [_fit(line, width) for line in header]
+    budget = None if height is None else max(0, height - len(lines) - len(SECTIONS))
+
+    def need(entries):
+        total = 0
+        for entry in entries:
+            if type(entry[2]) is list:
+                total += 1 + len(entry[2]) + sum(1 for e in entry[2] if e[2].get("error")
+                                                 and e[2].get("status") == "error")
+            else:
+                total += 1 + (1 if entry[2].get("error") and entry[2].get("status") == "error"
+                              else 0)
+        return total
+
+    quotas = {}
+    if budget is not None:
+        needs = {status: need(layout[status]) for status, _ in SECTIONS}
+        left, pending = budget, sorted(needs, key=needs.get)
+        while pending:  # water-filling: small sections whole, the rest share what is left
+            status = pending.pop(0)
+            quotas[status] = min(needs[status], -(-left // (len(pending) + 1)))
+            left -= quotas[status]
+        for status, _ in SECTIONS:  # rounding leaves a few rows: to the first in need
+            extra = min(left, needs[status] - quotas[status])
+            quotas[status] += extra
+            left -= extra
+        groups = [entry[1] for entries in layout.values() for entry in entries[:max(quotas.values()
+                                                                                      or [0])]
+                  if type(entry[2]) is list]
+    else:
+        groups = [entry[1] for entries in layout.values() for entry in entries
+                  if type(entry[2]) is list]
+    sizes = _group_sizes(view, groups) if groups else {}
+
+    for status, title in SECTIONS:
+        lines.append(_fit("%s (%d)" % (title, counts[status]), width))
+        quota = quotas.get(status)
+        rows, more = _rows(layout[status], status, quota, sizes), 0
+        if quota is not None and _shown(rows[:quota]) < counts[status]:
+            rows = rows[:quota - 1] if quota else []
+            more = counts[status] - _shown(rows) if quota else 0
+        elif quota is not None:
+            rows = rows[:quota]  # every task fits; only error lines may not
+        label_width = max([len(indent) + len(label) for indent, label, _, error in rows
+                           if error is None] or [0])
+        if width is not None:  # tqdm's meter needs ~45 columns besides its bar
+            label_width = min(label_width, max(16, min(width * 2 // 5, width - 55)))
+        meter_width = None if width is None else max(10, width - label_width - 1)
+        for indent, label, task, error in rows:
+            if error is not None:
+                lines.append(_fit(indent + _printable(error), width))
+            else:
+                lines.append(_fit(_fit(indent + label, label_width).ljust(label_width) + " " +
+                                  _meter(task, meter_width, now, ascii_only, format_meter), width))
+        if more:
+            lines.append(_fit("  %s %d more" % (ellipsis, more), width))
+    if ascii_only:
+        lines = [line.replace("…", "...").replace("·", "-") for line in lines]
+    return lines
+
+
+def _task_label(task_id, task):
+    """What a task line starts with: its description, then its id (as tqdm puts desc first)."""
+    desc = task.get("desc")
+    return _printable(desc) + " · " + _printable(task_id) if desc else _printable(task_id)
+
+
+def _rows(entries, status, quota, sizes):
+    """A section's rows ``(indent, label, task, error)``, a few beyond ``quota`` at most:
+    group lines, their members, lone tasks, and the error line of a failed task."""
+    rows = []
+
+    def add(indent, label, task):
+        rows.append((indent, label, task, None))
+        if status == "error" and task.get("error"):
+            rows.append((indent + "  ", None, None, task["error"]))
+
+    for _, name, item in entries:
+        if quota is not None and len(rows) > quota:
+            break
+        if type(item) is not list:
+            add("  ", _task_label(name, item), item)
+            continue
+        started, expected = sizes.get(name, (len(item), None))
+        rows.append(("  ",) + _group_task(name, [e[2] for e in item], expected, started) + (None,))
+        item.sort(key=lambda e: e[0], reverse=True)
+        cut = len(name) + 1
+        for _, task_id, task in item:
+            if quota is not None and len(rows) > quota:
+                break
+            add("    ", _task_label(task_id[cut:], task), task)
+    return rows
+
+
+def _shown(rows):
+    """How many tasks ``rows`` show (group lines and error lines are not tasks)."""
+    return sum(1 for indent, label, task, error in rows
+               if error is None and not task.get("_group"))
+
+
+class _Feed:
+    """A reader thread on ``/ws`` that reconnects by itself.
+
+    Events go to ``events`` (a queue) as ``(kind, value)``: ``("up", None)``,
+    ``("message", obj)``, ``("down", reason)`` and, when the server refuses the
+    token, ``("refused", reason)`` (it then stops).  ``wake`` is called after
+    each event (a screen's select loop writes to its pipe).
+    """
+
+    def __init__(self, base, token=None, wake=None):
+        import queue
+        self.base = base
+        self.url = base + "/ws"
+        self.headers = {"Authorization": "Bearer " + token} if token else {}
+        self.events = queue.Queue()
+        self.wake = wake
+        self.stopping = threading.Event()
+        self.ws = None
+        self.thread = threading.Thread(target=self._run, name="progressista-watch", daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        ws = self.ws
+        if ws is not None:
+            ws.close(1001)
+        self.thread.join(5)
+
+    def _emit(self, kind, value=None):
+        self.events.put((kind, value))
+        if self.wake is not None:
+            self.wake()
+
+    def _run(self):
+        delay = 0.25
+        while not self.stopping.is_set():
+            try:
+                ws = connect_watch(self.base, self.headers)
+            except WatchError as exc:
+                if exc.kind == "refused":
+                    self._emit("refused", exc.message)
+                    return
+                self._emit("down", exc.message)
+                self.stopping.wait(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            self.ws, delay = ws, 0.25
+            if self.stopping.is_set():
+                ws.close(1001)
+                return
+            self._emit("up")
+            try:
+                while True:
+                    self._emit("message", json.loads(ws.recv()))
+            except (OSError, ProtocolError, ValueError) as exc:
+                ws.abort()
+                self.ws = None
+                if not self.stopping.is_set():
+                    self._emit("down", "connection lost: %s" % (exc.reason if isinstance(
+                        exc, ProtocolError) else exc))
+
+
+def connect_watch(base, headers, timeout=10.0):
+    """``/ws`` of the server at ``base``; ``WatchError(text, "refused"|"down")``
+    with a one-line reason when it can't be had."""
+    try:
+        return WebSocketClient.connect(base + "/ws", headers, timeout)
+    except HandshakeRefused as exc:
+        if exc.status == 401 and "Authorization" not in headers:
+            raise WatchError("%s needs a token: give --token or set $PROGRESSISTA_API_TOKEN"
+                             % base, "refused") from None
+        if exc.status == 401:
+            raise WatchError("%s refused the token (HTTP 401)" % base, "refused") from None
+        if exc.status == 403:
+            raise WatchError("%s refused us (HTTP 403: %s)" % (base, exc.reason),
+                             "refused") from None
+        raise WatchError("%s answered HTTP %d: %s" % (base, exc.status, exc.reason),
+                         "down") from None
+    except ProtocolError as exc:
+        raise WatchError("%s: %s" % (base, exc.reason), "down") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise WatchError("cannot reach %s: %s" % (base, reason), "down") from None
+
+
+def _snapshot(base, headers):
+    """Connect, read the first message (the snapshot), close."""
+    ws = connect_watch(base, headers)
+    try:
+        ws.settimeout(60.0)
+        try:
+            message = json.loads(ws.recv())
+        except (OSError, ProtocolError, ValueError) as exc:
+            raise WatchError("%s: no snapshot: %s" % (base, exc), "down") from None
+    finally:
+        ws.close()
+    return message
+
+
+def _can_encode(stream, text):
+    try:
+        text.encode(getattr(stream, "encoding", None) or "utf-8")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+def _status_line(task_id, task, now, format_meter):
+    """Piped: ``12:03:04 Failed  epoch 3 · run-7:rank-3  37%|███▋ | 37/100 [...]``."""
+    status = task.get("status") if task.get("status") in SECTION_NAMES else "active"
+    line = "%s %-15s %s  %s" % (time.strftime("%H:%M:%S"), SECTION_NAMES[status],
+                                _task_label(task_id, task),
+                                _meter(task, None, now, False, format_meter))
+    if status == "error" and task.get("error"):
+        line += "  " + _printable(task["error"])
+    return line
+
+
+def _summary_line(view):
+    counts = view.counts()
+    return "%s %s" % (time.strftime("%H:%M:%S"), " · ".join(
+        "%d %s" % (counts[status], title.lower()) for status, title in SECTIONS))
+
+
+def watch(words=(), server_url=None, token=None, once=False, json_lines=False,
+          out=None, err=None, screen=None):
+    """``progressista watch``: the live view of a server's tasks in a terminal.
+
+    ``screen`` (default: ``out`` is a terminal) chooses the full-screen view;
+    otherwise plain lines, or JSON lines with ``json_lines``.  Returns the exit
+    status: 0, or 1 when the server can't be reached (``once``) or refuses the
+    token.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    token = token if token is not None else os.environ.get("PROGRESSISTA_API_TOKEN")
+    try:
+        base = _server_base(server_url)
+    except ValueError as exc:
+        print("progressista: %s" % exc, file=err)
+        return 1
+    headers = {"Authorization": "Bearer " + token} if token else {}
+    view = TaskView(words)
+    format_meter = _tqdm_format_meter()
+    if once:
+        try:
+            changes = view.apply(_snapshot(base, headers))
+        except WatchError as exc:
+            print("progressista: %s" % exc.message, file=err)
+            return 1
+        if json_lines:
+            for task_id, _, task in changes:
+                out.write(_dumps({"type": "task", "task": dict(task, task_id=task_id)}) + "\n")
+        else:
+            out.write("".join(line + "\n" for line in render(
+                view, header=(), format_meter=format_meter)))
+        out.flush()
+        return 0
+    if screen is None:
+        screen = not json_lines and hasattr(out, "isatty") and out.isatty()
+    if screen:
+        return _watch_screen(view, base, token, out, err, format_meter)
+    return _watch_lines(view, base, token, out, err, format_meter, json_lines)
+
+
+def _watch_lines(view, base, token, out, err, format_meter, json_lines):
+    """Piped: one line per status change and a summary every 10 s at most; or JSON lines."""
+    import queue
+    feed = _Feed(base, token).start()
+    down_since, changed, last_summary = None, False, 0.0
+    try:
+        while True:
+            try:
+                kind, value = feed.events.get(timeout=1.0)
+            except queue.Empty:
+                kind = None
+            if kind == "refused":
+                print("progressista: %s" % value, file=err, flush=True)
+                return 1
+            if kind == "down" and down_since is None:
+                down_since = time.monotonic()
+                print("progressista: %s; reconnecting" % value, file=err, flush=True)
+            elif kind == "up" and down_since is not None:
+                down_since = None
+                print("progressista: reconnected to %s" % base, file=err, flush=True)
+            elif kind == "message":
+                first = view.snapshots == 0
+                changes = view.apply(value)
+                lines = []
+                if json_lines:
+                    for task_id, _, task in changes:
+                        lines.append(_dumps({"type": "removed", "task_id": task_id}
+                                            if task is None else
+                                            {"type": "task", "task": dict(task, task_id=task_id)}))
+                elif first:
+                    lines.append(_summary_line(view))
+                    last_summary = time.monotonic()
+                else:
+                    now = view.now()
+                    for task_id, old, task in changes:
+                        changed = True
+                        if task is not None and (old is None or old.get("status")
+                                                 != task.get("status")):
+                            lines.append(_status_line(task_id, task, now, format_meter))
+                if lines:
+                    out.write("".join(line + "\n" for line in lines))
+                    out.flush()
+            if not json_lines and changed and \
+                    time.monotonic() - last_summary >= WATCH_SUMMARY_SECONDS:
+                out.write(_summary_line(view) + "\n")
+                out.flush()
+                changed, last_summary = False, time.monotonic()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        feed.stop()
+
+
+def _watch_screen(view, base, token, out, err, format_meter):
+    """The full-screen view: alternate screen, redrawn in place, ``q`` to leave."""
+    import queue
+    import select
+    import signal
+    keys = sys.stdin if sys.stdin is not None and sys.stdin.isatty() else None
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+
+    def wake(*_):
+        try:
+            os.write(wake_w, b".")
+        except OSError:  # full: a wake-up is already pending
+            pass
+
+    saved_tty, handlers = None, {}
+    main_thread = threading.current_thread() is threading.main_thread()
+    feed = _Feed(base, token, wake)
+    ascii_only = not _can_encode(out, "█…·")
+    status, down_since, last_text = "connecting", None, None
+    last_draw, dirty, failure = 0.0, True, None
+    try:
+        if keys is not None:
+            import termios
+            import tty
+            saved_tty = termios.tcgetattr(keys.fileno())
+            tty.setcbreak(keys.fileno())  # keys one at a time, no echo; Ctrl-C still a signal
+        if main_thread:
+            if hasattr(signal, "SIGWINCH"):
+                handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, wake)
+
+            def terminate(signum, frame):
+                raise SystemExit(128 + signum)
+            for signum in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+                if signum is not None:
+                    handlers[signum] = signal.signal(signum, terminate)
+        out.write("\x1b[?1049h\x1b[?25l")  # the alternate screen, no cursor
+        out.flush()
+        feed.start()
+        size = None
+        while True:
+            wait = max(0.0, last_draw + WATCH_REDRAW_SECONDS - time.monotonic()) if dirty \
+                else max(0.0, last_draw + 1.0 - time.monotonic())  # ages tick every second
+            ready = select.select([wake_r] + ([keys] if keys is not None else []), [], [], wait)[0]
+            if wake_r in ready:
+                os.read(wake_r, 4096)
+            if keys is not None and keys in ready:
+                pressed = os.read(keys.fileno(), 64)
+                if not pressed or b"q" in pressed.lower() or b"\x03" in pressed:
+                    return 0
+            while True:
+                try:
+                    kind, value = feed.events.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "message":
+                    if view.apply(value):
+                        dirty = True
+                elif kind == "up":
+                    status, down_since, dirty = "live", None, True
+                elif kind == "down":  # the header says for how long, from down_since
+                    down_since, dirty = down_since or time.time(), True
+                elif kind == "refused":
+                    failure = value
+                    return 1
+            try:
+                current = os.get_terminal_size(out.fileno())
+            except (AttributeError, ValueError, OSError):  # not a terminal after all
+                current = os.terminal_size((80, 24))
+            if current != size:
+                size, dirty = current, True
+            if time.monotonic() - last_draw >= 1.0:
+                dirty = True
+            if not dirty or time.monotonic() - last_draw < WATCH_REDRAW_SECONDS:
+                continue
+            shown = status
+            if down_since is not None:
+                shown = "reconnecting, server away for %s" % _age(time.time() - down_since)
+            header = ["progressista watch · %s · %s%s · q quits" % (
+                base, shown, " · filter: " + " ".join(view.terms) if view.terms else "")]
+            if size.lines >= 15:
+                header.append("")
+            lines = render(view, size.columns, size.lines, header=header,
+                           ascii_only=ascii_only, format_meter=format_meter)
+            text = "\x1b[H" + "\x1b[K\r\n".join(lines[:size.lines]) + "\x1b[K\x1b[J"
+            if text != last_text:
+                out.write(text)
+                out.flush()
+                last_text = text
+            last_draw, dirty = time.monotonic(), False
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        feed.stop()
+        try:
+            out.write("\x1b[?25h\x1b[?1049l")  # the cursor and the screen as they were
+            out.flush()
+        except (OSError, ValueError):
+            pass
+        if saved_tty is not None:
+            import termios
+            termios.tcsetattr(keys.fileno(), termios.TCSADRAIN, saved_tty)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+        if failure is not None:
+            print("progressista: %s" % failure, file=err, flush=True)
+
+
+def _wait_state(tasks, names):
+    """Per NAME: its status counts, members started, expected size, done."""
+    state = {}
+    for name in names:
+        state[name] = {"counts": dict.fromkeys(STATUSES, 0), "members": set(), "expected": None,
+                       "newest": None}
+    groups = {name: name for name in names if ":" not in name}
+    exact = [name for name in names if ":" in name]
+    for task_id, task in tasks.items():
+        matched = []
+        group = groups.get(_group_of(task_id))
+        if group is not None:
+            matched.append(group)
+        for name in exact:
+            if task_id == name or task_id.startswith(name + "/"):
+                matched.append(name)
+        for name in matched:
+            entry = state[name]
+            status = task.get("status")
+            entry["counts"][status if status in STATUSES else "active"] += 1
+            entry["members"].add(_member_of(task_id))
+            size = task.get("group_size")
+            if ":" not in name and isinstance(size, int) and size >= 1:
+                key = _activity(task)
+                if entry["newest"] is None or key >= entry["newest"]:
+                    entry["newest"], entry["expected"] = key, size
+    for entry in state.values():
+        counts = entry["counts"]
+        entry["tasks"] = sum(counts.values())
+        entry["members"] = len(entry["members"])
+        entry["done"] = entry["tasks"] > 0 and not counts["active"] and not counts["stale"] \
+            and (entry["expected"] is None or entry["members"] >= entry["expected"])
+    return state
+
+
+def _wait_line(state):
+    parts = []
+    for name, entry in state.items():
+        if not entry["tasks"]:
+            parts.append("%s: not on the server yet" % name)
+            continue
+        counts = entry["counts"]
+        text = " · ".join("%d %s" % (counts[status], title.lower())
+                          for status, title in SECTIONS if counts[status])
+        if entry["expected"] is not None:
+            text += " · %d/%d started" % (entry["members"], entry["expected"])
+        parts.append("%s: %s%s" % (name, text, " (done)" if entry["done"] else ""))
+    return "progressista wait: " + "; ".join(parts)
+
+
+def wait(names, server_url=None, token=None, timeout=None, err=None):
+    """``progressista wait``: block until every NAME (a group or a task id) is done.
+
+    Returns 0 when all their tasks closed, 1 when any failed, 2 on timeout,
+    3 when the server can't be reached or refuses the token.  A NAME not yet
+    on the server is waited for; one line per change of counts goes to ``err``.
+    """
+    import queue
+    err = sys.stderr if err is None else err
+    names = list(dict.fromkeys(names))
+    token = token if token is not None else os.environ.get("PROGRESSISTA_API_TOKEN")
+    try:
+        base = _server_base(server_url)
+    except ValueError as exc:
+        print("progressista: %s" % exc, file=err)
+        return 3
+    deadline = None if timeout is None else time.monotonic() + timeout
+    groups = {name for name in names if ":" not in name}
+    exact = tuple(name for name in names if ":" in name)
+    view = TaskView(keep=lambda task_id: _group_of(task_id) in groups or (
+        task_id.startswith(exact) and any(task_id == name or task_id.startswith(name + "/")
+                                          for name in exact)))
+    feed = _Feed(base, token).start()
+    connected, down_since, last_line, done_since, state = False, None, None, None, {}
+    try:
+        while True:
+            now = time.monotonic()
+            if done_since is not None and now - done_since >= WAIT_SETTLE_SECONDS \
+                    and feed.events.empty():
+                return 1 if any(entry["counts"]["error"] for entry in state.values()) else 0
+            left = None if deadline is None else deadline - now
+            if left is not None and left <= 0 and done_since is None:
+                print("progressista wait: timed out after %gs" % timeout, file=err, flush=True)
+                return 2
+            pause = 1.0 if done_since is None else done_since + WAIT_SETTLE_SECONDS - now
+            try:
+                kind, value = feed.events.get(timeout=max(0.0, min(pause, left or pause)
+                                                          if done_since is None else pause))
+            except queue.Empty:
+                kind = None
+            if kind == "refused":
+                print("progressista: %s" % value, file=err, flush=True)
+                return 3
+            if kind == "down":
+                if not connected:
+                    print("progressista: %s" % value, file=err, flush=True)
+                    return 3
+                if down_since is None:
+                    down_since = time.monotonic()
+                    print("progressista wait: %s; reconnecting" % value, file=err, flush=True)
+            elif kind == "up":
+                connected, down_since = True, None
+            elif kind == "message":
+                view.apply(value)
+                if not feed.events.empty():
+                    continue  # judge the newest state, not every step to it
+                state = _wait_state(view.tasks, names)
+                line = _wait_line(state)
+                if line != last_line:
+                    print(line, file=err, flush=True)
+                    last_line = line
+                if not all(entry["done"] for entry in state.values()):
+                    done_since = None
+                elif done_since is None:
+                    done_since = time.monotonic()
+            if connected and down_since is not None and \
+                    time.monotonic() - down_since > WAIT_LOST_SECONDS:
+                print("progressista wait: %s is gone (no answer for %gs)"
+                      % (base, WAIT_LOST_SECONDS), file=err, flush=True)
+                return 3
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        feed.stop()
 
 
 # -- dashboard ---------------------------------------------------------------
@@ -5315,7 +6321,7 @@ def _build_parser():
         prog="progressista", description="tqdm progress bars from anywhere, live in a browser.")
     parser.add_argument("--version", action="version", version="progressista " + __version__)
     parser.add_argument("--log-level", default=None, help=LOG_LEVEL_HELP)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,run,demo,notify}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,run,demo,watch,wait,notify}")
     commands.required = True
 
     p = commands.add_parser("serve", help="run the server and dashboard")
@@ -5367,6 +6373,22 @@ def _build_parser():
     p = commands.add_parser("notify", help="send one test alert to a webhook URL")
     p.add_argument("url", help="as for serve --notify (slack+, discord+, ntfy+ or plain)")
     p.add_argument("text", nargs="?", help="the message (default: a test line)")
+
+    p = commands.add_parser("watch", help="the live view in a terminal (q quits)")
+    p.add_argument("words", nargs="*", metavar="WORDS",
+                   help="show only tasks whose id, description, host or meta hold every word")
+    p.add_argument("--server-url", help="the server ($PROGRESSISTA_SERVER_URL; path ignored)")
+    p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
+    p.add_argument("--once", action="store_true", help="print the current state and exit")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines: a task per line, then each change")
+
+    p = commands.add_parser("wait", help="wait for groups or tasks to end (exit 0 done, "
+                            "1 failed, 2 timeout, 3 unreachable)")
+    p.add_argument("names", nargs="+", metavar="NAME", help="a group (run-7) or a task id")
+    p.add_argument("--timeout", help="give up after this many seconds (exit 2)")
+    p.add_argument("--server-url", help="the server ($PROGRESSISTA_SERVER_URL; path ignored)")
+    p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
 
     # --log-level goes before the command or after it, as the README shows it
     # (``serve --log-level DEBUG``); given after, it wins.  Keep this last.
@@ -5535,6 +6557,18 @@ def main(argv=None):
                   url, " for %g s" % args.duration if args.duration else " until Ctrl-C"),
               flush=True)
         return demo(args.server_url, args.duration)
+
+    if args.command == "watch":
+        try:
+            return watch(args.words, args.server_url, args.token, once=args.once,
+                         json_lines=args.json)
+        except BrokenPipeError:  # watch ... | head: the reader is gone, and that is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+    if args.command == "wait":
+        timeout = None if args.timeout is None else _number(parser, "--timeout", args.timeout)
+        return wait(args.names, args.server_url, args.token, timeout=timeout)
 
     # run
     if args.module and args.target:

@@ -3692,6 +3692,183 @@ def test_ws_allowed_origin(server_factory, raw_ws):
     assert raw_ws(srv, headers={"Origin": "null"}).status == 403
 
 
+# The WebSocket client (watch and wait use it).
+
+class FakeWsServer:
+    """A one-connection server that runs ``script(sock, rfile, key)`` after
+    reading a handshake; ``answer`` chooses the handshake's reply."""
+
+    def __init__(self, script, answer=None, tls=None):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.script, self.answer, self.tls = script, answer, tls
+        self.keys, self.requests, self.error = [], [], None
+        self.thread = threading.Thread(target=self._run, name="fake-ws", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            conn, _ = self.listener.accept()
+            conn.settimeout(10)
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            with conn:
+                rfile = conn.makefile("rb")
+                head = []
+                while True:
+                    line = rfile.readline()
+                    if line in (b"\r\n", b""):
+                        break
+                    head.append(line.decode("latin-1").rstrip("\r\n"))
+                self.requests.append(head)
+                key = [h.split(":", 1)[1].strip() for h in head
+                       if h.lower().startswith("sec-websocket-key:")][0]
+                self.keys.append(key)
+                if self.answer is not None:
+                    conn.sendall(self.answer(key))
+                else:
+                    conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                                  % progressista.accept_key(key)).encode())
+                if self.script is not None:
+                    self.script(conn, rfile)
+        except Exception as exc:  # reported by close()
+            self.error = exc
+        finally:
+            self.listener.close()
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d/ws" % ("wss" if self.tls else "ws", self.port)
+
+    def close(self):
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def test_ws_client_against_the_server(server):
+    post(server, {"task_id": "a", "n": 1, "total": 10})
+    ws = progressista.WebSocketClient.connect(server.url + "/ws")
+    try:
+        first = json.loads(ws.recv())
+        assert first["type"] == "snapshot" and first["tasks"]["a"]["n"] == 1
+        wait_for(lambda: server.ws_count == 1)
+        post(server, {"task_id": "a", "n": 7})
+        delta = json.loads(ws.recv())
+        assert delta["type"] == "delta" and delta["tasks"]["a"]["n"] == 7
+        ws.send('{"hello": 1}')  # the server reads (and ignores) what we send, masked
+    finally:
+        ws.close()
+    wait_for(lambda: server.ws_count == 0)
+
+
+def test_ws_client_masks_reassembles_answers_pings_and_echoes_close():
+    seen = {}
+
+    def script(conn, rfile):
+        text = "ünïcode ✓ " * 20
+        data = text.encode()
+        conn.sendall(progressista.encode_frame(data[:7], 0x1, fin=False)    # cut mid-character
+                     + progressista.encode_frame(b"are you there", 0x9)      # a ping between
+                     + progressista.encode_frame(data[7:100], 0x0, fin=False)
+                     + progressista.encode_frame(data[100:], 0x0, fin=True))
+        seen["pong"] = progressista.read_frame(rfile)   # require_mask: ours must be masked
+        conn.sendall(progressista.encode_frame(struct.pack("!H", 1001) + b"bye", 0x8))
+        seen["close"] = progressista.read_frame(rfile)
+        seen["text"] = text
+
+    fake = FakeWsServer(script)
+    ws = progressista.WebSocketClient.connect(fake.url)
+    assert ws.recv() == "ünïcode ✓ " * 20
+    with pytest.raises(ConnectionError):
+        ws.recv()
+    fake.close()
+    assert seen["pong"] == (True, 0xA, b"are you there")
+    fin, opcode, payload = seen["close"]
+    assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == 1001
+    assert ws.closed
+
+
+def test_ws_client_keys_are_random_and_the_accept_is_checked():
+    good = FakeWsServer(lambda conn, rfile: conn.sendall(progressista.encode_frame(b"hi")))
+    ws = progressista.WebSocketClient.connect(good.url)
+    assert ws.recv() == "hi"
+    ws.close()
+    good.close()
+    bad = FakeWsServer(None, answer=lambda key: (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Accept: %s\r\n\r\n" % progressista.accept_key("x" + key)).encode())
+    with pytest.raises(ProtocolError):
+        progressista.WebSocketClient.connect(bad.url)
+    bad.close()
+    keys = good.keys + bad.keys
+    assert keys[0] != keys[1]
+    assert all(len(base64.b64decode(key)) == 16 for key in keys)
+    head = good.requests[0]
+    assert head[0] == "GET /ws HTTP/1.1"
+    assert "Host: 127.0.0.1:%d" % good.port in head and "Sec-WebSocket-Version: 13" in head
+
+
+def test_ws_client_refused_and_protocol_errors(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    with pytest.raises(progressista.HandshakeRefused) as refused:
+        progressista.WebSocketClient.connect(srv.url + "/ws")
+    assert refused.value.status == 401 and "unauthorized" in refused.value.reason
+    ws = progressista.WebSocketClient.connect(srv.url + "/ws",
+                                              {"Authorization": "Bearer s3cret"})
+    assert json.loads(ws.recv())["type"] == "snapshot"
+    ws.close()
+    # A continuation with nothing to continue: the client closes with 1002.
+    seen = {}
+
+    def script(conn, rfile):
+        conn.sendall(progressista.encode_frame(b"stray", 0x0))
+        seen["close"] = progressista.read_frame(rfile)
+
+    fake = FakeWsServer(script)
+    ws = progressista.WebSocketClient.connect(fake.url)
+    with pytest.raises(ProtocolError):
+        ws.recv()
+    fake.close()
+    assert struct.unpack("!H", seen["close"][2][:2])[0] == 1002
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    """A self-signed certificate for 127.0.0.1 (openssl); its PEM is the CA bundle."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_ws_client_wss_verifies_against_the_ca_bundle(tls_files, monkeypatch):
+    import ssl
+    cert, key = tls_files
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    fake = FakeWsServer(lambda conn, rfile: conn.sendall(progressista.encode_frame(b"secure")),
+                        tls=context)
+    monkeypatch.setenv("PROGRESSISTA_CA_BUNDLE", cert)
+    ws = progressista.WebSocketClient.connect("https://127.0.0.1:%d/ws" % fake.port)
+    assert ws.recv() == "secure"
+    ws.close()
+    fake.close()
+    # Without the bundle the self-signed certificate is refused.
+    monkeypatch.delenv("PROGRESSISTA_CA_BUNDLE")
+    fake = FakeWsServer(None, tls=context)
+    with pytest.raises(ssl.SSLError):
+        progressista.WebSocketClient.connect(fake.url)
+    fake.thread.join(10)
+
+
 # -- http --------------------------------------------------------------------
 
 def test_post_single_and_array(server):
@@ -4606,6 +4783,476 @@ def test_group_metrics_pass_promtool(server):
     result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
                             capture_output=True, timeout=60)
     assert "group" not in (result.stdout + result.stderr).decode(), result
+# -- terminal ----------------------------------------------------------------
+
+def _task(task_id, status="active", n=1, total=10, at=1000.0, **fields):
+    return dict(dict(task_id=task_id, status=status, n=n, total=total, unit="it", rate=2.0,
+                     elapsed=5.0, desc=None, error=None, meta=None, host="h",
+                     created_at=at, updated_at=at, seen_at=at), **fields)
+
+
+def _view(*tasks, words=()):
+    view = progressista.TaskView(words)
+    view.apply({"type": "snapshot", "server_time": 2000.0,
+                "tasks": {t["task_id"]: t for t in tasks}})
+    return view
+
+
+def test_task_view_applies_snapshots_deltas_and_a_fresh_snapshot():
+    view = progressista.TaskView()
+    changes = view.apply({"type": "snapshot", "tasks": {"a": _task("a"), "b": _task("b")},
+                          "server_time": time.time() + 100})
+    assert sorted(c[0] for c in changes) == ["a", "b"] and all(c[1] is None for c in changes)
+    assert 99 < view.offset < 101
+    changes = view.apply({"type": "delta", "tasks": {"a": _task("a", "close")},
+                          "removed": ["b", "never-seen"]})
+    assert [(c[0], c[1]["status"], c[2] and c[2]["status"]) for c in changes] == \
+        [("b", "active", None), ("a", "active", "close")]
+    # After a reconnect: what vanished meanwhile is removed, what is unchanged is no change.
+    changes = view.apply({"type": "snapshot", "tasks": {"a": _task("a", "close"),
+                                                        "c": _task("c")}})
+    assert [c[0] for c in changes] == ["c"]
+    changes = view.apply({"type": "snapshot", "tasks": {"c": _task("c")}})
+    assert [(c[0], c[2]) for c in changes] == [("a", None)]
+    assert view.counts() == {"active": 1, "stale": 0, "close": 0, "error": 0}
+
+
+def test_task_view_filters_like_the_dashboard():
+    tasks = [_task("run-7:rank-0", desc="Epoch 3", meta={"model": "ResNet50", "gpu": 0}),
+             _task("run-8:rank-0", desc="epoch 1", host="node-12"),
+             _task("other", desc="copy", meta={"cfg": {"lr": 0.5}})]
+    shown = lambda *words: sorted(_view(*tasks, words=words).tasks)
+    assert shown() == ["other", "run-7:rank-0", "run-8:rank-0"]
+    assert shown("EPOCH") == ["run-7:rank-0", "run-8:rank-0"]       # case-insensitive
+    assert shown("epoch", "resnet") == ["run-7:rank-0"]             # every word must match
+    assert shown("epoch resnet") == ["run-7:rank-0"]                # words split on spaces
+    assert shown("gpu") == ["run-7:rank-0"]                         # a meta key
+    assert shown('{"lr":0.5}') == ["other"]                         # a meta value, as JSON
+    assert shown("node-12") == ["run-8:rank-0"]                     # the host
+    assert shown("nothing") == []
+    view = _view(*tasks, words=["resnet"])                          # stops matching: removed
+    changes = view.apply({"type": "delta", "tasks": {"run-7:rank-0": _task("run-7:rank-0")},
+                          "removed": []})
+    assert [(c[0], c[2]) for c in changes] == [("run-7:rank-0", None)] and not view.tasks
+
+
+def test_render_sections_newest_first_groups_errors():
+    from tqdm import tqdm
+    view = _view(_task("old", at=1000.0, desc="the old one"),
+                 _task("new", at=1500.0, desc="the new one"),
+                 _task("job:a", n=10, total=100, at=1200.0, rate=1.0),
+                 _task("job:b", n=30, total=100, at=1300.0, rate=2.0),
+                 _task("bad", "error", at=1100.0, error="ValueError: bad row 17"),
+                 _task("done", "close", n=10, total=10),
+                 _task("idle", "stale", at=1900.0))
+    lines = progressista.render(view, format_meter=tqdm.format_meter)
+    text = "\n".join(lines)
+    assert [line for line in lines if not line.startswith(" ")] == [
+        "Active (4)", "Needs Attention (1)", "Failed (1)", "Completed (1)"]
+    order = [line.split()[0] for line in lines[1:6]]
+    assert order == ["the", "job", "b", "a", "the"]  # newest first, a group's members too
+    assert "the new one · new" in lines[1] and "the old one · old" in lines[5]
+    group = lines[2]
+    assert "2 tasks" in group and "40/200" in group and "20%" in group
+    assert re.search(r"the new one · new +\d+%\|.*\| 1/10 \[00:05<00:04,  2\.00it/s\]", text)
+    assert "  bad" in text and "    ValueError: bad row 17" in text
+    assert "no progress for 1m" in text  # a stale task says for how long (server time 2000)
+    assert "\x1b" not in text
+
+
+def test_render_cuts_to_the_height_and_width():
+    view = _view(*[_task("t%03d" % i, at=1000.0 + i, desc="x" * 200) for i in range(100)],
+                 *[_task("f%d" % i, "error", at=1000.0 + i, error="E") for i in range(10)])
+    header = ["title", ""]
+    lines = progressista.render(view, width=80, height=20, header=header)
+    assert len(lines) == 20 and all(len(line) <= 80 for line in lines)
+    assert lines[:2] == header
+    for heading in ("Active (100)", "Needs Attention (0)", "Failed (10)", "Completed (0)"):
+        assert heading in lines
+    active = lines[lines.index("Active (100)") + 1:lines.index("Needs Attention (0)")]
+    assert active[0].startswith("  xxxxx") and active[0].endswith("]")
+    assert active[-1] == "  … %d more" % (100 - (len(active) - 1))
+    failed = lines[lines.index("Failed (10)") + 1:lines.index("Completed (0)")]
+    assert failed[-1].startswith("  … ") and len(failed) >= 3
+    # No room for a failed task's error line: the task line itself, not "… 1 more".
+    small = _view(_task("boom", "error", error="E: x"), _task("ok", "close"))
+    lines = progressista.render(small, width=80, height=6)
+    assert lines[3].startswith("  boom ") and lines[4:5] == ["Completed (1)"] and len(lines) == 6
+    # A terminal too small for anything but the headings still shows them.
+    assert progressista.render(view, width=30, height=4)[:1] == ["Active (100)"]
+
+
+def test_render_is_safe_and_works_without_tqdm():
+    view = _view(_task("evil\x1b[2J", desc="\x1b]0;pwned\x07\r\nline", n=450, total=1000,
+                       unit="\x1b[31mrow", rate=7.2, elapsed=62))
+    lines = progressista.render(view, width=100, height=20, format_meter=None)
+    text = "\n".join(lines)
+    assert not any(re.search(r"[\x00-\x1f\x7f-\x9f]", line) for line in lines)
+    assert " 45% 450/1000  [31mrow [01:02<01:16, 7.20 [31mrow/s]" in text
+    assert "…" not in "\n".join(progressista.render(view, width=30, height=20, ascii_only=True))
+
+
+def test_wait_state_groups_members_and_expected_size():
+    tasks = {t["task_id"]: t for t in [
+        _task("run-7:rank-0", "close", group_size=4, at=1.0),
+        _task("run-7:rank-0/2", "close", at=2.0),
+        _task("run-7:rank-1", "close", group_size=3, at=3.0),  # the newest size wins
+        _task("run-70:rank-1", "active"),
+        _task("solo", "error")]}
+    state = progressista._wait_state(tasks, ["run-7", "solo", "run-7:rank-0", "later"])
+    assert state["run-7"]["members"] == 2 and state["run-7"]["expected"] == 3
+    assert state["run-7"]["counts"]["close"] == 3 and not state["run-7"]["done"]
+    tasks["run-7:rank-2"] = _task("run-7:rank-2", "close")
+    state = progressista._wait_state(tasks, ["run-7", "solo", "run-7:rank-0", "later"])
+    assert state["run-7"]["done"] and state["solo"]["done"] and state["solo"]["counts"]["error"]
+    assert state["run-7:rank-0"]["tasks"] == 2 and state["run-7:rank-0"]["expected"] is None
+    assert state["later"]["tasks"] == 0 and not state["later"]["done"]
+    line = progressista._wait_line(state)
+    assert "run-7: 4 completed · 3/3 started (done)" in line
+    assert "later: not on the server yet" in line
+    del tasks["run-7:rank-0"]["group_size"], tasks["run-7:rank-1"]["group_size"]
+    assert progressista._wait_state(tasks, ["run-7"])["run-7"]["done"]  # no size: all ended
+
+
+def watch_lines(srv, *args, env=None):
+    """``progressista watch`` piped, as a subprocess; returns (proc, lines, stderr lines)."""
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "watch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", PROGRESSISTA_SERVER_URL=srv.url,
+                 **(env or {})))
+    out, err = [], []
+    readers = [threading.Thread(target=lambda f=f, into=into: into.extend(
+        line.decode("utf-8") for line in iter(f.readline, b"")), name="watch-reader")
+        for f, into in ((proc.stdout, out), (proc.stderr, err))]
+    for reader in readers:
+        reader.start()
+    proc.readers = readers
+    return proc, out, err
+
+
+def stop_watch(proc, sig=signal.SIGINT):
+    proc.send_signal(sig)
+    try:
+        status = proc.wait(10)
+    finally:
+        proc.kill()
+        for reader in proc.readers:
+            reader.join(10)
+    return status
+
+
+def test_watch_once_prints_sections_and_task_lines(server):
+    post(server, [{"task_id": "job:a", "n": 5, "total": 10, "desc": "first"},
+                  {"task_id": "job:b", "n": 1, "total": 4, "status": "error",
+                   "error": "KeyError: 'x'"},
+                  {"task_id": "lone", "n": 3, "status": "close"}])
+    out, err = io.StringIO(), io.StringIO()
+    assert progressista.watch(server_url=server.url + "/progress", once=True,
+                              out=out, err=err) == 0
+    text = out.getvalue()
+    assert text.splitlines()[0] == "Active (1)"
+    assert re.search(r"^  first · job:a +50%\|█████     \| 5/10 \[", text, re.M)
+    assert "  job:b" in text and "    KeyError: 'x'" in text
+    assert re.search(r"^  lone +3it \[", text, re.M)
+    assert "\x1b" not in text and err.getvalue() == ""
+    out = io.StringIO()
+    assert progressista.watch(["lone"], server_url=server.url, once=True, out=out) == 0
+    assert "job:a" not in out.getvalue() and "lone" in out.getvalue()
+
+
+def test_watch_once_json_and_env_url_and_token(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    post(srv, [{"task_id": "t%d" % i, "n": i} for i in range(5)],
+         headers={"Authorization": "Bearer s3cret"})
+    env = dict(os.environ, PROGRESSISTA_SERVER_URL=srv.url + "/some/path",
+               PROGRESSISTA_API_TOKEN="s3cret")
+    done = subprocess.run([sys.executable, SCRIPT, "watch", "--once", "--json"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(line["task"]["task_id"] for line in lines) == ["t%d" % i for i in range(5)]
+    assert all(line["type"] == "task" and "n" in line["task"] for line in lines)
+    done = subprocess.run([sys.executable, SCRIPT, "watch", "--once", "t3"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "  t3 " in done.stdout and "t4" not in done.stdout
+
+
+@pytest.mark.parametrize("args", [["--once"], ["--once", "--json"], []])
+def test_watch_refused_token_is_one_line_and_exit_1(server_factory, args):
+    srv = server_factory(tokens=["s3cret"])
+    done = subprocess.run([sys.executable, SCRIPT, "watch", "--server-url", srv.url,
+                           "--token", "wrong-token", *args],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and "refused the token" in done.stderr
+    assert "wrong-token" not in done.stderr
+
+
+def test_watch_without_a_token_says_how_to_give_one(server_factory, monkeypatch):
+    srv = server_factory(tokens=["s3cret"])
+    err = io.StringIO()
+    monkeypatch.delenv("PROGRESSISTA_API_TOKEN", raising=False)
+    assert progressista.watch(server_url=srv.url, once=True, out=io.StringIO(), err=err) == 1
+    assert err.getvalue() == ("progressista: %s needs a token: give --token or set "
+                              "$PROGRESSISTA_API_TOKEN\n" % srv.url)
+
+
+@pytest.mark.parametrize("args", [["--once"], ["--once", "--json"]])
+def test_watch_unreachable_is_one_line_and_exit_1(args):
+    url = "http://127.0.0.1:%d" % free_port()
+    done = subprocess.run([sys.executable, SCRIPT, "watch", "--server-url", url, *args],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == ["progressista: cannot reach %s: Connection refused" % url]
+
+
+def test_watch_piped_prints_status_changes_and_no_escape_codes(server):
+    post(server, {"task_id": "before", "n": 1, "status": "close"})
+    proc, out, err = watch_lines(server)
+    try:
+        wait_for(lambda: out, timeout=20)
+        assert re.fullmatch(r"\d\d:\d\d:\d\d 0 active · 0 needs attention · 0 failed · "
+                            r"1 completed\n", out[0])
+        post(server, {"task_id": "job:a", "n": 1, "total": 10, "desc": "step"})
+        wait_for(lambda: any("job:a" in line for line in out), timeout=20)
+        for n in range(2, 6):  # progress alone prints nothing
+            post(server, {"task_id": "job:a", "n": n})
+            time.sleep(0.15)
+        post(server, {"task_id": "job:a", "status": "error", "error": "OSError: disk full"})
+        wait_for(lambda: any("Failed" in line for line in out), timeout=20)
+    finally:
+        assert stop_watch(proc) == 0
+    lines = [line.rstrip("\n") for line in out]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d Active +step · job:a +10%\|█ +\| 1/10 \[.*", lines[1])
+    assert re.fullmatch(r"\d\d:\d\d:\d\d Failed +step · job:a +50%\|.*\]  OSError: disk full",
+                        lines[2])
+    assert len(lines) == 3  # one summary (the next is 10 s away at least), two changes
+    assert not any("\x1b" in line for line in out + err)
+
+
+def test_watch_json_lines_stream_changes_and_removals(server):
+    post(server, [{"task_id": "a", "n": 1}, {"task_id": "b", "n": 2}])
+    proc, out, err = watch_lines(server, "--json")
+    try:
+        wait_for(lambda: len(out) >= 2, timeout=20)
+        post(server, {"task_id": "c", "n": 3})
+        wait_for(lambda: len(out) >= 3, timeout=20)
+        request(server.url + "/tasks/a", "DELETE")
+        wait_for(lambda: len(out) >= 4, timeout=20)
+    finally:
+        assert stop_watch(proc) == 0
+    lines = [json.loads(line) for line in out]
+    assert sorted(line["task"]["task_id"] for line in lines[:2]) == ["a", "b"]
+    assert lines[2] == {"type": "task", "task": dict(lines[2]["task"], task_id="c", n=3)}
+    assert lines[3] == {"type": "removed", "task_id": "a"}
+
+
+def test_watch_live_refused_token_exits_1(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    err = io.StringIO()
+    assert progressista.watch(server_url=srv.url, token="nope", out=io.StringIO(), err=err,
+                              screen=False) == 1
+    assert err.getvalue().count("\n") == 1 and "refused the token" in err.getvalue()
+
+
+class Tmux:
+    """A private tmux server (``tmux -L``) for one test; only it is killed afterwards."""
+
+    def __init__(self):
+        self.name = "progressista-test-%d-%d" % (os.getpid(), time.monotonic_ns())
+
+    def run(self, *args):
+        return subprocess.run(["tmux", "-L", self.name, "-f", "/dev/null", *args],
+                              capture_output=True, text=True, timeout=20)
+
+    def start(self, command, width=120, height=40):
+        done = self.run("new-session", "-d", "-x", str(width), "-y", str(height), command)
+        assert done.returncode == 0, done.stderr
+
+    def screen(self):
+        return self.run("capture-pane", "-p").stdout
+
+    def lines(self):
+        return self.screen().rstrip("\n").split("\n")
+
+    def alternate(self):
+        return self.run("display-message", "-p", "#{alternate_on}").stdout.strip() == "1"
+
+    def kill(self):
+        self.run("kill-server")
+
+
+@pytest.fixture
+def tmux():
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (.ci/run installs it)")
+    session = Tmux()
+    yield session
+    session.kill()
+
+
+def _watch_command(url, *extra):
+    import shlex
+    return ("printf 'BEFORE WATCH\\n'; PROGRESSISTA_SERVER_URL=%s %s %s watch %s; "
+            "echo EXIT=$?; stty -a | tr ' ;' '\\n\\n' | grep -E -x -e '-?(icanon|echo)'; "
+            "echo END; sleep 600" % (shlex.quote(url), shlex.quote(sys.executable), shlex.quote(SCRIPT),
+                           " ".join(map(shlex.quote, extra))))
+
+
+def test_watch_in_a_terminal_resizes_and_q_restores_it(server, tmux):
+    post(server, [{"task_id": "run-1:rank-%d" % i, "n": i, "total": 100, "desc": "training"}
+                  for i in range(50)]
+         + [{"task_id": "bad-%d" % i, "status": "error", "error": "ValueError: bad row %d" % i}
+            for i in range(3)])
+    tmux.start(_watch_command(server.url))
+    wait_for(lambda: "Active (50)" in tmux.screen(), timeout=20)
+    assert tmux.alternate()
+    lines = tmux.lines()
+    assert lines[0].startswith("progressista watch · %s · live" % server.url)
+    assert len(lines) <= 40 and all(len(line) <= 120 for line in lines)
+    assert "Active (50)" in lines and "Failed (3)" in lines
+    assert any(re.fullmatch(r"  run-1 \(50 tasks\) +\d+%\|.*\| 1225/5000 \[.*\]", line)
+               for line in lines)
+    assert any(re.fullmatch(r"  … \d+ more", line) for line in lines)
+    assert "    ValueError: bad row 2" in lines
+    post(server, {"task_id": "bad-0", "status": "close"})
+    wait_for(lambda: "Completed (1)" in tmux.screen(), timeout=20)
+    for width, height in ((70, 15), (100, 30)):
+        tmux.run("resize-window", "-x", str(width), "-y", str(height))
+
+        def redrawn():
+            lines = tmux.lines()
+            return lines[0].startswith("progressista watch") and "Completed (1)" in lines \
+                and len(lines) > height - 3 and lines
+        lines = wait_for(redrawn, timeout=20)
+        assert len(lines) <= height and all(len(line) <= width for line in lines)
+        assert "Active (50)" in lines and any(line.startswith("  … ") for line in lines)
+    tmux.run("send-keys", "q")
+    wait_for(lambda: "END" in tmux.screen(), timeout=20)
+    screen = tmux.screen()
+    assert "EXIT=0" in screen
+    assert not tmux.alternate() and "BEFORE WATCH" in screen and "Active (" not in screen
+    assert "icanon" in screen.split() and "echo" in screen.split()  # not -icanon, -echo
+
+
+def test_watch_in_a_terminal_ctrl_c_and_reconnect(tmux):
+    port = free_port()
+    proc, url = start_cli_server("--port", str(port))
+    try:
+        request(url + "/progress", "POST", {"task_id": "first", "n": 1})
+        tmux.start(_watch_command(url, "--server-url", url), width=100, height=20)
+        wait_for(lambda: "  first " in tmux.screen(), timeout=20)
+        proc.kill()
+        proc.wait(10)
+        wait_for(lambda: "reconnecting" in tmux.lines()[0], timeout=20)
+        assert "  first " in tmux.screen()  # the last state stays on screen meanwhile
+        proc, url = start_cli_server("--port", str(port))
+        request(url + "/progress", "POST", {"task_id": "second", "n": 2})
+        wait_for(lambda: "  second " in tmux.screen() and " · live" in tmux.lines()[0],
+                 timeout=30)
+        assert "  first " not in tmux.screen()  # the new server's state, not a mix
+        tmux.run("send-keys", "C-c")
+        wait_for(lambda: "EXIT=0" in tmux.screen(), timeout=20)
+        assert not tmux.alternate()
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _wait_in_thread(server, names, **kw):
+    result, err = {}, io.StringIO()
+    thread = threading.Thread(target=lambda: result.setdefault("status", progressista.wait(
+        names, server_url=server.url, err=err, **kw)), name="wait-test")
+    thread.start()
+    return thread, result, err
+
+
+def test_wait_exit_0_when_all_closed_and_names_not_yet_there(server):
+    post(server, {"task_id": "run-7:rank-0", "n": 1})
+    thread, result, err = _wait_in_thread(server, ["run-7", "later:x"], timeout=60)
+    wait_for(lambda: "later:x: not on the server yet" in err.getvalue(), timeout=20)
+    post(server, {"task_id": "run-7:rank-0", "status": "close"})
+    post(server, {"task_id": "later:x", "n": 1})
+    wait_for(lambda: "later:x: 1 active" in err.getvalue(), timeout=20)
+    assert thread.is_alive()
+    post(server, {"task_id": "later:x", "status": "close"})
+    thread.join(20)
+    assert result["status"] == 0
+    lines = err.getvalue().splitlines()
+    assert lines[-1] == ("progressista wait: run-7: 1 completed (done); "
+                         "later:x: 1 completed (done)")
+    assert len(lines) == len(set(lines))  # a line per change of counts, not per message
+
+
+def test_wait_done_must_hold_a_moment_while_the_next_bar_starts(server):
+    post(server, {"task_id": "job:a", "n": 1})
+    thread, result, err = _wait_in_thread(server, ["job"], timeout=60)
+    wait_for(lambda: "job: 1 active" in err.getvalue(), timeout=20)
+    post(server, {"task_id": "job:a", "status": "close"})
+    time.sleep(0.3)  # so the close and the next bar's start come in two deltas
+    post(server, {"task_id": "job:b", "n": 1})
+    wait_for(lambda: "job: 1 active · 1 completed" in err.getvalue(), timeout=20)
+    assert thread.is_alive() and "job: 1 completed (done)" in err.getvalue()
+    post(server, {"task_id": "job:b", "status": "close"})
+    thread.join(20)
+    assert result["status"] == 0
+
+
+def test_wait_exit_1_when_any_failed(server):
+    post(server, [{"task_id": "job:a", "status": "close"},
+                  {"task_id": "job:b", "status": "error", "error": "E"}])
+    err = io.StringIO()
+    assert progressista.wait(["job"], server_url=server.url, err=err) == 1
+    assert "job: 1 failed · 1 completed (done)" in err.getvalue()
+
+
+def test_wait_exit_2_on_timeout(server):
+    post(server, {"task_id": "job:a", "n": 1})
+    err = io.StringIO()
+    assert progressista.wait(["job"], server_url=server.url, err=err, timeout=0.5) == 2
+    assert err.getvalue().splitlines()[-1] == "progressista wait: timed out after 0.5s"
+
+
+def test_wait_exit_3_unreachable_or_refused(server_factory):
+    err = io.StringIO()
+    url = "http://127.0.0.1:%d" % free_port()
+    assert progressista.wait(["job"], server_url=url, err=err) == 3
+    assert err.getvalue() == "progressista: cannot reach %s: Connection refused\n" % url
+    srv = server_factory(tokens=["s3cret"])
+    err = io.StringIO()
+    assert progressista.wait(["job"], server_url=srv.url, token="bad", err=err) == 3
+    assert "refused the token" in err.getvalue() and "bad" not in err.getvalue().split()
+
+
+def test_wait_exit_3_when_the_server_goes_for_good(server_factory, monkeypatch):
+    monkeypatch.setattr(progressista, "WAIT_LOST_SECONDS", 0.5)
+    srv = server_factory()
+    post(srv, {"task_id": "job:a", "n": 1})
+    thread, result, err = _wait_in_thread(srv, ["job"], timeout=60)
+    wait_for(lambda: "job: 1 active" in err.getvalue(), timeout=20)
+    srv.stop()
+    thread.join(30)
+    assert result["status"] == 3
+    lines = err.getvalue().splitlines()
+    assert "reconnecting" in lines[-2] and lines[-1].endswith("is gone (no answer for 0.5s)")
+
+
+def test_wait_in_a_shell_pipeline(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    post(srv, {"task_id": "run-7:rank-0", "status": "close"},
+         headers={"Authorization": "Bearer s3cret"})
+    env = dict(os.environ, PROGRESSISTA_SERVER_URL=srv.url + "/progress",
+               PROGRESSISTA_API_TOKEN="s3cret")
+    shell = "%s %s wait run-7 --timeout 30 && echo next-step" % (sys.executable, SCRIPT)
+    done = subprocess.run(["sh", "-c", shell], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout == "next-step\n", done.stderr
+    done = subprocess.run([sys.executable, SCRIPT, "wait", "run-8", "--timeout", "0.3"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["progressista wait: run-8: not on the server yet",
+                                        "progressista wait: timed out after 0.3s"]
+
 
 # -- dashboard ---------------------------------------------------------------
 
