@@ -26,6 +26,7 @@ import collections
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import itertools
 import json
@@ -48,6 +49,7 @@ __all__ = [
     "RemoteTqdm", "install", "uninstall", "run", "demo",
     "TaskStore", "Hub", "ProgressServer", "make_server", "serve",
     "accept_key", "encode_frame", "read_frame", "main",
+    "WebSocketClient", "watch", "wait",
 ]
 
 log = logging.getLogger("progressista")
@@ -186,7 +188,7 @@ class _Sender:
 
     def finish(self, bar, payload, hold=False):
         """Queue a closed bar's last state; wait for it unless ``hold``."""
-        final = _Final(bar, payload, time.monotonic() + EARLY_CLOSE_HOLD if hold else 0.0,
+        final = _Final(bar, payload, time.monotonic() + _early_close_hold() if hold else 0.0,
                        threading.get_ident())
         with self.lock:
             self.bars.pop(id(bar), None)
@@ -461,6 +463,7 @@ def _install_process_hooks():
             _sender.flush(waits)
 
     threading.excepthook = thread_excepthook
+    _hook_ipython()  # a notebook cell's exception never reaches the hooks above
 
 
 def _report_crash(exc, thread):
@@ -509,6 +512,86 @@ _install_defaults = {}  # what patch.install() was given, under explicit keyword
 _bar_numbers = itertools.count(1)  # default task ids; next() is atomic
 
 
+# Ids from the scheduler (SPEC section 8): one id per rank or array task,
+# reused by the bars a process makes one after another; a bar made while
+# another is open takes the lowest free "/k".
+_job_slots = {}  # id from the environment -> slots (1, 2, ...) held by open bars
+_job_lock = threading.RLock()  # re-entrant: tqdm's __del__ may close a bar inside
+
+
+def _size_from(text):
+    """An expected group size from the environment: a positive integer, or None."""
+    text = (text or "").strip()
+    return int(text) if text.isdigit() and 0 < int(text) <= 10 ** 9 else None
+
+
+def _job_from_env(environ=None):
+    """``(task id, expected group size)`` from the scheduler's variables, or
+    ``(None, None)`` outside of one.  First match wins."""
+    env = os.environ if environ is None else environ
+    get = env.get
+    if get("PROGRESSISTA_JOB"):
+        return ("%s:%s-%d" % (get("PROGRESSISTA_JOB"), _HOST, os.getpid()),
+                _size_from(get("PROGRESSISTA_GROUP_SIZE")))
+    if get("SLURM_ARRAY_JOB_ID") and get("SLURM_ARRAY_TASK_ID"):
+        return ("slurm-%s:%s" % (get("SLURM_ARRAY_JOB_ID"), get("SLURM_ARRAY_TASK_ID")),
+                _size_from(get("SLURM_ARRAY_TASK_COUNT")))
+    if get("SLURM_JOB_ID") and get("SLURM_PROCID"):
+        return ("slurm-%s:rank-%s" % (get("SLURM_JOB_ID"), get("SLURM_PROCID")),
+                _size_from(get("SLURM_NTASKS")))
+    if get("RANK") and get("WORLD_SIZE"):
+        run_id = get("TORCHELASTIC_RUN_ID")
+        if not run_id or run_id == "none":  # torchrun's default --rdzv-id names no run
+            run_id = "%s-%s" % (get("MASTER_ADDR", ""), get("MASTER_PORT", ""))
+        return "torch-%s:rank-%s" % (run_id, get("RANK")), _size_from(get("WORLD_SIZE"))
+    return None, None
+
+
+def _default_task_id():
+    """``(task id, slot to release at close or None, expected size or None)``."""
+    base, size = _job_from_env()
+    if base is None:  # a counter, not id(self): a freed bar's address comes back
+        return "%s:%d-%d-%d" % (_HOST, time.time() * 1000, os.getpid(),
+                                next(_bar_numbers)), None, None
+    base = base[:MAX_ID - 8]  # room for "/k"
+    with _job_lock:
+        held = _job_slots.setdefault(base, set())
+        k = 1
+        while k in held:
+            k += 1
+        held.add(k)
+    return (base if k == 1 else "%s/%d" % (base, k)), (base, k), size
+
+
+def _release_slot(slot):
+    with _job_lock:
+        held = _job_slots.get(slot[0])
+        if held is not None:
+            held.discard(slot[1])
+            if not held:
+                del _job_slots[slot[0]]
+
+
+def _checked_group_size(value):
+    """The ``group_size`` keyword: a positive integer, or None with one line on stderr."""
+    if value is None:
+        return None
+    import operator
+    if type(value) is not bool:
+        try:
+            number = operator.index(value)
+            if 0 < number <= 10 ** 9:
+                return number
+        except TypeError:
+            pass
+    try:
+        print("progressista: group_size must be a positive integer, got %r: not sent"
+              % (value,), file=sys.stderr)
+    except Exception:
+        pass
+    return None
+
+
 class _RemoteMixin:
     """What ``RemoteTqdm`` adds to a tqdm class: the remote half.
 
@@ -518,10 +601,12 @@ class _RemoteMixin:
     """
 
     _pst_closed = True  # until __init__ succeeds, close() is local only
+    _pst_slot = None  # (id from the environment, k) while this bar holds "/k"
+    _pst_open_status = "update"  # the status of an open bar's sends after the first
     _pst_looked_at = -1e9  # when the sender last read this bar (sent or not)
 
     def __init__(self, *args, server_url=None, task_id=None, push_every=None,
-                 request_timeout=None, meta=None, headers=None, **kwargs):
+                 request_timeout=None, meta=None, headers=None, group_size=None, **kwargs):
         defaults = _install_defaults
         if kwargs.get("disable", False) is None:
             target = kwargs.get("file") or sys.stderr
@@ -539,10 +624,8 @@ class _RemoteMixin:
         if urllib.parse.urlsplit(url).path in ("", "/"):
             url = url.rstrip("/") + "/progress"
         self._pst_url = url
-        # A counter, not id(self): a bar made right after another is freed
-        # can get its address, and two bars must never share a task.
-        self._pst_id = (str(task_id) if task_id not in (None, "") else "%s:%d-%d-%d" % (
-            _HOST, time.time() * 1000, os.getpid(), next(_bar_numbers)))[:256]
+        # Without one, the id is chosen last (_default_task_id), once nothing can fail.
+        self._pst_id = str(task_id)[:256] if task_id not in (None, "") else None
         every = push_every if push_every is not None else defaults.get("push_every")
         self._pst_every = max(0.0, float(every if every is not None else _env_float(
             "PROGRESSISTA_PUSH_INTERVAL", 0.25)))
@@ -568,6 +651,16 @@ class _RemoteMixin:
         self._pst_sent_at = -1e9
         self._pst_thread = threading.get_ident()
         self._pst_pid = os.getpid()
+        size = group_size if group_size is not None else defaults.get("group_size")
+        if self._pst_id is None:
+            self._pst_id, self._pst_slot, env_size = _default_task_id()
+            if self._pst_slot is not None:
+                # The id is reused: say "start" every time, so this bar reopens
+                # it even if the last bar's close arrives after our first send.
+                self._pst_open_status = "start"
+            if size is None:
+                size = env_size
+        self._pst_group_size = _checked_group_size(size)
         self._pst_closed = False
         _get_sender().register(self)
 
@@ -593,13 +686,13 @@ class _RemoteMixin:
             rate = (self.n - getattr(self, "initial", 0)) / elapsed
         desc, postfix, total = self.desc, self.postfix, _finite(self.total)
         # Within the server's limits, so one odd bar can't get a batch refused.
-        return {
+        payload = {
             "task_id": self._pst_id,
             "n": max(_finite(self.n) or 0, 0),
             "total": total if total is None or total >= 0 else None,
             "desc": str(desc)[:1024] if desc else None,
             "unit": str(self.unit)[:64],
-            "status": status or "update",
+            "status": status or self._pst_open_status,
             "rate": _finite(rate),
             "elapsed": _finite(elapsed),
             "error": error[:4096] if error else None,
@@ -609,6 +702,9 @@ class _RemoteMixin:
             "pid": self._pst_pid,
             "timestamp": time.time(),
         }
+        if self._pst_group_size is not None:
+            payload["group_size"] = self._pst_group_size
+        return payload
 
     def _post(self, payload):
         """Perform one HTTP send of ``payload`` (one update or a list of them).
@@ -622,6 +718,9 @@ class _RemoteMixin:
         if self._pst_closed or getattr(self, "_pst_pid", None) != os.getpid():
             return super().close()
         self._pst_closed = True
+        if self._pst_slot is not None:  # the next bar of this process may take the id
+            _release_slot(self._pst_slot)
+            self._pst_slot = None
         # A for loop abandoned early closes us from GeneratorExit: a break, or an
         # exception on its way up.  Hold the final state briefly so the crash
         # hooks can turn it into an error before anything says "completed".
@@ -668,8 +767,14 @@ RemoteTqdm_doc = """A drop-in ``tqdm`` that also shows the bar on a Progressista
 Same arguments and local display as ``tqdm``; extra keywords, each with an
 environment default: ``server_url`` ($PROGRESSISTA_SERVER_URL), ``task_id``,
 ``push_every`` ($PROGRESSISTA_PUSH_INTERVAL, 0.25 s), ``request_timeout``
-($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict) and
-``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set).
+($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict),
+``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set) and
+``group_size`` (how many members the bar's group will have).
+
+Without ``task_id``, a bar started by Slurm, torchrun or under
+$PROGRESSISTA_JOB takes its id (and group size) from the environment: one
+id per rank or array task, reused by bars made one after another, with
+``/2``, ``/3``... for a bar made while another is open.
 """
 
 
@@ -727,6 +832,13 @@ def _remote_trange(cls):
     return trange
 
 
+# tqdm modules patched when they are imported rather than by install(): a
+# notebook kernel imports IPython after sitecustomize has run, and tqdm.auto
+# and tqdm.autonotebook decide at import time between a widget and a text bar;
+# tqdm.notebook imports IPython and ipywidgets (0.3 s) that a script may never use.
+_LAZY_MODULES = ("tqdm.auto", "tqdm.autonotebook", "tqdm.asyncio", "tqdm.notebook")
+
+
 def install(server_url=None, **defaults):
     """Make every ``tqdm`` bar made from now on a remote one.
 
@@ -734,11 +846,14 @@ def install(server_url=None, **defaults):
     ``tqdm.autonotebook``, ``tqdm.asyncio`` and ``tqdm.notebook`` (and their
     ``trange`` helpers), then every module attribute anywhere that still
     points at one of the originals (``from tqdm import tqdm`` done earlier).
+    Of these modules, the ones not imported yet are patched when they are, so
+    that ``tqdm.auto`` still picks a widget under a notebook kernel started
+    after the patch, and a plain script never imports IPython.
     ``defaults`` are ``RemoteTqdm`` keywords (``push_every``, ``meta``,
-    ``headers``, ``request_timeout``, ``token``) for bars that don't set them.
+    ``headers``, ``request_timeout``, ``token``, ``group_size``) for bars that
+    don't set them.
     Call it from ``sitecustomize.py``; ``uninstall()`` undoes it.
     """
-    import importlib
     _import_tqdm()
     uninstall()
     token = defaults.pop("token", None)
@@ -747,12 +862,19 @@ def install(server_url=None, **defaults):
                                    Authorization="Bearer " + token)
     _install_defaults.clear()
     _install_defaults.update(defaults, server_url=server_url)
+    with _patch_lock:
+        _patch_loaded()
+    if _import_hook not in sys.meta_path:
+        sys.meta_path.insert(0, _import_hook)
+
+
+def _patch_loaded():
+    """Patch the tqdm modules imported so far, and every name bound to their bars."""
     replacements = {}  # id(original) -> (original, replacement)
     for module_name in _PATCH_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except Exception:  # tqdm.notebook without IPython and the like
-            continue
+        module = sys.modules.get(module_name)
+        if module is None or module_name in _import_hook.running:
+            continue  # not imported yet (the import hook will), or half-imported
         for name in _PATCH_CLASS_NAMES:
             original = module.__dict__.get(name)
             if isinstance(original, type) and not issubclass(original, _RemoteMixin):
@@ -801,33 +923,171 @@ def install(server_url=None, **defaults):
                         _patched.append((value, attr, old))
 
 
-def uninstall():
-    """Undo ``install()``: every patched name gets its original back."""
+def _unpatch():
+    """Every patched name gets its original back (the defaults stay)."""
     while _patched:
         module, name, original = _patched.pop()
         try:
             setattr(module, name, original)
         except Exception:
             pass
+
+
+def uninstall():
+    """Undo ``install()``: every patched name gets its original back."""
+    try:
+        sys.meta_path.remove(_import_hook)
+    except ValueError:
+        pass
+    with _patch_lock:
+        _unpatch()
     _install_defaults.clear()
+
+
+_patch_lock = threading.RLock()  # guards _patched
+
+
+class _TqdmImportHook:
+    """Patches ``tqdm.auto`` and its kin when they are imported after install().
+
+    A meta path finder that only wraps the loader of those few modules: the
+    module runs against the unpatched tqdm (so its classes are built on the
+    originals and ``tqdm.auto`` makes the choice it would make without us),
+    then everything loaded is patched again, exactly as install() would have.
+    """
+
+    def __init__(self):
+        self.local = threading.local()  # this thread's depth of wrapped imports
+        self.running = set()  # names of the wrapped modules being executed
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _LAZY_MODULES or getattr(self.local, "finding", False):
+            return None
+        import importlib.util
+        self.local.finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        except Exception:
+            return None
+        finally:
+            self.local.finding = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        spec.loader = _PatchingLoader(spec.loader, self)
+        return spec
+
+
+class _PatchingLoader:
+    """The real loader of a lazily patched tqdm module, patching after it runs."""
+
+    def __init__(self, loader, hook):
+        self.loader, self.hook = loader, hook
+
+    def __getattr__(self, name):  # get_source, is_package... as the real one
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        local = self.hook.local
+        depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
+        self.hook.running.add(module.__name__)
+        try:
+            if depth == 0:
+                with _patch_lock:
+                    _unpatch()
+            self.loader.exec_module(module)
+        finally:
+            self.hook.running.discard(module.__name__)
+            local.depth = depth
+            if depth == 0 and _import_hook in sys.meta_path:  # still installed
+                with _patch_lock:
+                    _unpatch()
+                    _patch_loaded()
+
+
+_import_hook = _TqdmImportHook()
+
+
+# IPython catches the exception that ends a cell, so neither sys.excepthook nor
+# the exit hook ever sees it: a loop left by it would end as completed.  Where
+# IPython runs (a notebook kernel, the ipython shell), a loop closed early in a
+# cell holds its final state until the cell ends, and the cell's error decides.
+
+CELL_HOLD = 10.0  # at most this long, for a cell that carries on after the loop
+_cell_thread = None  # the thread running the current cell, between pre and post_run_cell
+
+
+def _hook_ipython():
+    """Follow IPython's cells, when this process runs them; called once, on the first bar."""
+    global _cell_thread
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+        if shell is None:
+            return
+        shell.events.register("pre_run_cell", _pre_run_cell)
+        shell.events.register("post_run_cell", _post_run_cell)
+    except Exception:  # an IPython too old, or something that only looks like it
+        return
+    _cell_thread = threading.main_thread().ident  # the first bar is made in a cell
+
+
+def _pre_run_cell(info=None):
+    global _cell_thread
+    _cell_thread = threading.get_ident()
+
+
+def _post_run_cell(result=None):
+    """The cell ended: its early-closed loops end ``error`` if it failed, else ``close``."""
+    global _cell_thread
+    thread, _cell_thread = _cell_thread, None
+    sender, error = _sender, getattr(result, "error_in_exec", None)
+    if sender is None or thread is None:
+        return
+    try:
+        summary = _summarize(error) if error is not None else None
+        with sender.lock:
+            for final in sender.finals.values():
+                if final.hold_until and final.thread == thread:
+                    if summary:
+                        final.payload["status"], final.payload["error"] = "error", summary
+                    final.hold_until = 0.0
+        sender.wake.set()
+    except Exception:
+        pass
+
+
+def _early_close_hold():
+    """How long a loop closed by GeneratorExit on this thread waits to learn why."""
+    return CELL_HOLD if _cell_thread == threading.get_ident() else EARLY_CLOSE_HOLD
 
 
 def run(target, args=(), module=False, **options):
     """Run a script (or ``module=True``: a module) as ``__main__``, every bar remote.
 
-    ``sys.argv`` is what the target would see; returns its exit status.  An
-    uncaught exception prints its traceback, marks the open bars ``error``
-    and returns 1.  ``options`` go to ``install()``.
+    ``sys.argv`` is what the target would see, and ``__file__`` is absolute,
+    as under ``python``; returns its exit status.  An uncaught exception
+    prints its traceback, marks the open bars ``error`` and returns 1.
+    ``options`` go to ``install()``, here and in every Python child the
+    target starts (see ``_children_site``).
     """
     import runpy
     import traceback
     install(**options)
     sys.argv = [target] + list(args)  # for a module, runpy swaps in its path
     sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.abspath(target)))
+    site_dir, pythonpath = _children_site(options), os.environ.get("PYTHONPATH")
+    if site_dir:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site_dir, pythonpath]))
     try:
         if module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
-        else:
+        elif os.path.isfile(target) and not target.endswith((".pyc", ".pyo")):
+            _run_file(target)
+        else:  # a directory or zip with __main__.py, or compiled code
             runpy.run_path(target, run_name="__main__")
     except SystemExit as exc:
         code = exc.code
@@ -849,7 +1109,126 @@ def run(target, args=(), module=False, **options):
         if waits:
             _sender.flush(waits)
         return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    finally:
+        if site_dir:
+            if pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = pythonpath
+            import shutil
+            shutil.rmtree(site_dir, ignore_errors=True)
     return 0
+
+
+def _run_file(target):
+    """``runpy.run_path`` for a plain script, with ``__file__`` absolute.
+
+    Python 3.9+ makes a script's ``__file__`` (and so its tracebacks)
+    absolute but leaves ``sys.argv[0]`` as typed; run_path would give the
+    path it is given to both.  Scripts that chdir and then open files next
+    to ``__file__`` (Hydra does) need the absolute one.
+    """
+    import builtins
+    import io
+    import types
+    path = os.path.abspath(target)
+    with io.open_code(path) as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=path, __cached__=None, __loader__=None, __package__=None,
+                         __spec__=None, __builtins__=builtins)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = main
+    try:
+        exec(code, main.__dict__)
+    finally:
+        sys.modules["__main__"] = saved
+
+
+# What the children of ``run`` find first on their PYTHONPATH.  It runs the
+# sitecustomize it hides (Python imports only the first one on the path), then
+# loads this very file and installs the patch with run's options.  Nothing in
+# it may break the child: a Python without tqdm just runs unreported.
+_CHILD_SITECUSTOMIZE = '''\
+"""Written by `progressista run`: every Python child of the job reports its bars."""
+import sys
+
+
+def _progressista_child(name, path, options):
+    import importlib, importlib.machinery, importlib.util, json, os
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if not (p and os.path.abspath(p) == here)]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", sys.path)
+    if spec is not None and spec.loader is not None:  # the one this file hides
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sitecustomize"] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # as site.py reports it, and carry on
+            if sys.flags.verbose:
+                sys.excepthook(*sys.exc_info())
+            else:
+                sys.stderr.write("Error in sitecustomize; set PYTHONVERBOSE for traceback:\\n"
+                                 "%%s: %%s\\n" %% (exc.__class__.__name__, exc))
+    try:
+        module = sys.modules.get(name)
+        if module is None and "." in name:
+            # Vendored (mypkg._vendor.progressista): import it with its packages,
+            # from where the parent found it; by file alone, the child's own
+            # import of the package would break later.
+            root = path
+            for _ in name.split("."):
+                root = os.path.dirname(root)
+            sys.path.insert(0, root)
+            try:
+                module = importlib.import_module(name)
+            finally:
+                sys.path.remove(root)
+        elif module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        module.install(**json.loads(options))
+    except Exception:
+        pass
+
+
+try:
+    _progressista_child(%r, %r, %r)
+except Exception:  # an odd interpreter runs unreported, never broken
+    pass
+del _progressista_child
+'''
+
+
+def _children_site(options):
+    """A new directory holding ``sitecustomize.py`` for run's children, or None.
+
+    ``run`` puts it first on its children's ``PYTHONPATH``, so that a Python
+    child started fresh (``multiprocessing`` with ``spawn`` or ``forkserver``,
+    ``subprocess.run([sys.executable, ...])``) reports with the same server,
+    token and meta as the target; forked children inherit the patch anyway.
+    """
+    import tempfile
+    try:
+        text = json.dumps(options, default=str)
+        site_dir = tempfile.mkdtemp(prefix="progressista-run-")  # 0700: the token is in it
+    except (TypeError, ValueError, OSError):
+        return None
+    name = "progressista" if __name__ == "__main__" else __name__
+    try:
+        with open(os.path.join(site_dir, "sitecustomize.py"), "w", encoding="utf-8") as f:
+            f.write(_CHILD_SITECUSTOMIZE % (name, os.path.abspath(__file__), text))
+    except OSError:
+        import shutil
+        shutil.rmtree(site_dir, ignore_errors=True)
+        return None
+    return site_dir
 
 
 def _flush_crash(exc):
@@ -876,10 +1255,40 @@ def _reject_constant(name):
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+MAX_META_DEPTH = 32
+
+
+def _lone_surrogate(value):
+    """True if a string anywhere in ``value`` (keys too) holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif kind is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+    return False
+
+
 def parse_json(body):
-    """Bytes to JSON, strictly: UTF-8, no NaN/Infinity, bounded nesting."""
+    """Bytes to JSON, strictly: UTF-8, no NaN/Infinity, bounded nesting, and
+    no lone surrogate (``"\\udc80"``) in any string, keys included."""
     try:
-        return _decoder.decode(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        data = _decoder.decode(text)
+        # Valid UTF-8 has no surrogates: only a \u escape can make one.
+        if "\\u" in text and _SURROGATE_ESCAPE.search(text) and _lone_surrogate(data):
+            raise BadRequest("invalid JSON: a lone surrogate (\\ud800-\\udfff) is not text")
+        return data
     except UnicodeDecodeError:
         raise BadRequest("body is not UTF-8") from None
     except RecursionError:
@@ -891,6 +1300,7 @@ def parse_json(body):
 
 
 MAX_ID = 256
+MAX_GROUP_SIZE = 10 ** 9
 MAX_META = 16384
 _STR_LIMITS = {"task_id": MAX_ID, "desc": 1024, "unit": 64, "error": 4096,
                "host": 256, "postfix": 1024}
@@ -905,6 +1315,35 @@ def _is_number(value):
     if kind is int:  # JSON allows any size; beyond float64 nothing downstream can use it
         return -sys.float_info.max <= value <= sys.float_info.max
     return kind is float and math.isfinite(value)
+
+
+def _meta_problem(meta):
+    """What makes ``meta`` unfit to keep and send on, or None.
+
+    Nested more than ``MAX_META_DEPTH`` levels (no reader should ever hit a
+    recursion limit), a non-finite number (``1e999`` parses to infinity,
+    which no browser's JSON takes), a lone surrogate in a string or key.
+    """
+    stack = [(meta, 1)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is dict or kind is list:
+            if depth > MAX_META_DEPTH:
+                return "nests deeper than %d levels" % MAX_META_DEPTH
+            for child in (item.values() if kind is dict else item):
+                stack.append((child, depth + 1))
+            if kind is dict:
+                stack.extend((key, depth) for key in item)
+        elif kind is float:
+            if not math.isfinite(item):
+                return "holds a number that is not finite"
+        elif kind is str:
+            if not item.isascii() and _lone_surrogate(item):
+                return "holds a lone surrogate, which is not text"
+        elif not (item is None or kind is bool or kind is int):
+            return "holds a value that is not JSON"
+    return None
 
 
 def check_update(update, current=None):
@@ -926,6 +1365,8 @@ def check_update(update, current=None):
                 raise BadRequest("%s must be a string" % key)
             if len(value) > _STR_LIMITS[key]:
                 raise BadRequest("%s is longer than %d characters" % (key, _STR_LIMITS[key]))
+            if not value.isascii() and _lone_surrogate(value):
+                raise BadRequest("%s holds a lone surrogate, which is not text" % key)
         elif key in _NUMBER_FIELDS:
             if value is None and key != "n":
                 continue
@@ -941,17 +1382,23 @@ def check_update(update, current=None):
                 continue
             if type(value) is not dict:
                 raise BadRequest("meta must be an object")
+            problem = _meta_problem(value)
+            if problem:
+                raise BadRequest("meta " + problem)
             if len(_dumps(value)) > MAX_META:
                 raise BadRequest("meta is larger than %d bytes" % MAX_META)
         elif key == "pid":
             if value is not None and type(value) is not int:
                 raise BadRequest("pid must be an integer")
+        elif key == "group_size":  # bool is no int here: type(), not isinstance()
+            if value is not None and (type(value) is not int or not 1 <= value <= MAX_GROUP_SIZE):
+                raise BadRequest("group_size must be an integer from 1 to %d" % MAX_GROUP_SIZE)
 
 
 def _new_task(task_id, now):
     return {"task_id": task_id, "desc": None, "n": 0, "total": None, "unit": None,
             "status": "active", "rate": None, "elapsed": None, "error": None,
-            "meta": None, "host": None, "pid": None, "postfix": None,
+            "meta": None, "host": None, "pid": None, "postfix": None, "group_size": None,
             "created_at": now, "updated_at": now, "seen_at": now}
 
 
@@ -1015,6 +1462,9 @@ class TaskStore:
         self.db_dirty, self.db_removed = set(), set()
         self.updates_received = 0
         self.updates_rejected = 0
+        self._groups = {}  # group name -> _Group: its tasks and counts, kept as tasks change
+        self.group_sizes = {}  # group name -> latest expected size (update field group_size)
+        self.on_status = None  # alerts: on_status(task, old status or None), lock held
 
     def __len__(self):
         return len(self.tasks)
@@ -1047,11 +1497,13 @@ class TaskStore:
     def _apply(self, update, now):
         task_id = update["task_id"]
         task = self.tasks.get(task_id)
+        before = None if task is None else task["status"]
         if task is None:
             task = self.tasks[task_id] = _new_task(task_id, now)
             self._buckets[hash(task_id) % SNAPSHOT_BUCKETS][task_id] = task
             self._live[task_id] = None
             self.removed.discard(task_id)  # removed and made again: a delta says it once
+            self._group_add(task)
             progressed = True
         elif (task["status"] == "close" or task["status"] == "error") \
                 and update.get("status") not in _ENDING_OR_START:
@@ -1065,6 +1517,8 @@ class TaskStore:
         for key in _PLAIN_FIELDS:
             if key in update:
                 task[key] = update[key]
+        if update.get("group_size") is not None:
+            self._set_group_size(task, update["group_size"])
         if "n" in update and update["n"] != task["n"]:
             task["n"] = update["n"]
             progressed = True
@@ -1102,9 +1556,13 @@ class TaskStore:
         if progressed:
             task["updated_at"] = now
         task["seen_at"] = now
+        if task["status"] != old:
+            self._group_move(task_id, old, task["status"])
         self.dirty.add(task_id)
         if self.persist:
             self.db_dirty.add(task_id)
+        if self.on_status is not None and task["status"] != before:
+            self.on_status(task, before)
 
     def _make_room(self, count, keep=()):
         """Evict for ``count`` new tasks: oldest ended first, then oldest stale.
@@ -1131,6 +1589,7 @@ class TaskStore:
         self._buckets[hash(task_id) % SNAPSHOT_BUCKETS].pop(task_id, None)
         {"active": self._live, "stale": self._stale}.get(task["status"], self._ended).pop(
             task_id, None)
+        self._group_discard(task)
         self.dirty.discard(task_id)
         self.removed.add(task_id)
         if self.persist:
@@ -1154,9 +1613,12 @@ class TaskStore:
                     del self._live[task_id]
                     self._stale[task_id] = None
                     task["status"] = "stale"
+                    self._group_move(task_id, "active", "stale")
                     self.dirty.add(task_id)
                     if self.persist:
                         self.db_dirty.add(task_id)
+                    if self.on_status is not None:
+                        self.on_status(task, "active")
                     changed = True
             if self.retention_seconds > 0:
                 limit = now - self.retention_seconds
@@ -1180,9 +1642,19 @@ class TaskStore:
                 task_id = task["task_id"]
                 if task["status"] == "stale":
                     task["status"] = "active"
+                size = task.get("group_size")
+                if type(size) is not int or not 1 <= size <= MAX_GROUP_SIZE:
+                    size = None  # a file from before group sizes, or a bad value: unknown
+                task["group_size"] = size
                 self.tasks[task_id] = task
                 self._buckets[hash(task_id) % SNAPSHOT_BUCKETS][task_id] = task
                 {"active": self._live}.get(task["status"], self._ended)[task_id] = None
+                self._group_add(task)
+                if size is not None:  # saved on its tasks: the latest one's is the group's
+                    self.group_sizes[_group_of(task_id)] = size
+            for name, size in self.group_sizes.items():
+                for task in self._groups[name].tasks.values():
+                    task["group_size"] = size
         self.sweep()
         with self.lock:  # a smaller --max-tasks than the file's: oldest ended go first
             while len(self.tasks) > self.max_tasks and (self._ended or self._stale):
@@ -1266,6 +1738,147 @@ class TaskStore:
                 cache.pop(task_id, None)
         return {k: self.tasks[k] for k in dirty}, list(removed)
 
+    # Groups (SPEC section 8): a job's ranks or array tasks, by task id prefix.
+
+    def _group_add(self, task):
+        task_id = task["task_id"]
+        name = _group_of(task_id)
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = _Group()
+        group.tasks[task_id] = task
+        member = _member_of(task_id)
+        group.members[member] = group.members.get(member, 0) + 1
+        group.counts[task["status"]] += 1
+        size = self.group_sizes.get(name)
+        if size is not None:
+            task["group_size"] = size
+
+    def _group_discard(self, task):
+        task_id = task["task_id"]
+        name = _group_of(task_id)
+        group = self._groups[name]
+        del group.tasks[task_id]
+        if not group.tasks:  # an empty group is forgotten, its size too
+            del self._groups[name]
+            self.group_sizes.pop(name, None)
+            return
+        member = _member_of(task_id)
+        left = group.members[member] - 1
+        if left:
+            group.members[member] = left
+        else:
+            del group.members[member]
+        group.counts[task["status"]] -= 1
+
+    def _group_move(self, task_id, old, new):
+        counts = self._groups[_group_of(task_id)].counts
+        counts[old] -= 1
+        counts[new] += 1
+
+    def _set_group_size(self, task, size):
+        """The latest size wins, and every task of the group shows it.
+
+        Touching all of the group's tasks happens only when the size changes
+        (a job sends one size from every member), never on a plain update.
+        """
+        name = _group_of(task["task_id"])
+        if self.group_sizes.get(name) == size:
+            task["group_size"] = size
+            return
+        self.group_sizes[name] = size
+        for task_id, member_task in self._groups[name].tasks.items():
+            if member_task["group_size"] != size:
+                member_task["group_size"] = size
+                self.dirty.add(task_id)
+                if self.persist:
+                    self.db_dirty.add(task_id)
+
+    def groups(self, statuses=None):
+        """``{name: entry}`` of every group, or of those with a task in ``statuses``.
+
+        The lock is held only to copy each group's task list and counts; the
+        sums are made outside it (as ``/tasks`` encodes outside it).
+        """
+        with self.lock:
+            copies = [(name, list(group.tasks.values()), dict(group.counts),
+                       len(group.members), self.group_sizes.get(name))
+                      for name, group in self._groups.items()
+                      if statuses is None or any(group.counts[s] for s in statuses)]
+        return {copy[0]: _group_entry(*copy[1:]) for copy in copies}
+
+    def group(self, name):
+        """One group's entry (as in :meth:`groups`), or None when it has no task."""
+        with self.lock:
+            group = self._groups.get(name)
+            if group is None:
+                return None
+            copy = (list(group.tasks.values()), dict(group.counts), len(group.members),
+                    self.group_sizes.get(name))
+        return _group_entry(*copy)
+
+
+class _Group:
+    """One group's index: its tasks (id -> task), members (-> task count), counts."""
+
+    __slots__ = ("tasks", "members", "counts")
+
+    def __init__(self):
+        self.tasks, self.members = {}, {}
+        self.counts = dict.fromkeys(STATUSES, 0)
+
+
+def _is_main_bar(task_id):
+    """A member's main bar: its task without ``/k`` (``run:rank-3``, not ``run:rank-3/2``)."""
+    head, colon, tail = task_id.partition(":")
+    return not colon or "/" not in tail
+
+
+def _group_entry(tasks, counts, members, expected):
+    """A group as ``/groups`` shows it, from its tasks (read without the lock:
+    a value changed meanwhile is as fresh as a ``/tasks`` answer).
+
+    Sums are over main bars; ``rate`` and ``eta`` over the active ones (an
+    ended bar makes no more progress, and what a failed one left undone will
+    not be done).
+    """
+    n = total = rate = remaining = mains = 0
+    active = False
+    created_at = updated_at = None
+    for task in tasks:
+        created, updated = task["created_at"], task["updated_at"]
+        if created_at is None or created < created_at:
+            created_at = created
+        if updated_at is None or updated > updated_at:
+            updated_at = updated
+        if not _is_main_bar(task["task_id"]):
+            continue
+        mains += 1
+        task_n, task_total = task["n"], task["total"]
+        try:  # an int near float64's limit plus a float overflows: the sums become unknown
+            n += task_n
+            if total is not None:
+                total = None if task_total is None else total + task_total
+            if task["status"] == "active":
+                active = True
+                rate += task["rate"] or 0
+                if remaining is not None:
+                    remaining = None if task_total is None \
+                        else remaining + max(0, task_total - task_n)
+        except (OverflowError, TypeError):
+            n = total = rate = remaining = float("nan")
+    eta = None
+    if active and remaining is not None and rate > 0:
+        try:
+            eta = _finite(remaining / rate)
+        except OverflowError:
+            pass
+    done = counts["active"] == 0 and counts["stale"] == 0 and (
+        expected is None or members >= expected)
+    return {"tasks": len(tasks), "members": members, "expected": expected, "counts": counts,
+            "n": _finite(n), "total": _finite(total) if mains else None, "rate": _finite(rate),
+            "eta": eta, "created_at": created_at, "updated_at": updated_at, "done": done}
+
 
 SCHEMA_VERSION = 1
 
@@ -1284,12 +1897,17 @@ class Database:
     second server on the same file is refused instead of interleaving.
     """
 
+    log_every = 60.0  # seconds between two log lines about failing writes
+
     def __init__(self, path, store, interval=0.5):
         self.path, self.store, self.interval = path, store, interval
         self.conn = None
         self.lock = threading.Lock()
         self.thread = None
         self.stopping = threading.Event()
+        self.write_errors = 0  # failed flushes, for /metrics
+        self.trouble = None  # why writes fail now (for /health), None while they work
+        self._logged_at = None
 
     def open(self):
         """Open (or create) the file, check it, and load its tasks into the store."""
@@ -1361,8 +1979,26 @@ class Database:
         while not self.stopping.wait(self.interval):
             try:
                 self.flush()
-            except Exception:  # whatever it is, keep the thread: the next flush retries
-                log.exception("writing %s failed; will retry", self.path)
+            except sqlite3.Error:
+                pass  # counted and logged by flush; the next one retries
+            except Exception as exc:  # whatever it is, keep the thread: the next flush retries
+                self._failed(exc, traceback=True)
+
+    def _failed(self, exc, traceback=False):
+        """A flush failed: count it, say why on /health, log it once a minute at most."""
+        self.write_errors += 1
+        self.trouble = "database writes to %s failing: %s" % (self.path, exc)
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= self.log_every:
+            self._logged_at = now
+            log.error("writing %s failed (%d times so far): %s; updates are kept in memory "
+                      "and written when it works again (said once a minute)",
+                      self.path, self.write_errors, exc, exc_info=traceback)
+
+    def _worked(self):
+        if self.trouble is not None:
+            self.trouble = self._logged_at = None
+            log.warning("writing %s works again: every update is saved", self.path)
 
     def flush(self):
         """Write what changed since the last flush, in one transaction."""
@@ -1384,12 +2020,17 @@ class Database:
                 self.conn.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?)", rows)
                 self.conn.execute("COMMIT")
             except sqlite3.Error:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
+                try:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the rows go back to dirty below either way
                 with store.lock:  # put them back, so the next flush retries
                     store.db_dirty.update(k for k, _ in rows if k in store.tasks)
                     store.db_removed.update(removed)
+                self._failed(sys.exc_info()[1])
                 raise
+            self._worked()
         return len(rows) + len(removed)
 
     def stop(self):
@@ -1406,6 +2047,422 @@ class Database:
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None
+
+
+# -- alerts ------------------------------------------------------------------
+#
+# The server tells people who aren't watching.  The store calls
+# ``Notifier.observe`` (under its lock) whenever a task's status changes; that
+# is one append to a queue.  One thread gathers what came in for a window
+# from the first event, checks then which of the groups that ended are still
+# done, and sends each webhook one digest with everything.
+
+NOTIFY_EVENTS = ("fail", "stall", "finish", "done")
+DEFAULT_NOTIFY_ON = ("fail", "stall", "done")
+_STATUS_EVENT = {"error": "fail", "stale": "stall", "close": "finish"}
+_NOTIFY_PREFIXES = (("slack+", "slack"), ("discord+", "discord"), ("ntfy+", "ntfy"))
+DISCORD_MAX = 2000  # characters of a Discord message
+
+
+def parse_notify_events(text):
+    """``"fail,done"`` to a tuple of events; ValueError names the bad one."""
+    events = tuple(dict.fromkeys(e.strip() for e in str(text).split(",") if e.strip()))
+    for event in events:
+        if event not in NOTIFY_EVENTS:
+            raise ValueError("unknown event %r: use any of %s" % (event, ", ".join(NOTIFY_EVENTS)))
+    if not events:
+        raise ValueError("no events given: use any of %s" % ", ".join(NOTIFY_EVENTS))
+    return events
+
+
+def _url_for_log(url):
+    """Scheme and host of a webhook URL, all a log line may show of it (the path is
+    the secret)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(bad URL)"
+    if ":" in host:
+        host = "[%s]" % host
+    return "%s://%s%s" % (parts.scheme, host, ":%d" % port if port else "")
+
+
+class Webhook:
+    """One ``--notify`` URL: its kind (``json``, ``slack``, ``discord``,
+    ``ntfy``) and the URL it posts to, the kind's prefix removed.
+
+    ``str()`` is the scheme and host only, safe to log.
+    """
+
+    def __init__(self, url):
+        kind, target = "json", str(url)
+        for prefix, name in _NOTIFY_PREFIXES:
+            if target.startswith(prefix):
+                kind, target = name, target[len(prefix):]
+                break
+        try:
+            parts = urllib.parse.urlsplit(target)
+            parts.port  # a bad port raises here, not later on the delivery thread
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            shown = _url_for_log(target) if "://" in target else "a URL without http(s)://"
+            raise ValueError(
+                "not a webhook URL (%s): use http(s)://..., slack+https://..., "
+                "discord+https://... or ntfy+https://host/topic" % shown)
+        if kind == "ntfy" and parts.path.strip("/") == "":
+            raise ValueError("an ntfy URL needs its topic: ntfy+https://host/topic")
+        self.kind = kind
+        self.headers = {}
+        if parts.username is not None:  # user:password@ becomes Basic auth (ntfy's way)
+            auth = "%s:%s" % (urllib.parse.unquote(parts.username),
+                              urllib.parse.unquote(parts.password or ""))
+            self.headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+            netloc = parts.netloc.rpartition("@")[2]
+            target = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        self.url = target
+        self.safe = _url_for_log(target)
+
+    def __str__(self):
+        return self.safe if self.kind == "json" else "%s %s" % (self.kind, self.safe)
+
+    def request(self, text, events=(), title="Progressista"):
+        """The body and headers this kind of receiver takes for one message."""
+        headers = dict(self.headers, **{"User-Agent": "progressista/" + __version__})
+        if self.kind == "ntfy":
+            headers["Content-Type"] = "text/plain; charset=utf-8"
+            headers["Title"] = _header_text(title)
+            if any(e["event"] == "fail" for e in events):
+                headers["Priority"] = "high"
+            return text.encode("utf-8"), headers
+        headers["Content-Type"] = "application/json"
+        if self.kind == "slack":
+            # Slack reads <...> as links and mentions (<!channel>): a task's text must not.
+            text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            body = {"text": text}
+        elif self.kind == "discord":
+            if len(text) > DISCORD_MAX:
+                text = text[:DISCORD_MAX - 1] + "…"
+            body = {"content": text, "allowed_mentions": {"parse": []}}  # no @everyone
+        else:
+            body = {"text": text, "events": list(events)}
+        return _dumps(body).encode("utf-8"), headers
+
+    def send(self, text, events=(), title="Progressista", timeout=5.0):
+        """One attempt: the HTTP status, or None and the reason when nothing answered."""
+        import urllib.error
+        import urllib.request
+        body, headers = self.request(text, events, title)
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with _webhook_opener(self.url.startswith("https:")).open(req, timeout=timeout) \
+                    as resp:
+                resp.read(65536)
+                return resp.status, None
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.code, None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            text = "%s: %s" % (type(exc).__name__, reason) if str(reason) else type(exc).__name__
+            return None, text.replace(self.url, self.safe)[:200]
+
+
+def _webhook_opener(https):
+    """urllib without redirects (a webhook that redirects is answered as it is:
+    a POST must not turn GET), with the shared TLS context for https."""
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    handlers = [NoRedirect()]
+    if https:
+        handlers.append(urllib.request.HTTPSHandler(context=_ssl_context()))
+    return urllib.request.build_opener(*handlers)
+
+
+def _header_text(text):
+    """A header value from any text: RFC 2047 when it is not Latin-1 (ntfy reads both)."""
+    text = " ".join(str(text).split())[:250]
+    try:
+        text.encode("latin-1")
+        return text
+    except UnicodeEncodeError:
+        return "=?utf-8?b?%s?=" % base64.b64encode(text.encode("utf-8")).decode()
+
+
+def _retryable(status):
+    return status is None or status == 429 or status >= 500
+
+
+def deliver(hooks, text, events=(), title="Progressista", attempts=3, timeout=5.0,
+            delays=(1.0, 2.0), wait=time.sleep):
+    """Send one message to every webhook: up to ``attempts`` tries each, with
+    ``delays`` between rounds, on network errors, 5xx and 429.
+
+    Returns ``{hook: (status, reason)}`` of the last try.  A message given up
+    on is logged once, naming the scheme and host only.
+    """
+    results, pending = {}, list(hooks)
+    for attempt in range(attempts):
+        if attempt and wait(delays[min(attempt - 1, len(delays) - 1)]):
+            for hook in pending:  # told to stop waiting: the server is shutting down
+                log.warning("alert to %s dropped at shutdown: %s", hook,
+                            results[hook][1] or "HTTP %d" % results[hook][0])
+            break
+        retry = []
+        for hook in pending:
+            results[hook] = status, reason = hook.send(text, events, title, timeout)
+            if status is not None and 200 <= status < 300:
+                log.debug("alert delivered to %s (HTTP %d)", hook, status)
+            elif _retryable(status) and attempt + 1 < attempts:
+                retry.append(hook)
+            else:
+                log.warning("alert to %s dropped after %d attempt%s: %s", hook, attempt + 1,
+                            "s" if attempt else "", reason or "HTTP %d" % status)
+        pending = retry
+        if not pending:
+            break
+    return results
+
+
+def _duration(seconds):
+    """``42s``, ``12m05s``, ``1h02m``: short enough for a phone's notification."""
+    seconds = int(round(max(0.0, seconds or 0.0)))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(seconds, 60)
+    return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def _one_line(text, limit=120):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+_AUTO_MEMBER = re.compile(r"[0-9]{10,}-[0-9]+-[0-9]+\Z")  # a bar's default id: host:ms-pid-n
+
+
+def _event_item(task, kind):
+    """How a task is named in a digest line: its member (not a default id's
+    number when there is a description) and, for a failure, its error."""
+    head, colon, member = task["task_id"].partition(":")
+    parts = [member] if colon and not (task.get("desc") and _AUTO_MEMBER.match(member)) else []
+    if task.get("desc"):
+        parts.append('"%s"' % _one_line(task["desc"], 40))
+    parts = [" ".join(parts)] if parts else []
+    if kind == "fail" and task.get("error"):
+        parts.append(_one_line(task["error"]))
+    elif kind == "stall" and task.get("total"):
+        parts.append("at %.0f%%" % (task["n"] / task["total"] * 100))
+    return ": ".join(parts) if kind == "fail" else " ".join(parts)
+
+
+_EVENT_WORDS = (("fail", "failed"), ("stall", "stalled"), ("finish", "finished"))
+
+
+def digest(events, max_groups=10, max_items=3):
+    """``(title, text)`` of one message for a window's events, grouped by group.
+
+    ``run-7: 3 failed (rank-0: RuntimeError: CUDA out of memory; …), done in
+    1h02m: 5 completed, 3 failed``: counts by event, the first few task ids
+    with their error lines.  A task that did the same twice counts once.
+    """
+    groups = {}
+    for event in events:
+        entry = groups.setdefault(event["group"], {})
+        if event["event"] == "done":
+            entry["done"] = event
+        else:
+            entry.setdefault(event["event"], {})[event["task_id"]] = event["task"]
+    totals = dict.fromkeys(NOTIFY_EVENTS, 0)
+    lines, short = [], []
+    for name, entry in groups.items():
+        parts, heads = [], []
+        for kind, word in _EVENT_WORDS:
+            tasks = list(entry.get(kind, {}).values())
+            if not tasks:
+                continue
+            totals[kind] += len(tasks)
+            items = [item for item in (_event_item(t, kind) for t in tasks[:max_items]) if item]
+            if len(tasks) > max_items:
+                items.append("+%d more" % (len(tasks) - max_items))
+            heads.append("%d %s" % (len(tasks), word))
+            parts.append(heads[-1] + (" (%s)" % "; ".join(items) if items else ""))
+        done = entry.get("done")
+        if done is not None and not (len(done["task_ids"]) == 1 and any(
+                done["task_ids"][0] in entry.get(kind, ()) for kind, _ in _EVENT_WORDS)):
+            # (a group of one task whose end is on this line already says nothing new)
+            totals["done"] += 1
+            counts = ", ".join("%d %s" % (done["counts"][s], word) for s, word in
+                               (("close", "completed"), ("error", "failed"))
+                               if done["counts"].get(s))
+            heads.append("done in %s" % _duration(done["elapsed"]))
+            parts.append(heads[-1] + (": " + counts if counts else ""))
+        if len(lines) < max_groups:
+            lines.append("%s: %s" % (name, ", ".join(parts)))
+        short.append("%s: %s" % (name, ", ".join(heads)))
+    if len(groups) > max_groups:
+        lines.append("… and %d more groups" % (len(groups) - max_groups))
+    summary = ", ".join(
+        ["%d %s" % (totals[k], word) for k, word in _EVENT_WORDS if totals[k]]
+        + (["%d group%s done" % (totals["done"], "s" * (totals["done"] > 1))]
+           if totals["done"] else []))
+    if len(groups) == 1:
+        return _one_line(short[0], 250), lines[0]
+    title = "Progressista: %s in %d groups" % (summary, len(groups))
+    return title, "\n".join([title] + lines)
+
+
+def _group_states(store, names):
+    """``{group: summary}`` (``TaskStore.group``'s, plus ``task_ids``) of the
+    ``names`` that still have tasks."""
+    found = {}
+    for name in names:
+        summary = store.group(name)
+        if summary is None:
+            continue
+        with store.lock:
+            group = store._groups.get(name)
+            summary["task_ids"] = list(group.tasks) if group is not None else []
+        found[name] = summary
+    return found
+
+
+class Notifier:
+    """Alerts to webhooks: status changes in (``observe``), digests out.
+
+    ``observe`` is called by the store under its lock and only appends to a
+    queue; one daemon thread does the rest, so ingest never waits on a
+    webhook.  Events are gathered for ``window`` seconds from the first one;
+    then each webhook gets one message for all of them.  A group that ended
+    in the window is ``done`` only if it still is when the window closes.
+    """
+
+    timeout = 5.0          # seconds per HTTP attempt
+    attempts = 3
+    retry_delays = (1.0, 2.0)
+    max_queue = 100000     # events held at once; more are counted, not kept
+
+    def __init__(self, urls, events=DEFAULT_NOTIFY_ON, window=10.0):
+        self.hooks = [url if isinstance(url, Webhook) else Webhook(url) for url in urls]
+        self.events = frozenset(parse_notify_events(
+            events if isinstance(events, str) else ",".join(events)))
+        self.window = max(0.0, float(window))
+        statuses = {s for s, e in _STATUS_EVENT.items() if e in self.events}
+        if "done" in self.events:
+            statuses |= {"close", "error"}
+        self._statuses = frozenset(statuses)  # the task statuses worth queueing
+        self.store = None
+        self.queue = collections.deque()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.stopped = threading.Event()  # cuts a retry's backoff short
+        self.thread = None
+        self.overflow = 0
+        self.reported = {}  # group: its updated_at when reported done
+        self.messages = 0   # digests handed to deliver(), for tests and curiosity
+
+    def __str__(self):
+        return "%s to %s, %g s digest" % (", ".join(e for e in NOTIFY_EVENTS if e in self.events),
+                                          ", ".join(map(str, self.hooks)), self.window)
+
+    def attach(self, store):
+        """Watch ``store`` from now on (after ``--db`` is loaded: restored tasks
+        raise nothing for the state they were saved in)."""
+        self.store = store
+        store.on_status = self.observe
+
+    def observe(self, task, old):
+        """The store's hook: ``task`` changed from status ``old`` (None: new).
+
+        Called with the store's lock held, so it only queues a copy."""
+        if task["status"] in self._statuses:
+            if len(self.queue) < self.max_queue:
+                self.queue.append(dict(task))
+            else:
+                self.overflow += 1
+            if not self.wake.is_set():
+                self.wake.set()
+
+    def start(self):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="progressista-alerts",
+                                           daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self, timeout=None):
+        """Send what is gathered now (one attempt per webhook), then end the thread."""
+        self.stopping = True
+        self.stopped.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(self.timeout * len(self.hooks) + 2 if timeout is None else timeout)
+            self.thread = None
+
+    def _loop(self):
+        events, ended, deadline = [], {}, None
+        while True:
+            self.wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            self.wake.clear()
+            while self.queue:
+                task = self.queue.popleft()
+                task_id, group = task["task_id"], _group_of(task["task_id"])
+                kind = _STATUS_EVENT[task["status"]]
+                if kind in self.events:
+                    events.append({"event": kind, "task_id": task_id, "group": group,
+                                   "task": task})
+                if task["status"] != "stale":
+                    ended[group] = None
+                if deadline is None:
+                    deadline = time.monotonic() + self.window
+            if deadline is not None and (self.stopping or time.monotonic() >= deadline):
+                try:
+                    self._close_window(events, ended)
+                except Exception:  # never lose the thread: the next window tries again
+                    log.exception("alerts: a digest failed; carrying on")
+                events, ended, deadline = [], {}, None
+            if self.stopping:
+                return
+
+    def _close_window(self, events, ended):
+        if "done" in self.events and ended:
+            for group, state in _group_states(self.store, ended).items():
+                if not state["done"] or self.reported.get(group) == state["updated_at"]:
+                    continue
+                self.reported[group] = state["updated_at"]
+                events.append({"event": "done", "group": group,
+                               "counts": {"close": state["counts"]["close"],
+                                          "error": state["counts"]["error"]},
+                               "task_ids": state["task_ids"],
+                               "elapsed": state["updated_at"] - state["created_at"]})
+            if len(self.reported) > 20000:  # forget the oldest half: bounded memory
+                for group in list(self.reported)[:10000]:
+                    del self.reported[group]
+        if self.overflow:
+            log.warning("alerts: %d events over the %d the queue holds were not itemised",
+                        self.overflow, self.max_queue)
+            self.overflow = 0
+        if not events:
+            return
+        title, text = digest(events)
+        self.messages += 1
+        deliver(self.hooks, text, events, title, 1 if self.stopping else self.attempts,
+                self.timeout, self.retry_delays, self.stopped.wait)
+
+
+def notify_test(url, text=None, timeout=5.0):
+    """``progressista notify URL [TEXT]``: one test message; ``(status, reason)``."""
+    hook = url if isinstance(url, Webhook) else Webhook(url)
+    text = text or ("Progressista test alert from %s: this webhook works."
+                    % socket.gethostname())
+    return deliver([hook], text, [], "Progressista test", timeout=timeout)[hook]
 
 
 # -- websocket ---------------------------------------------------------------
@@ -1872,13 +2929,222 @@ class Hub:
                 ws.send(encode_frame(b"", 0x9))
 
 
+# The client side of the same protocol, for ``watch`` and ``wait``: the frame
+# functions above, with the roles swapped (we mask, the server must not).
+
+MAX_WS_CLIENT_MESSAGE = 1 << 30  # a snapshot of 100,000 tasks is ~40 MB; a guard, not a cap
+
+
+class HandshakeRefused(ConnectionError):
+    """The server answered the WebSocket handshake with an HTTP error
+    (``status`` 401 or 403 for a refused token)."""
+
+    def __init__(self, status, reason):
+        super().__init__("HTTP %d: %s" % (status, reason))
+        self.status, self.reason = status, reason
+
+
+class WebSocketClient:
+    """One client connection to ``/ws``: connect, ``recv`` messages, ``close``.
+
+    ``recv`` answers pings and echoes a close on its own, and reassembles
+    fragmented messages; it is meant for one reading thread, while ``send``
+    and ``close`` may come from another (the send lock keeps frames whole).
+    """
+
+    def __init__(self, sock, rfile, max_message=MAX_WS_CLIENT_MESSAGE):
+        self.sock, self.rfile = sock, rfile
+        self.max_message = max_message
+        self.send_lock = threading.Lock()
+        self.closed = False
+
+    @classmethod
+    def connect(cls, url, headers=None, timeout=10.0):
+        """Open ``url`` (``ws://``, ``wss://``, or ``http(s)://`` meaning the
+        same); raises ``OSError`` when unreachable, ``HandshakeRefused`` for an
+        HTTP answer other than 101, ``ProtocolError`` for a wrong accept key."""
+        parts = urllib.parse.urlsplit(url)
+        secure = parts.scheme in ("wss", "https")
+        if parts.scheme not in ("ws", "wss", "http", "https") or not parts.hostname:
+            raise ValueError("not a WebSocket URL: %r" % url)
+        port = parts.port or (443 if secure else 80)
+        sock = socket.create_connection((parts.hostname, port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if secure:
+                sock = _ssl_context().wrap_socket(sock, server_hostname=parts.hostname)
+            key = base64.b64encode(os.urandom(16)).decode("ascii")
+            host = parts.hostname if ":" not in parts.hostname else "[%s]" % parts.hostname
+            if parts.port:
+                host += ":%d" % parts.port
+            lines = ["GET %s HTTP/1.1" % ((parts.path or "/") + ("?" + parts.query if parts.query
+                                                                 else "")),
+                     "Host: " + host, "Upgrade: websocket", "Connection: Upgrade",
+                     "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13",
+                     "User-Agent: progressista/" + __version__]
+            lines += ["%s: %s" % item for item in (headers or {}).items()]
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+            rfile = sock.makefile("rb")
+            status, fields = cls._read_head(rfile)
+            if status != 101:
+                reason = ""
+                length = fields.get("content-length", "")
+                if length.isdigit() and int(length) <= 65536:
+                    body = rfile.read(int(length))
+                    try:
+                        reason = json.loads(body)["error"]
+                    except (ValueError, KeyError, TypeError):
+                        reason = body.decode("utf-8", "replace").strip()
+                raise HandshakeRefused(status, str(reason)[:200] or "handshake refused")
+            if "websocket" not in fields.get("upgrade", "").lower() or \
+                    fields.get("sec-websocket-accept", "") != accept_key(key):
+                raise ProtocolError(1002, "the server's handshake answer does not match our key")
+            sock.settimeout(None)
+            return cls(sock, rfile)
+        except BaseException:
+            sock.close()
+            raise
+
+    @staticmethod
+    def _read_head(rfile):
+        """Status and lower-cased fields of an HTTP answer, bounded as the server's reads are."""
+        line = rfile.readline(65537)
+        match = re.match(rb"HTTP/1\.[01] (\d{3})", line)
+        if not match:
+            raise ConnectionError("not an HTTP answer: %r" % line[:80])
+        fields = {}
+        for _ in range(100):
+            line = rfile.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                return int(match.group(1)), fields
+            name, _, value = line.decode("latin-1").partition(":")
+            fields[name.strip().lower()] = value.strip()
+        raise ConnectionError("too many header fields in the handshake answer")
+
+    def settimeout(self, seconds):
+        self.sock.settimeout(seconds)
+
+    def send(self, payload, opcode=0x1):
+        """Send one masked frame (RFC 6455 5.3: a fresh random mask each)."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        frame = encode_frame(payload, opcode, mask=os.urandom(4))
+        with self.send_lock:
+            self.sock.sendall(frame)
+
+    def recv(self):
+        """The next text (``str``) or binary (``bytes``) message.
+
+        Raises ``ConnectionError`` when the connection ends (after echoing
+        the server's close), ``ProtocolError`` (after closing with its code)
+        when the server breaks the protocol, ``socket.timeout`` on a timeout.
+        """
+        fragments, opcode, size, decoder = None, 0, 0, None
+        try:
+            while True:
+                fin, op, payload = read_frame(self.rfile, self.max_message, require_mask=False)
+                if op == 0x8:
+                    code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
+                    self.close(code if 1000 <= code < 5000 and code not in (1005, 1006)
+                               else 1000)
+                    raise ConnectionError("the server closed the connection (%d)" % code)
+                if op == 0x9:
+                    self.send(payload, 0xA)
+                    continue
+                if op == 0xA:
+                    continue
+                if op == 0x0:
+                    if fragments is None:
+                        raise ProtocolError(1002, "continuation frame with nothing to continue")
+                else:
+                    if fragments is not None:
+                        raise ProtocolError(1002, "new message before the last one ended")
+                    fragments, opcode, size = [], op, 0
+                    decoder = codecs.getincrementaldecoder("utf-8")() if op == 0x1 else None
+                size += len(payload)
+                if size > self.max_message:
+                    raise ProtocolError(1009, "message larger than %d bytes" % self.max_message)
+                if decoder is not None:
+                    try:
+                        fragments.append(decoder.decode(payload, final=fin))
+                    except UnicodeDecodeError:
+                        raise ProtocolError(1007, "text message is not UTF-8") from None
+                else:
+                    fragments.append(payload)
+                if fin:
+                    return "".join(fragments) if opcode == 0x1 else b"".join(fragments)
+        except ProtocolError as exc:
+            self.close(exc.code, exc.reason)
+            raise
+        except ValueError as exc:  # a read on a socket another thread closed
+            self.abort()
+            raise ConnectionError(str(exc)) from None
+
+    def close(self, code=1000, reason=""):
+        """Send a close frame (once) and drop the connection."""
+        if not self.closed:
+            try:
+                self.sock.settimeout(1.0)
+                self.send(struct.pack("!H", code) + reason.encode()[:120], 0x8)
+            except OSError:
+                pass
+        self.abort()
+
+    def abort(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
 # -- http --------------------------------------------------------------------
+#
+# Two parts, as in http.server: the protocol (``_Protocol``: strict RFC 9112
+# parsing, reads bounded in size and in time, responses with exact lengths,
+# one catch-all error path) and the endpoints (``Handler``), which are
+# declared once in ``Handler.routes``.  404, 405 with ``Allow``, OPTIONS, the
+# token, ``Host`` and ``Origin`` checks all come from that table.
 
 def _is_loopback(host):
     if host in ("localhost", ""):
         return host == "localhost"
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_host(text):
+    """``host[:port]`` -> (host lower-cased, port or None); ValueError when malformed."""
+    text = text.strip().lower()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())) \
+                or not host:
+            raise ValueError(text)
+        ipaddress.IPv6Address(host)
+        return "[%s]" % host, rest[1:] or None
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = text, None
+    elif not (port.isdigit() or port == ""):
+        raise ValueError(text)
+    if not host or not re.match(r"[a-z0-9._~!$&'()*+,;=%-]+\Z", host):
+        raise ValueError(text)
+    return host, port or None
+
+
+def _loopback_name(host):
+    """``localhost``, ``*.localhost``, 127.0.0.0/8 or ``[::1]`` (host without port)."""
+    host = host[:-1] if host.endswith(".") else host
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host).is_loopback
     except ValueError:
         return False
 
@@ -1907,122 +3173,338 @@ class _Headers(dict):
         return dict.__contains__(self, name.lower())
 
 
+def _tokens_of(value):
+    """A comma list header (``Connection``, ``Upgrade``) as lower-cased tokens."""
+    return [item.strip(" \t").lower() for item in value.split(",")]
+
+
 MAX_HEADERS = 100
+MAX_LINE = 65536
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 5.6.2
+_BAD_FIELD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HT: NUL, bare CR...
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")  # visible ASCII, nothing else (RFC 3986)
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
+_ABSOLUTE = re.compile(rb"https?://([^/?#]*)", re.I)
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_TIMEOUTS = (socket.timeout, TimeoutError)  # two classes until Python 3.10
+LEVELS = ("none", "read", "write")  # what a caller may do; a route needs one of them
 
 
-def _parse_version(version):
-    """``HTTP/1.1`` -> (1, 1); ValueError for anything else."""
-    if not version.startswith("HTTP/"):
-        raise ValueError(version)
-    major, minor = version[5:].split(".")
-    if not (major.isdigit() and minor.isdigit() and len(major) < 10 and len(minor) < 10):
-        raise ValueError(version)
-    return int(major), int(minor)
+class _RequestTimeout(Exception):
+    """The request's head and body did not arrive within its deadline."""
 
 
-class Handler(BaseHTTPRequestHandler):
-    """The HTTP API, the dashboard page and the WebSocket upgrade.
+class _SocketReader(io.RawIOBase):
+    """The raw side of a connection's ``rfile``: each ``recv`` holds the deadline.
 
-    Every response is written in one ``sendall`` (headers and body together)
-    on a ``TCP_NODELAY`` socket, so keep-alive clients never wait on Nagle's
-    algorithm and delayed ACKs.
+    Buffered reads (``readline``, ``read(n)``) call ``readinto`` once per
+    ``recv``; while a request is coming in, each call's socket timeout is cut
+    to what is left of the request's deadline, so the deadline holds however
+    slowly the bytes drip, inside a line too.  Between requests the socket
+    keeps its idle timeout.  ``arm()`` starts the deadline at the next byte.
+    """
+
+    def __init__(self, sock, idle_timeout, seconds):
+        self.sock, self.idle_timeout, self.seconds = sock, idle_timeout, seconds
+        self.deadline = None
+        self.armed = False
+        self.cut = False  # the socket timeout was lowered for the deadline
+
+    def readable(self):
+        return True
+
+    def arm(self):
+        self.deadline, self.armed = None, True
+
+    def start(self):
+        """The request has begun (its first byte was buffered before)."""
+        self.armed = False
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.seconds
+
+    def readinto(self, buffer):
+        deadline = self.deadline
+        binding = False
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _RequestTimeout()
+            if self.idle_timeout is None or left < self.idle_timeout:
+                self.sock.settimeout(left)
+                self.cut = binding = True
+        try:
+            n = self.sock.recv_into(buffer)
+        except _TIMEOUTS:
+            if binding:
+                raise _RequestTimeout() from None
+            raise
+        if self.armed and n:
+            self.armed = False
+            self.deadline = time.monotonic() + self.seconds
+        return n
+
+    def end(self):
+        """The request is in: back to the idle timeout (for writes too)."""
+        self.deadline, self.armed = None, False
+        if self.cut:
+            self.cut = False
+            self.sock.settimeout(self.idle_timeout)
+
+
+class _SocketWriter:
+    """``wfile``: each write is one ``sendall``."""
+
+    closed = False
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def write(self, data):
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class _Protocol(BaseHTTPRequestHandler):
+    """HTTP/1.1 as RFC 9112 says, and nothing of the endpoints.
+
+    A request is read with bounded reads (a line of at most 64 KiB, at most
+    100 header lines) and within ``request_seconds`` of its first byte, both
+    held per ``recv``.  Anything malformed is a JSON 4xx and the connection
+    closes.  ``dispatch()`` (the endpoint side) runs under one catch-all: an
+    exception becomes a JSON 500 and one ERROR log line with the traceback,
+    never a connection dropped without an answer.  Every response goes out in
+    one ``sendall`` on a ``TCP_NODELAY`` socket with an exact
+    ``Content-Length`` (or chunked, for a streamed body).
     """
 
     protocol_version = "HTTP/1.1"
     server_version = "Progressista/" + __version__
     sys_version = ""
     timeout = 30  # an idle or half-open connection is closed after this
-    request_seconds = 10.0  # headers and body must arrive within this of the request line
-    _deadline_timeout = False
+    request_seconds = 10.0  # head and body must arrive within this of the first byte
 
     def setup(self):
-        super().setup()
+        self.connection = sock = self.request
+        sock.settimeout(self.timeout)
         try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.reader = _SocketReader(sock, self.timeout, self.request_seconds)
+        self.rfile = io.BufferedReader(self.reader)
+        self.wfile = _SocketWriter(sock)
+
+    def finish(self):
+        try:
+            self.rfile.close()
         except OSError:
             pass
 
     def handle_one_request(self):
-        # Between two requests a connection is idle, and may be closed to make
-        # room for another (see ProgressServer.process_request).
-        self.server.idle[self.connection] = None
-        if self._deadline_timeout:  # a body read ran on the request's deadline
-            self._deadline_timeout = False
-            self.connection.settimeout(self.timeout)
-        super().handle_one_request()
-
-    def parse_request(self):
-        """The request line and headers, as http.server does, minus its cost.
-
-        http.server parses headers with the email package, more than half of
-        the CPU of a small POST; this reads the same lines with the same
-        limits (a line over 64 KiB or over 100 headers is 431) into a dict.
-        """
-        self.server.idle.pop(self.connection, None)
-        self.command = None
-        self.request_version = self.default_request_version
         self.close_connection = True
-        self.requestline = requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = requestline.split()
-        if not words:
-            return False
-        if len(words) != 3:
-            self.send_error(400, "Bad request syntax (%r)" % requestline[:200])
-            return False
-        command, path, version = words
+        self.command, self.path, self.headers = None, "", _Headers()
+        self.request_version = "HTTP/1.1"
+        self._started = self._unread_body = False
+        self.authority = self._access = None
+        server = self.server
+        # Waiting for the next request, head included, a connection is idle and
+        # may be closed to make room for another (ProgressServer.process_request).
+        with server.ws_lock:
+            server.idle[self.connection] = None
+        self.reader.arm()
         try:
-            number = _parse_version(version)
-        except ValueError:
-            self.send_error(400, "Bad request version (%r)" % version[:50])
-            return False
-        if number >= (2, 0):
-            self.send_error(505, "Invalid HTTP version (%s)" % version[5:])
-            return False
-        self.close_connection = number < (1, 1)
-        self.command, self.request_version = command, version
-        self.path = "/" + path.lstrip("/") if path.startswith("//") else path
-        headers = self.headers = _Headers()
-        readline, last = self.rfile.readline, None
-        self._deadline = deadline = time.monotonic() + self.request_seconds
-        for _ in range(MAX_HEADERS + 1):
-            if time.monotonic() > deadline:  # a slow drip of header lines
-                self.send_error(408, "request headers not received in time")
-                return False
-            line = readline(65537)
-            if len(line) > 65536:
-                self.send_error(431, "Line too long")
-                return False
-            if line in (b"\r\n", b"\n", b""):
-                break
-            if line[:1] in (b" ", b"\t") and last is not None:  # obsolete line folding
-                headers[last] += " " + line.strip().decode("iso-8859-1")
-                continue
-            name, sep, value = line.partition(b":")
-            if not sep or not name.strip():
-                self.send_error(400, "Malformed header line")
-                return False
-            last = name.strip().decode("iso-8859-1").lower()
-            value = value.strip().decode("iso-8859-1")
-            headers[last] = headers[last] + ", " + value if last in headers else value
-        else:
-            self.send_error(431, "Too many headers")
-            return False
-        connection = headers.get("connection", "").lower()
-        if connection == "close":
+            if not self._read_head():
+                return
+            with server.ws_lock:
+                if server.idle.pop(self.connection, False) is False:
+                    return  # closed to make room meanwhile: nothing to answer
+            try:
+                self.dispatch()
+            except BadRequest as exc:
+                self._error(exc.status, str(exc))
+        except _RequestTimeout:
+            self._fail(408, "request not received in time (%g s)" % self.request_seconds)
+        except OSError:  # the socket timed out, or the peer went: nobody to answer
             self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if headers.get("expect", "").lower() == "100-continue" and number >= (1, 1):
-            if not self.handle_expect_100():
+            log.debug("connection from %s ended", self.address_string(), exc_info=True)
+        except Exception:
+            log.error("%s %s failed", self.command, self._path_for_log(), exc_info=True)
+            self._fail(500, "internal server error (logged on the server)")
+        finally:
+            if self.close_connection:
+                with server.ws_lock:
+                    server.idle.pop(self.connection, None)
+
+    def _fail(self, status, message):
+        """Answer an error if no response has begun; the connection closes either way."""
+        self.close_connection = True
+        if not self._started:
+            try:
+                self._error(status, message)
+            except OSError:
+                pass
+
+    # Parsing.
+
+    def _line(self):
+        """One line, without its CRLF (or bare LF); None at EOF or mid-line EOF."""
+        line = self.rfile.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise BadRequest("line too long", 431)
+        if not line.endswith(b"\n"):
+            return None
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        return line
+
+    def _read_head(self):
+        """Read and check the request line and header fields; False to stop."""
+        try:
+            for _ in range(8):  # a few empty lines before a request are allowed
+                line = self.rfile.readline(MAX_LINE + 1)
+                if line not in (b"\r\n", b"\n"):
+                    break
+            else:
                 return False
+            if not line:
+                return False
+            self.reader.start()
+            if len(line) > MAX_LINE:
+                raise BadRequest("request line too long", 414)
+            if not line.endswith(b"\n"):
+                return False  # the peer went away mid-line
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            self.requestline = line.decode("latin-1")
+            self._parse_request_line(line)
+            self._parse_fields()
+        except BadRequest as exc:
+            self._error(exc.status, str(exc))
+            self.close_connection = True
+            return False
+        return self._after_head()
+
+    def _parse_request_line(self, line):
+        parts = line.split(b" ")
+        if len(parts) != 3 or b"\r" in line or b"\t" in line:
+            raise BadRequest("malformed request line (%r)" % line[:200].decode("latin-1"))
+        method, target, version = parts
+        match = _VERSION.match(version)
+        if match is None or not _TOKEN.match(method):
+            raise BadRequest("malformed request line (%r)" % line[:200].decode("latin-1"))
+        if (match.group(1), match.group(2)) not in ((b"1", b"0"), (b"1", b"1")):
+            raise BadRequest("HTTP version %s is not supported" % version.decode(), 505)
+        self.request_version = version.decode()
+        self.close_connection = version == b"HTTP/1.0"
+        self.command = method.decode()
+        if not _TARGET.match(target):
+            raise BadRequest("malformed request target")
+        self.authority = None
+        absolute = _ABSOLUTE.match(target)
+        if absolute is not None:  # absolute-form: routed by its path (RFC 9112 3.2.2)
+            self.authority = absolute.group(1).decode()
+            target = target[absolute.end():] or b"/"
+            if target[:1] == b"?":
+                target = b"/" + target
+        if target[:1] != b"/":
+            raise BadRequest("request target must be a path or an absolute URL")
+        path = target.decode("ascii")
+        self.path = "/" + path.lstrip("/") if path.startswith("//") else path
+
+    def _parse_fields(self):
+        headers = self.headers
+        for _ in range(MAX_HEADERS + 1):
+            line = self._line()
+            if line is None:
+                raise ConnectionError("peer closed mid-head")
+            if not line:
+                return
+            if line[:1] in (b" ", b"\t"):
+                raise BadRequest("header line starts with whitespace (obs-fold)")
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.match(name):
+                raise BadRequest("malformed header line")
+            value = value.strip(b" \t")
+            if _BAD_FIELD.search(value):
+                raise BadRequest("control character in header %s" % name.decode())
+            key, text = name.decode("ascii").lower(), value.decode("latin-1")
+            if key in headers:
+                if key in ("content-length", "host", "authorization", "transfer-encoding"):
+                    raise BadRequest("repeated %s header" % name.decode())
+                headers[key] = headers[key] + ", " + text
+            else:
+                headers[key] = text
+        raise BadRequest("too many headers", 431)
+
+    def _after_head(self):
+        headers = self.headers
+        if "transfer-encoding" in headers:
+            codings = _tokens_of(headers["transfer-encoding"])
+            if any(c != "chunked" for c in codings):
+                raise_status, message = 501, "transfer coding not supported"
+            else:
+                raise_status, message = 400, "chunked request bodies are not accepted: " \
+                                             "send Content-Length"
+            self._error(raise_status, message)
+            self.close_connection = True
+            return False
+        length = headers.get("content-length")
+        self.content_length = None
+        if length is not None:
+            if not (length.isdigit() and length.isascii()) or len(length) > 18:
+                self._error(400, "invalid Content-Length")
+                self.close_connection = True
+                return False
+            self.content_length = int(length)
+        # A body nobody reads would be taken for the next request: a response
+        # to such a request closes the connection (read_body clears this).
+        self._unread_body = bool(self.content_length)
+        if "host" not in headers and self.request_version == "HTTP/1.1":
+            self._error(400, "Host header required")
+            self.close_connection = True
+            return False
+        connection = _tokens_of(headers.get("connection", ""))
+        if "close" in connection:
+            self.close_connection = True
+        elif "keep-alive" in connection:
+            self.close_connection = False
+        if headers.get("expect", "").lower() == "100-continue" \
+                and self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
+
+    def read_body(self, limit=MAX_BODY):
+        """The request body (at most ``limit`` bytes), within the request's deadline."""
+        length = self.content_length
+        if length is None:
+            self.close_connection = True
+            raise BadRequest("Content-Length required", 411)
+        if length > limit:
+            self.close_connection = True
+            raise BadRequest("body larger than %d bytes" % limit, 413)
+        try:
+            body = self.rfile.read(length)
+        except _RequestTimeout:
+            self.close_connection = True
+            raise BadRequest("request body not received in time", 408) from None
+        if len(body) < length:
+            self.close_connection = True
+            raise BadRequest("body shorter than Content-Length")
+        self._unread_body = False
+        self.reader.end()
+        return body
 
     # Responses.
 
     def _head(self, status, content_type, length, headers=()):
         """The status line and headers, as bytes; ``length`` None means chunked."""
-        if getattr(self, "_unread_body", False) or (
-                length is None and self.request_version != "HTTP/1.1"):
+        self.reader.end()
+        self._started = True
+        if self._unread_body or (length is None and self.request_version != "HTTP/1.1"):
             self.close_connection = True
         lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
                  "Server: " + self.server_version, "Date: " + _http_date()]
@@ -2064,12 +3546,12 @@ class Handler(BaseHTTPRequestHandler):
         self._json(status, _dumps({"error": message}), headers)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, 501...) as JSON too."""
+        """http.server's own errors, as JSON too."""
         self.close_connection = True
-        if not hasattr(self, "command") or self.command is None:
-            self.command = ""
-        self._respond(code, _dumps({"error": message or self.responses.get(
-            code, ("error",))[0]}).encode())
+        self._error(code, message or self.responses.get(code, ("error",))[0])
+
+    def _cors_headers(self):
+        return []
 
     def log_request(self, code="-", size="-"):
         if log.isEnabledFor(logging.DEBUG):
@@ -2080,97 +3562,198 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def _path_for_log(self):
-        return getattr(self, "path", "").split("?", 1)[0]
+        return (getattr(self, "path", None) or "").split("?", 1)[0]
+
+    def dispatch(self):
+        raise NotImplementedError
+
+
+Route = collections.namedtuple("Route", "method pattern endpoint access")
+Route.__doc__ = """One endpoint: ``method`` and ``pattern`` (a path; ``{name}`` matches
+the rest of it, percent-decoded as UTF-8 and passed as a keyword), the
+``endpoint`` function (called with the handler), and the ``access`` it
+needs: ``"none"`` (anyone), ``"read"`` or ``"write"``."""
+
+
+class _Router:
+    """``Handler.routes`` indexed: exact paths in a dict, patterns in order."""
+
+    def __init__(self, routes):
+        self.exact, self.patterns = {}, []
+        for route in routes:
+            if route.access not in LEVELS:
+                raise ValueError("access must be one of %s: %r" % (LEVELS, route))
+            if "{" in route.pattern:
+                regex = re.compile("".join(
+                    "(?P<%s>.+)" % part[1:-1] if part.startswith("{") else re.escape(part)
+                    for part in re.split(r"(\{\w+\})", route.pattern)) + r"\Z")
+                for known in self.patterns:
+                    if known[0].pattern == regex.pattern:
+                        known[1][route.method] = route
+                        break
+                else:
+                    self.patterns.append((regex, {route.method: route}))
+            else:
+                self.exact.setdefault(route.pattern, {})[route.method] = route
+
+    def match(self, path):
+        """(methods -> route, raw parameters) for ``path``, or (None, None)."""
+        methods = self.exact.get(path)
+        if methods is not None:
+            return methods, {}
+        for regex, methods in self.patterns:
+            found = regex.match(path)
+            if found:
+                return methods, found.groupdict()
+        return None, None
+
+
+def _path_param(text):
+    """A path parameter, strictly percent-decoded as UTF-8 (``+`` stays ``+``)."""
+    if _BAD_PERCENT.search(text):
+        raise BadRequest("bad percent-encoding in the path")
+    try:
+        return urllib.parse.unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the path is not UTF-8 once percent-decoded") from None
+
+
+class Handler(_Protocol):
+    """The endpoints: the HTTP API, the dashboard page and the WebSocket upgrade.
+
+    Each is a method taking the request (and the parameters of its path
+    pattern), declared once in ``routes`` at the end of the class.
+    """
+
+    def dispatch(self):
+        self._split()
+        server = self.server
+        if server.loopback and not self._host_allowed():
+            return self._refuse(403, "Host %r is not this server's name (DNS rebinding?); "
+                                "allow it with --allow-host" % self._host_for_check(),
+                                "Host not allowed")
+        methods, params = server.router.match(self.route)
+        if methods is None:
+            return self._error(404, "not found: %s" % self.route)
+        method = self.command
+        route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
+        if route is None:
+            allow = self._allow(methods)
+            if method == "OPTIONS" and self._cors_headers():
+                return self._respond(204, headers=[
+                    ("Access-Control-Allow-Methods", allow + ", OPTIONS"),
+                    ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                    ("Access-Control-Max-Age", "600")])
+            return self._error(405, "method not allowed", [("Allow", allow)])
+        if route.access != "none":
+            level = self.access()
+            if level == "none":
+                return self._refuse(
+                    401, "unauthorized: send Authorization: Bearer <token> or ?token=",
+                    "no valid token", [("WWW-Authenticate", "Bearer")])
+            if LEVELS.index(level) < LEVELS.index(route.access):
+                return self._refuse(403, "%s token" % ("read-only" if level == "read" else level),
+                                    "read-only token")
+        origin = self.headers.get("Origin")
+        if origin is not None and (route.access == "write" or "upgrade" in self.headers) \
+                and not self._origin_allowed(origin):
+            return self._refuse(403, "cross-origin request refused (see --allow-origin)",
+                                "foreign Origin")
+        route.endpoint(self, **{k: _path_param(v) for k, v in params.items()})
+
+    @staticmethod
+    def _allow(methods):
+        names = list(methods)
+        if "GET" in names and "HEAD" not in names:
+            names.insert(names.index("GET") + 1, "HEAD")
+        return ", ".join(names)
 
     # Request plumbing.
 
     def _split(self):
         path, _, query = self.path.partition("?")
         self.route = path
+        self.query_string = query
         self.query = urllib.parse.parse_qs(query, keep_blank_values=True) if query else {}
-        # A body we won't read would be taken for the next request: a response
-        # to such a request closes the connection (_read_body clears this).
-        self._unread_body = bool(self.headers.get("Transfer-Encoding")) or \
-            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+
+    def _given_token(self):
+        """The token the caller sent, as bytes (UTF-8 however it came), or None."""
+        header = self.headers.get("Authorization")
+        if header is not None:
+            scheme, _, rest = header.partition(" ")
+            if scheme.lower() == "bearer":
+                return rest.strip(" \t").encode("latin-1")  # the bytes as they came
+        for item in self.query_string.split("&"):
+            name, _, value = item.partition("=")
+            if name == "token":
+                return urllib.parse.unquote_to_bytes(value.replace("+", " ")).strip(b" \t")
+        return None
+
+    def access(self):
+        """``"none"``, ``"read"`` or ``"write"``: what the caller's token allows."""
+        if self._access is not None:
+            return self._access
+        levels = self.server.token_levels
+        if not levels:
+            level = "write"
+        else:
+            given, level = self._given_token(), "none"
+            if given:
+                for token, granted in levels.items():  # all of them, each in constant time
+                    if hmac.compare_digest(given, token) \
+                            and LEVELS.index(granted) > LEVELS.index(level):
+                        level = granted
+        self._access = level
+        return level
 
     def _authorized(self):
-        tokens = self.server.tokens
-        if not tokens:
-            return True
-        given = None
-        header = self.headers.get("Authorization", "")
-        if header[:7].lower() == "bearer ":
-            given = header[7:].strip()
-        elif "token" in self.query:
-            given = self.query["token"][0]
-        if not given:
+        return self.access() != "none"
+
+    def _refuse(self, status, message, reason, headers=()):
+        """Answer a refusal, and say so in the log (at most once a minute per
+        address and reason; never the token)."""
+        self.server.note_refused(self.client_address[0], reason,
+                                 "%s %s" % (self.command, self._path_for_log()))
+        self._error(status, message, headers)
+
+    def _host_for_check(self):
+        if self.authority is not None:  # absolute-form: its authority is the Host
+            return self.authority
+        return self.headers.get("Host", "")
+
+    def _host_allowed(self):
+        """On a loopback server, only loopback names and ``--allow-host`` names."""
+        text = self._host_for_check()
+        if not text and self.request_version == "HTTP/1.0":
+            return True  # no Host at all: not a browser, so no rebinding
+        try:
+            host, port = _split_host(text)
+        except ValueError:
             return False
-        given = given.encode("utf-8", "replace")
-        ok = False
-        for token in tokens:  # compare with all of them, in constant time each
-            ok |= hmac.compare_digest(given, token.encode("utf-8"))
-        return ok
+        allowed = self.server.allow_hosts
+        return _loopback_name(host) or "*" in allowed or host.rstrip(".") in allowed \
+            or text.strip().lower() in allowed
 
     def _origin_allowed(self, origin):
         """Same origin as the Host we were asked for, or one of ``--allow-origin``."""
         allowed = self.server.allow_origins
         if origin in allowed or "*" in allowed:
             return True
-        host = self.headers.get("Host", "")
-        return bool(host) and urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
+        scheme, sep, rest = origin.partition("://")
+        host = self._host_for_check().strip().lower()
+        if not sep or not host or scheme.lower() not in ("http", "https") or "/" in rest:
+            return False
+        try:
+            return _split_host(rest) == _split_host(host)
+        except ValueError:
+            return False
 
     def _cors_headers(self):
-        origin = self.headers.get("Origin") if hasattr(self, "headers") else None
+        origin = self.headers.get("Origin")
         allowed = self.server.allow_origins
         if not origin or not allowed or not (origin in allowed or "*" in allowed):
             return []
         return ["Access-Control-Allow-Origin: " + origin, "Vary: Origin"]
-
-    def _guard(self, write=False):
-        """Auth, and refuse writes from foreign web pages; True if we may go on."""
-        if not self._authorized():
-            self._error(401, "unauthorized: send Authorization: Bearer <token> or ?token=",
-                        [("WWW-Authenticate", "Bearer")])
-            return False
-        origin = self.headers.get("Origin")
-        if write and origin and not self._origin_allowed(origin):
-            self._error(403, "cross-origin request refused (see --allow-origin)")
-            return False
-        return True
-
-    def _read_body(self):
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise BadRequest("chunked bodies are not supported: send Content-Length", 411)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise BadRequest("Content-Length required", 411)
-        try:
-            if not length.strip().isdigit() or not length.strip().isascii():
-                raise ValueError  # int() would take "+5", "1_000", "-0"
-            length = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise BadRequest("invalid Content-Length") from None
-        if length > MAX_BODY:
-            self.close_connection = True
-            raise BadRequest("body larger than %d bytes" % MAX_BODY, 413)
-        # The body must come within the request deadline, however it trickles.
-        self.connection.settimeout(max(0.05, self._deadline - time.monotonic()))
-        self._deadline_timeout = True
-        try:
-            body = self.rfile.read(length)
-        except TimeoutError:
-            self.close_connection = True
-            raise BadRequest("request body not received in time", 408) from None
-        if len(body) < length:
-            self.close_connection = True
-            raise BadRequest("body shorter than Content-Length")
-        self._unread_body = False
-        if not body.strip():
-            raise BadRequest("empty body: send an update object or an array of them")
-        return body
 
     def _statuses(self):
         wanted = self.query.get("status")
@@ -2183,122 +3766,18 @@ class Handler(BaseHTTPRequestHandler):
                 ", ".join(sorted(unknown)), ", ".join(STATUSES)))
         return statuses
 
-    # Methods.
-
-    def do_GET(self):
-        self._split()
-        route = self.route
-        try:
-            if route == "/health":
-                return self._health()
-            if route in ("/", "/index.html", "/static/index.html"):
-                return self._page()
-            if not self._guard():
-                return
-            if route == "/tasks":
-                tasks = self.server.store.select(self._statuses())
-                if len(tasks) <= JSON_CHUNK:
-                    return self._json(200, _dumps({"tasks": tasks}))
-                return self._respond_pieces(200, _json_pieces('{"tasks":{', tasks, "}}"))
-            if route.startswith("/tasks/"):
-                text = self.server.store.get_json(urllib.parse.unquote(route[7:]))
-                if text is None:
-                    return self._error(404, "no such task")
-                return self._json(200, text)
-            if route == "/ws":
-                return self._websocket()
-            if route == "/metrics":
-                ctype = "text/plain; version=0.0.4; charset=utf-8"
-                if len(self.server.store) <= JSON_CHUNK:
-                    return self._respond(200, self.server.metrics().encode(), ctype)
-                return self._respond_pieces(
-                    200, (piece.encode() for piece in _metrics_pieces(self.server)), ctype)
-            if route in ("/progress",):
-                return self._error(405, "use POST", [("Allow", "POST")])
-            self._error(404, "not found: %s" % route)
-        except BadRequest as exc:
-            self._error(exc.status, str(exc))
-
-    def do_HEAD(self):
-        if self.path.partition("?")[0] == "/ws":
-            self._split()
-            return self._error(405, "the WebSocket needs GET", [("Allow", "GET")])
-        self.do_GET()
-
-    def do_POST(self):
-        self._split()
-        try:
-            if self.route != "/progress":
-                return self._not_allowed()
-            if not self._guard(write=True):
-                return
-            data = parse_json(self._read_body())
-            count = self.server.store.ingest(data)
-            self._json(200, b'{"ok":true,"accepted":%d}' % count)
-        except BadRequest as exc:
-            self._error(exc.status, str(exc))
-
-    def do_DELETE(self):
-        self._split()
-        try:
-            if not (self.route == "/tasks" or self.route.startswith("/tasks/")):
-                return self._not_allowed()
-            if not self._guard(write=True):
-                return
-            store = self.server.store
-            if self.route == "/tasks":
-                statuses = self._statuses()
-                if statuses is None:
-                    raise BadRequest("say which tasks: DELETE /tasks?status=close[&older_than=S]")
-                older_than = None
-                if "older_than" in self.query:
-                    try:
-                        older_than = float(self.query["older_than"][0])
-                        if not math.isfinite(older_than) or older_than < 0:
-                            raise ValueError
-                    except ValueError:
-                        raise BadRequest("older_than must be a number of seconds") from None
-                return self._json(200, _dumps({"removed": store.delete_where(statuses,
-                                                                              older_than)}))
-            removed = store.delete(urllib.parse.unquote(self.route[7:]))
-            self._json(200, _dumps({"removed": removed}))
-        except BadRequest as exc:
-            self._error(exc.status, str(exc))
-
-    def do_OPTIONS(self):
-        self._split()
-        origin = self.headers.get("Origin")
-        if origin and self._cors_headers():
-            return self._respond(204, headers=[
-                ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-                ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
-                ("Access-Control-Max-Age", "600")])
-        self._not_allowed()
-
-    def _not_allowed(self):
-        known = self.route in ("/", "/health", "/metrics", "/ws", "/progress", "/tasks",
-                               "/static/index.html", "/index.html") \
-            or self.route.startswith("/tasks/")
-        if not known:
-            return self._error(404, "not found: %s" % self.route)
-        allow = "POST" if self.route == "/progress" else (
-            "GET, HEAD, DELETE" if self.route.startswith("/tasks") else "GET, HEAD")
-        self._error(405, "method not allowed", [("Allow", allow)])
-
-    def do_PUT(self):
-        self._split()
-        self._not_allowed()
-
-    do_PATCH = do_PUT
-
     # Endpoints.
 
     def _health(self):
         server = self.server
-        self._json(200, _dumps({"status": "ok", "tasks": len(server.store),
-                                "auth_required": bool(server.tokens),
-                                "authorized": self._authorized(),
-                                "version": __version__}))
+        body = {"status": "ok", "tasks": len(server.store),
+                "auth_required": bool(server.token_levels),
+                "authorized": self._authorized(),
+                "version": __version__}
+        trouble = server.db.trouble if server.db is not None else None
+        if trouble:
+            body["status"], body["reason"] = "degraded", trouble
+        self._json(200, _dumps(body))
 
     def _page(self):
         self._respond(200, INDEX_HTML_BYTES, "text/html; charset=utf-8", [
@@ -2308,12 +3787,63 @@ class Handler(BaseHTTPRequestHandler):
             ("X-Frame-Options", "DENY"),
             ("Cache-Control", "no-cache")])
 
+    def _post_progress(self):
+        data = parse_json(self.read_body())
+        count = self.server.store.ingest(data)
+        self._json(200, b'{"ok":true,"accepted":%d}' % count)
+
+    def _get_tasks(self):
+        tasks = self.server.store.select(self._statuses())
+        if len(tasks) <= JSON_CHUNK:
+            return self._json(200, _dumps({"tasks": tasks}))
+        self._respond_pieces(200, _json_pieces('{"tasks":{', tasks, "}}"))
+
+    def _get_groups(self):
+        """SPEC section 8: each group's members, expected size, counts, sums, ETA, done."""
+        groups = self.server.store.groups(self._statuses())
+        if len(groups) <= JSON_CHUNK:
+            return self._json(200, _dumps({"groups": groups}))
+        self._respond_pieces(200, _json_pieces('{"groups":{', groups, "}}"))
+
+    def _delete_tasks(self):
+        statuses = self._statuses()
+        if statuses is None:
+            raise BadRequest("say which tasks: DELETE /tasks?status=close[&older_than=S]")
+        older_than = None
+        if "older_than" in self.query:
+            try:
+                older_than = float(self.query["older_than"][0])
+                if not math.isfinite(older_than) or older_than < 0:
+                    raise ValueError
+            except ValueError:
+                raise BadRequest("older_than must be a number of seconds") from None
+        self._json(200, _dumps({"removed": self.server.store.delete_where(statuses,
+                                                                          older_than)}))
+
+    def _get_task(self, task_id):
+        text = self.server.store.get_json(task_id)
+        if text is None:
+            return self._error(404, "no such task")
+        self._json(200, text)
+
+    def _delete_task(self, task_id):
+        self._json(200, _dumps({"removed": self.server.store.delete(task_id)}))
+
+    def _metrics(self):
+        ctype = "text/plain; version=0.0.4; charset=utf-8"
+        if len(self.server.store) <= JSON_CHUNK:
+            return self._respond(200, self.server.metrics().encode(), ctype)
+        self._respond_pieces(200, (piece.encode() for piece in _metrics_pieces(self.server)),
+                             ctype)
+
     def _websocket(self):
         headers = self.headers
-        if "websocket" not in headers.get("Upgrade", "").lower():
+        if self.command != "GET":
+            return self._error(405, "the WebSocket needs GET", [("Allow", "GET")])
+        if "websocket" not in _tokens_of(headers.get("Upgrade", "")):
             return self._error(426, "this is the WebSocket endpoint: send Upgrade: websocket",
                                [("Upgrade", "websocket")])
-        if "upgrade" not in headers.get("Connection", "").lower():
+        if "upgrade" not in _tokens_of(headers.get("Connection", "")):
             return self._error(400, "Connection: Upgrade header missing")
         if headers.get("Sec-WebSocket-Version", "").strip() != "13":
             return self._error(426, "only WebSocket version 13 is supported",
@@ -2325,28 +3855,50 @@ class Handler(BaseHTTPRequestHandler):
             valid_key = False
         if not valid_key:
             return self._error(400, "Sec-WebSocket-Key must be 16 bytes in base64")
-        origin = headers.get("Origin")
-        if origin and not self._origin_allowed(origin):
-            return self._error(403, "WebSocket from a foreign origin refused (see --allow-origin)")
-        self.close_connection = True
-        self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                          "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
-                          % accept_key(key)).encode("ascii"))
-        self.log_request(101)
-        self.connection.settimeout(None)  # the hub's pings find dead peers instead
-        ws = WebSocket(self.connection, self.rfile)
         server, hub = self.server, self.server.hub
         with server.ws_lock:
-            server.ws_count += 1
+            full = server.ws_count >= server.max_dashboards
+            if not full:
+                server.ws_count += 1
+        if full:
+            return self._error(503, "too many dashboards (%d) connected: try again later"
+                               % server.max_dashboards, [("Retry-After", "5")])
         try:
-            ws.start()
-            hub.attach(ws)
-            ws.serve()
+            self.close_connection = True
+            self.reader.end()
+            self._started = True
+            self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                              "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                              % accept_key(key)).encode("ascii"))
+            self.log_request(101)
+            self.connection.settimeout(None)  # the hub's pings find dead peers instead
+            ws = WebSocket(self.connection, self.rfile)
+            try:
+                ws.start()
+                hub.attach(ws)
+                ws.serve()
+            finally:
+                hub.detach(ws)
+                ws.abort()
         finally:
-            hub.detach(ws)
-            ws.abort()
             with server.ws_lock:
                 server.ws_count -= 1
+
+    # The routing table: one row per endpoint.  HEAD is served wherever GET is.
+    routes = (
+        Route("GET", "/", _page, "none"),
+        Route("GET", "/index.html", _page, "none"),
+        Route("GET", "/static/index.html", _page, "none"),
+        Route("GET", "/health", _health, "none"),
+        Route("POST", "/progress", _post_progress, "write"),
+        Route("GET", "/tasks", _get_tasks, "read"),
+        Route("GET", "/groups", _get_groups, "read"),
+        Route("DELETE", "/tasks", _delete_tasks, "write"),
+        Route("GET", "/tasks/{task_id}", _get_task, "read"),
+        Route("DELETE", "/tasks/{task_id}", _delete_task, "write"),
+        Route("GET", "/metrics", _metrics, "read"),
+        Route("GET", "/ws", _websocket, "read"),
+    )
 
 
 _csp_cache = []
@@ -2376,24 +3928,37 @@ class ProgressServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     max_connections = 1024
+    max_dashboards = 256
+    refusal_log_seconds = 60.0  # one INFO line per client address and reason this often
+    notifier = None  # a Notifier (alerts), started and stopped with the server
 
     def __init__(self, address, store=None, tokens=(), allow_origins=(), db=None,
-                 handler=Handler):
+                 handler=Handler, allow_hosts=()):
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.store = store if store is not None else TaskStore()
         self.hub = Hub(self.store)
-        self.tokens = [t for t in tokens if t]
+        tokens = [t.strip(" \t") for t in tokens]
+        if not all(tokens):
+            raise ValueError("an empty token would turn authentication off: give a real token")
+        self.tokens = tokens
+        # What each token may do, by its UTF-8 bytes (see Handler.access).
+        self.token_levels = {t.encode("utf-8"): "write" for t in tokens}
         self.allow_origins = list(allow_origins)
+        self.allow_hosts = {h.strip().lower().rstrip(".") for h in allow_hosts if h.strip()}
         self.db = db
-        self.ws_lock = threading.Lock()
+        self.router = _Router(handler.routes)
+        self.ws_lock = threading.Lock()  # guards ws_count, open_connections, sockets, idle
         self.ws_count = 0
         self.open_connections = 0
         self.sockets = set()  # open connections, closed by stop()
         self.idle = {}  # connections waiting for their next request, oldest first
+        self.refused_lock = threading.Lock()
+        self.refused = {}  # (address, reason) -> when it was last logged
         self.thread = None
         super().__init__(address, handler)
+        self.loopback = _is_loopback(self.server_address[0])
 
     @property
     def url(self):
@@ -2404,12 +3969,27 @@ class ProgressServer(ThreadingHTTPServer):
             host = "127.0.0.1"
         return "http://%s:%d" % (host, port)
 
+    def note_refused(self, address, reason, what):
+        """Log a refused request at INFO, once a minute per address and reason."""
+        now = time.monotonic()
+        with self.refused_lock:
+            last = self.refused.get((address, reason))
+            if last is not None and now - last < self.refusal_log_seconds:
+                return
+            if len(self.refused) >= 4096:  # a flood of addresses: forget the old ones
+                self.refused = {k: t for k, t in self.refused.items()
+                                if now - t < self.refusal_log_seconds}
+            self.refused[(address, reason)] = now
+        log.info("refused %s from %s: %s (said once a minute per client and reason)",
+                 what, address, reason)
+
     def process_request(self, request, client_address):
         """Make room for a new connection, or refuse it cheaply.
 
-        At ``max_connections``, the connection idle the longest between two
-        requests is closed to make room: idle sockets can't starve a client
-        that has something to say.  Only when none is idle is it a 503.
+        At ``max_connections``, the connection idle the longest (between two
+        requests, or still waiting for a request's head) is closed to make
+        room: idle sockets can't starve a client that has something to say.
+        Only when none is idle is it a 503.
         """
         with self.ws_lock:
             victim = None
@@ -2427,10 +4007,11 @@ class ProgressServer(ThreadingHTTPServer):
             except OSError:
                 pass
         if full:
+            body = b'{"error":"too many connections"}'
             try:
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                                b"application/json\r\nContent-Length: 33\r\nConnection: "
-                                b"close\r\n\r\n{\"error\":\"too many connections\"}")
+                                b"application/json\r\nContent-Length: %d\r\nConnection: "
+                                b"close\r\nRetry-After: 1\r\n\r\n%s" % (len(body), body))
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -2447,7 +4028,7 @@ class ProgressServer(ThreadingHTTPServer):
                 self.idle.pop(request, None)
 
     def handle_error(self, request, client_address):
-        log.debug("connection error from %s", client_address[0], exc_info=True)
+        log.error("connection from %s failed", client_address[0], exc_info=True)
 
     def metrics(self):
         return _metrics_text(self)
@@ -2459,6 +4040,8 @@ class ProgressServer(ThreadingHTTPServer):
         self.hub.start()
         if self.db is not None:
             self.db.start()
+        if self.notifier is not None:
+            self.notifier.start()
         if not background:
             self.serve_forever()
             return self
@@ -2476,6 +4059,8 @@ class ProgressServer(ThreadingHTTPServer):
         self.hub.stop()
         self.server_close()
         self.close_connections()
+        if self.notifier is not None:
+            self.notifier.stop()
         if self.db is not None:
             self.db.stop()
 
@@ -2519,7 +4104,7 @@ def _metrics_pieces(server):
     store = server.store
     per_task = [
         ("progressista_task_n", "Units done (tqdm's n).", lambda t: t["n"]),
-        ("progressista_task_total", "Units expected (tqdm's total); NaN when unknown.",
+        ("progressista_task_total_units", "Units expected (tqdm's total); NaN when unknown.",
          lambda t: t["total"]),
         ("progressista_task_progress_ratio", "n / total (1 when done); NaN when total is unknown.",
          ratio),
@@ -2551,19 +4136,74 @@ def _metrics_pieces(server):
     yield ("# HELP progressista_websocket_clients Dashboards connected now.\n"
            "# TYPE progressista_websocket_clients gauge\n"
            "progressista_websocket_clients %d\n" % server.ws_count)
+    yield ("# HELP progressista_db_write_errors_total Failed writes to the --db file.\n"
+           "# TYPE progressista_db_write_errors_total counter\n"
+           "progressista_db_write_errors_total %d\n"
+           % (server.db.write_errors if server.db is not None else 0))
+    yield from _group_metrics(store.groups(), label, number)
+
+
+def _group_metrics(groups, label, number):
+    """The groups of SPEC section 8: tasks by status, expected size, progress."""
+    names = sorted(groups)
+    yield ("# HELP progressista_group_tasks Tasks of a group (task id before ':') by status.\n"
+           "# TYPE progressista_group_tasks gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_tasks{group="%s",status="%s"} %d\n'
+                      % (label(name), status, groups[name]["counts"][status])
+                      for name in names[start:start + JSON_CHUNK] for status in STATUSES)
+    yield ("# HELP progressista_group_expected Members a group expects (group_size); "
+           "NaN when unknown.\n# TYPE progressista_group_expected gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_expected{group="%s"} %s\n'
+                      % (label(name), number(groups[name]["expected"]))
+                      for name in names[start:start + JSON_CHUNK])
+    yield ("# HELP progressista_group_progress_ratio Sum of n / sum of total over the main "
+           "bars of a group, members not started yet counted as 0%; NaN when a total is "
+           "unknown.\n"
+           "# TYPE progressista_group_progress_ratio gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_progress_ratio{group="%s"} %s\n'
+                      % (label(name), number(_group_ratio(groups[name])))
+                      for name in names[start:start + JSON_CHUNK])
+
+
+def _group_ratio(entry):
+    """How far the group is: members not started yet count as 0% done, each
+    the size of an average started one (so 400 of 1,000 done reads 0.4)."""
+    n, total, expected = entry["n"], entry["total"], entry["expected"]
+    if not total or n is None:
+        return None
+    try:
+        members = entry["members"]
+        if expected is not None and expected > members:
+            total = total / members * expected
+        return n / total
+    except OverflowError:
+        return float("inf")
 
 
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,
                 retention_seconds=86400.0, allow_origins=(), max_tasks=100000,
-                clock=time.time):
-    """Build a ready-to-start server (``.start()`` in the background, or ``serve``)."""
+                clock=time.time, allow_hosts=(), notify=(), notify_on=DEFAULT_NOTIFY_ON,
+                notify_window=10.0):
+    """Build a ready-to-start server (``.start()`` in the background, or ``serve``).
+
+    ``notify`` is a list of webhook URLs (alerts); a bad one raises ValueError.
+    """
+    notifier = Notifier(notify, notify_on, notify_window) if notify else None
     store = TaskStore(stale_seconds, retention_seconds, max_tasks, clock)
     database = None
     if db:
         database = Database(db, store)
         database.open()
+    if notifier is not None:
+        notifier.attach(store)  # after the restore: restored states raise no alert
     try:
-        return ProgressServer((host, port), store, tokens, allow_origins, database)
+        server = ProgressServer((host, port), store, tokens, allow_origins, database,
+                                allow_hosts=allow_hosts)
+        server.notifier = notifier
+        return server
     except BaseException:
         if database is not None:
             database.close()
@@ -2589,6 +4229,10 @@ def serve(host="127.0.0.1", port=8000, **options):
     if _is_loopback(host):
         print("Listening on loopback only: other machines can't reach it "
               "(--host 0.0.0.0 --token T opens it up).", flush=True)
+    if server.notifier is not None:
+        print("Alerts: %s.%s" % (server.notifier, " (stall needs --stale-seconds)" if "stall" in
+                                 server.notifier.events and not server.store.stale_seconds
+                                 else ""), flush=True)
     try:
         server.start(background=False)
     except KeyboardInterrupt:
@@ -2599,6 +4243,839 @@ def serve(host="127.0.0.1", port=8000, **options):
         finally:
             signal.signal(signal.SIGTERM, previous)
         print("Progressista stopped.", flush=True)
+
+
+# -- terminal ----------------------------------------------------------------
+# ``watch`` and ``wait``: the dashboard's live view in a terminal, and an exit
+# status for scripts, both fed by the WebSocket client above.
+
+SECTIONS = (("active", "Active"), ("stale", "Needs Attention"),
+            ("error", "Failed"), ("close", "Completed"))
+SECTION_NAMES = dict(SECTIONS)
+WATCH_REDRAW_SECONDS = 0.25   # at most 4 redraws a second
+WATCH_SUMMARY_SECONDS = 10.0  # piped: a summary line at most this often
+WAIT_LOST_SECONDS = 30.0      # wait: a server gone this long after we connected is gone
+WAIT_SETTLE_SECONDS = 1.0     # wait: done must hold this long (a job's next bar may be on its way)
+_PREFIXED_UNITS = ("B", "b", "bit", "Hz")  # units the page scales (k, M, ...) at any size
+# Control characters (C0, DEL, C1) in a task's strings would be escape codes
+# on the user's terminal: they are shown as spaces.
+_CONTROL = dict.fromkeys(itertools.chain(range(0x20), range(0x7F, 0xA0)), " ")
+
+
+class WatchError(Exception):
+    """``watch`` or ``wait`` can't reach the server (``kind`` ``"down"``) or the
+    server refuses the token (``"refused"``); the message is one line for stderr."""
+
+    def __init__(self, message, kind):
+        super().__init__(message)
+        self.message, self.kind = message, kind
+
+
+def _server_base(server_url=None):
+    """``scheme://host:port`` of the server, as the client finds it; the path is ignored."""
+    url = server_url or os.environ.get("PROGRESSISTA_SERVER_URL") or DEFAULT_SERVER_URL
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("the server URL must be http:// or https://, got %r" % url)
+    return "%s://%s" % (parts.scheme, parts.netloc.rpartition("@")[2])
+
+
+def _printable(value):
+    return ("" if value is None else str(value)).translate(_CONTROL)
+
+
+def _filter_terms(words):
+    """The dashboard's filter: every whitespace-separated word, lower-cased."""
+    return " ".join(words or ()).lower().split()
+
+
+def _search_text(task_id, task):
+    """What the filter looks in, as on the page: id, description, host, meta."""
+    parts = [task_id, task.get("desc") or "", task.get("host") or ""]
+    meta = task.get("meta")
+    if isinstance(meta, dict):
+        for key, value in meta.items():
+            parts.append(key)
+            parts.append(value if isinstance(value, str)
+                         else json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    return "\n".join(str(part) for part in parts).lower()
+
+
+def _activity(task):
+    """Newest first: last progress, else last contact, else creation (the page's order)."""
+    return _finite(task.get("updated_at")) or _finite(task.get("seen_at")) \
+        or _finite(task.get("created_at")) or 0
+
+
+class TaskView:
+    """The tasks a terminal shows, kept up to date from ``/ws`` messages.
+
+    Only the tasks passing the filter ``words`` (or the predicate ``keep``)
+    are kept.  ``apply`` returns what changed as ``(task_id, old, new)``
+    triples (``None`` for absent), so a reconnect's fresh snapshot reads as
+    the changes missed meanwhile.
+    """
+
+    def __init__(self, words=(), keep=None):
+        self.terms = _filter_terms(words)
+        self.keep = keep
+        self.tasks = {}
+        self.offset = 0.0  # server clock minus ours
+        self.snapshots = 0
+
+    def matches(self, task_id, task):
+        if self.keep is not None and not self.keep(task_id):
+            return False
+        if not self.terms:
+            return True
+        text = _search_text(task_id, task)
+        return all(term in text for term in self.terms)
+
+    def now(self):
+        return time.time() + self.offset
+
+    def apply(self, message):
+        if not isinstance(message, dict):
+            return []
+        if isinstance(message.get("server_time"), (int, float)):
+            self.offset = message["server_time"] - time.time()
+        incoming = message.get("tasks")
+        incoming = incoming if isinstance(incoming, dict) else {}
+        changes = []
+        tasks = self.tasks
+        if message.get("type") == "snapshot":
+            self.snapshots += 1
+            for task_id in [t for t in tasks if t not in incoming]:
+                changes.append((task_id, tasks.pop(task_id), None))
+        else:
+            for task_id in message.get("removed") or ():
+                old = tasks.pop(task_id, None) if isinstance(task_id, str) else None
+                if old is not None:
+                    changes.append((task_id, old, None))
+        for task_id, task in incoming.items():
+            if not isinstance(task, dict):
+                continue
+            old = tasks.get(task_id)
+            if self.matches(task_id, task):
+                if old != task:
+                    tasks[task_id] = task
+                    changes.append((task_id, old, task))
+            elif old is not None:
+                del tasks[task_id]
+                changes.append((task_id, old, None))
+        return changes
+
+    def counts(self):
+        counts = dict.fromkeys(STATUSES, 0)
+        for task in self.tasks.values():
+            status = task.get("status")
+            counts[status if status in counts else "active"] += 1
+        return counts
+
+
+def _plain_meter(n, total, elapsed, rate, unit, postfix=None):
+    """A tqdm-like meter without tqdm: `` 45% 450/1000 it [01:02<01:15, 7.20it/s]``."""
+    def clock(seconds):
+        seconds = int(max(0, seconds))
+        h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+        return "%d:%02d:%02d" % (h, m, s) if h else "%02d:%02d" % (m, s)
+    rate_text = ("%.2f%s/s" % (rate, unit)) if rate else "?%s/s" % unit
+    if total:
+        left = clock((total - n) / rate) if rate else "?"
+        text = "%3d%% %g/%g %s [%s<%s, %s" % (min(100, 100 * n // total), n, total, unit,
+                                             clock(elapsed), left, rate_text)
+    else:
+        text = "%g%s [%s, %s" % (n, unit, clock(elapsed), rate_text)
+    return text + (", " + postfix if postfix else "") + "]"
+
+
+def _meter(task, width, now, ascii_only=False, format_meter=None):
+    """One task's (or group's) meter in tqdm's own format, ``width`` columns or free."""
+    n = _finite(task.get("n")) or 0
+    total = _finite(task.get("total"))
+    total = total if total and total > 0 else None
+    elapsed = max(0, _finite(task.get("elapsed")) or 0)
+    rate = _finite(task.get("rate"))
+    rate = rate if rate and rate > 0 else None
+    unit = _printable(task.get("unit") or "it")[:20]
+    postfix = _printable(task.get("postfix"))[:200] or None  # tqdm's set_postfix text
+    if task.get("status") == "stale":
+        idle = "no progress for %s" % _age(now - _activity(task))
+        postfix = idle if postfix is None else postfix + ", " + idle
+    if format_meter is not None:
+        big = max(abs(n), total or 0)
+        try:
+            return format_meter(n, total, elapsed, ncols=width, prefix="", unit=unit, rate=rate,
+                                postfix=postfix, ascii=ascii_only or None,
+                                unit_scale=unit in _PREFIXED_UNITS or big >= 1e5)
+        except Exception:  # tqdm's formatting of odd numbers is no reason to stop watching
+            pass
+    return _plain_meter(n, total, elapsed, rate, unit, postfix)
+
+
+def _age(seconds):
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm" % (seconds // 60)
+    if seconds < 86400:
+        return "%dh %dm" % (seconds // 3600, seconds // 60 % 60)
+    return "%dd %dh" % (seconds // 86400, seconds // 3600 % 24)
+
+
+def _tqdm_format_meter():
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm.format_meter
+
+
+def _group_task(name, members, expected, started):
+    """A group's summed pseudo-task (the page's group header): Σn and Σtotal over
+    the members with a total, Σrate, the longest elapsed."""
+    n = total = rate = elapsed = 0
+    with_total, units = 0, set()
+    for task in members:
+        task_total = _finite(task.get("total"))
+        if task_total and task_total > 0:
+            n += _finite(task.get("n")) or 0
+            total += task_total
+            with_total += 1
+        rate += _finite(task.get("rate")) or 0
+        elapsed = max(elapsed, _finite(task.get("elapsed")) or 0)
+        units.add(task.get("unit") or "it")
+    if not with_total:
+        n = sum(_finite(task.get("n")) or 0 for task in members)
+    label = "%s (%d tasks%s)" % (_printable(name), len(members),
+                                 ", %d/%d started" % (started, expected) if expected else "")
+    return label, {"n": n, "total": total or None, "rate": rate or None, "elapsed": elapsed,
+                   "unit": units.pop() if len(units) == 1 else "", "status": "active",
+                   "_group": True}
+
+
+def _layout(view):
+    """Each section's entries, newest first: ``(key, task_id, task)`` for a
+    task, ``(key, name, [(key, task_id, task), ...])`` for a group of 2 or more."""
+    buckets = {status: {} for status in STATUSES}
+    for task_id, task in view.tasks.items():
+        status = task.get("status")
+        bucket = buckets[status if status in buckets else "active"]
+        group = task_id.partition(":")[0] if ":" in task_id else None
+        entry = (_activity(task), task_id, task)
+        if group is None:
+            bucket[task_id] = entry
+        else:
+            found = bucket.get(group)
+            if found is None:
+                bucket[group] = entry
+            elif type(found[2]) is list:
+                found[2].append(entry)
+                if entry[0] > found[0]:
+                    bucket[group] = (entry[0], group, found[2])
+            else:
+                bucket[group] = (max(found[0], entry[0]), group, [found, entry])
+    return {status: sorted(bucket.values(), key=lambda e: e[0], reverse=True)
+            for status, bucket in buckets.items()}
+
+
+def _group_sizes(view, names):
+    """For the groups in ``names``: (members started, expected size or None) over all
+    sections; the expected size is the newest task's ``group_size``."""
+    wanted = set(names)
+    members, expected = {}, {}
+    for task_id, task in view.tasks.items():
+        group = _group_of(task_id)
+        if group not in wanted:
+            continue
+        members.setdefault(group, set()).add(_member_of(task_id))
+        size = task.get("group_size")
+        if isinstance(size, int) and size >= 1:
+            key = _activity(task)
+            if group not in expected or key >= expected[group][0]:
+                expected[group] = (key, size)
+    return {group: (len(members[group]), expected[group][1] if group in expected else None)
+            for group in members}
+
+
+def _fit(text, width):
+    if width is None or len(text) <= width:
+        return text
+    return text[:max(0, width - 1)] + "…"
+
+
+def render(view, width=None, height=None, now=None, header=(), ascii_only=False,
+           format_meter="tqdm"):
+    """The watch screen as lines: the four sections with counts, newest first,
+    group lines with their sums, error lines, cut to ``height`` with ``… N more``.
+
+    Without ``width`` and ``height``, every task is listed and no meter is
+    fitted to a width (``--once`` and piped output).  ``format_meter`` is
+    tqdm's when it can be imported; ``None`` gives a plain meter.
+    """
+    if format_meter == "tqdm":
+        format_meter = _tqdm_format_meter()
+    now = view.now() if now is None else now
+    ellipsis = "..." if ascii_only else "…"
+    layout = _layout(view)
+    counts = {status: sum(len(e[2]) if type(e[2]) is list else 1 for e in entries)
+              for status, entries in layout.items()}
+    lines = [_fit(line, width) for line in header]
+    budget = None if height is None else max(0, height - len(lines) - len(SECTIONS))
+
+    def need(entries):
+        total = 0
+        for entry in entries:
+            if type(entry[2]) is list:
+                total += 1 + len(entry[2]) + sum(1 for e in entry[2] if e[2].get("error")
+                                                 and e[2].get("status") == "error")
+            else:
+                total += 1 + (1 if entry[2].get("error") and entry[2].get("status") == "error"
+                              else 0)
+        return total
+
+    quotas = {}
+    if budget is not None:
+        needs = {status: need(layout[status]) for status, _ in SECTIONS}
+        left, pending = budget, sorted(needs, key=needs.get)
+        while pending:  # water-filling: small sections whole, the rest share what is left
+            status = pending.pop(0)
+            quotas[status] = min(needs[status], -(-left // (len(pending) + 1)))
+            left -= quotas[status]
+        for status, _ in SECTIONS:  # rounding leaves a few rows: to the first in need
+            extra = min(left, needs[status] - quotas[status])
+            quotas[status] += extra
+            left -= extra
+        groups = [entry[1] for entries in layout.values() for entry in entries[:max(quotas.values()
+                                                                                      or [0])]
+                  if type(entry[2]) is list]
+    else:
+        groups = [entry[1] for entries in layout.values() for entry in entries
+                  if type(entry[2]) is list]
+    sizes = _group_sizes(view, groups) if groups else {}
+
+    for status, title in SECTIONS:
+        lines.append(_fit("%s (%d)" % (title, counts[status]), width))
+        quota = quotas.get(status)
+        rows, more = _rows(layout[status], status, quota, sizes), 0
+        if quota is not None and _shown(rows[:quota]) < counts[status]:
+            rows = rows[:quota - 1] if quota else []
+            more = counts[status] - _shown(rows) if quota else 0
+        elif quota is not None:
+            rows = rows[:quota]  # every task fits; only error lines may not
+        label_width = max([len(indent) + len(label) for indent, label, _, error in rows
+                           if error is None] or [0])
+        if width is not None:  # tqdm's meter needs ~45 columns besides its bar
+            label_width = min(label_width, max(16, min(width * 2 // 5, width - 55)))
+        meter_width = None if width is None else max(10, width - label_width - 1)
+        for indent, label, task, error in rows:
+            if error is not None:
+                lines.append(_fit(indent + _printable(error), width))
+            else:
+                lines.append(_fit(_fit(indent + label, label_width).ljust(label_width) + " " +
+                                  _meter(task, meter_width, now, ascii_only, format_meter), width))
+        if more:
+            lines.append(_fit("  %s %d more" % (ellipsis, more), width))
+    if ascii_only:
+        lines = [line.replace("…", "...").replace("·", "-") for line in lines]
+    return lines
+
+
+def _task_label(task_id, task):
+    """What a task line starts with: its description, then its id (as tqdm puts desc first)."""
+    desc = task.get("desc")
+    return _printable(desc) + " · " + _printable(task_id) if desc else _printable(task_id)
+
+
+def _rows(entries, status, quota, sizes):
+    """A section's rows ``(indent, label, task, error)``, a few beyond ``quota`` at most:
+    group lines, their members, lone tasks, and the error line of a failed task."""
+    rows = []
+
+    def add(indent, label, task):
+        rows.append((indent, label, task, None))
+        if status == "error" and task.get("error"):
+            rows.append((indent + "  ", None, None, task["error"]))
+
+    for _, name, item in entries:
+        if quota is not None and len(rows) > quota:
+            break
+        if type(item) is not list:
+            add("  ", _task_label(name, item), item)
+            continue
+        started, expected = sizes.get(name, (len(item), None))
+        rows.append(("  ",) + _group_task(name, [e[2] for e in item], expected, started) + (None,))
+        item.sort(key=lambda e: e[0], reverse=True)
+        cut = len(name) + 1
+        for _, task_id, task in item:
+            if quota is not None and len(rows) > quota:
+                break
+            add("    ", _task_label(task_id[cut:], task), task)
+    return rows
+
+
+def _shown(rows):
+    """How many tasks ``rows`` show (group lines and error lines are not tasks)."""
+    return sum(1 for indent, label, task, error in rows
+               if error is None and not task.get("_group"))
+
+
+class _Feed:
+    """A reader thread on ``/ws`` that reconnects by itself.
+
+    Events go to ``events`` (a queue) as ``(kind, value)``: ``("up", None)``,
+    ``("message", obj)``, ``("down", reason)`` and, when the server refuses the
+    token, ``("refused", reason)`` (it then stops).  ``wake`` is called after
+    each event (a screen's select loop writes to its pipe).
+    """
+
+    def __init__(self, base, token=None, wake=None):
+        import queue
+        self.base = base
+        self.url = base + "/ws"
+        self.headers = {"Authorization": "Bearer " + token} if token else {}
+        self.events = queue.Queue()
+        self.wake = wake
+        self.stopping = threading.Event()
+        self.ws = None
+        self.thread = threading.Thread(target=self._run, name="progressista-watch", daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        ws = self.ws
+        if ws is not None:
+            ws.close(1001)
+        self.thread.join(5)
+
+    def _emit(self, kind, value=None):
+        self.events.put((kind, value))
+        if self.wake is not None:
+            self.wake()
+
+    def _run(self):
+        delay = 0.25
+        while not self.stopping.is_set():
+            try:
+                ws = connect_watch(self.base, self.headers)
+            except WatchError as exc:
+                if exc.kind == "refused":
+                    self._emit("refused", exc.message)
+                    return
+                self._emit("down", exc.message)
+                self.stopping.wait(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            self.ws, delay = ws, 0.25
+            if self.stopping.is_set():
+                ws.close(1001)
+                return
+            self._emit("up")
+            try:
+                while True:
+                    self._emit("message", json.loads(ws.recv()))
+            except (OSError, ProtocolError, ValueError) as exc:
+                ws.abort()
+                self.ws = None
+                if not self.stopping.is_set():
+                    self._emit("down", "connection lost: %s" % (exc.reason if isinstance(
+                        exc, ProtocolError) else exc))
+
+
+def connect_watch(base, headers, timeout=10.0):
+    """``/ws`` of the server at ``base``; ``WatchError(text, "refused"|"down")``
+    with a one-line reason when it can't be had."""
+    try:
+        return WebSocketClient.connect(base + "/ws", headers, timeout)
+    except HandshakeRefused as exc:
+        if exc.status == 401 and "Authorization" not in headers:
+            raise WatchError("%s needs a token: give --token or set $PROGRESSISTA_API_TOKEN"
+                             % base, "refused") from None
+        if exc.status == 401:
+            raise WatchError("%s refused the token (HTTP 401)" % base, "refused") from None
+        if exc.status == 403:
+            raise WatchError("%s refused us (HTTP 403: %s)" % (base, exc.reason),
+                             "refused") from None
+        raise WatchError("%s answered HTTP %d: %s" % (base, exc.status, exc.reason),
+                         "down") from None
+    except ProtocolError as exc:
+        raise WatchError("%s: %s" % (base, exc.reason), "down") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise WatchError("cannot reach %s: %s" % (base, reason), "down") from None
+
+
+def _snapshot(base, headers):
+    """Connect, read the first message (the snapshot), close."""
+    ws = connect_watch(base, headers)
+    try:
+        ws.settimeout(60.0)
+        try:
+            message = json.loads(ws.recv())
+        except (OSError, ProtocolError, ValueError) as exc:
+            raise WatchError("%s: no snapshot: %s" % (base, exc), "down") from None
+    finally:
+        ws.close()
+    return message
+
+
+def _can_encode(stream, text):
+    try:
+        text.encode(getattr(stream, "encoding", None) or "utf-8")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+def _status_line(task_id, task, now, format_meter):
+    """Piped: ``12:03:04 Failed  epoch 3 · run-7:rank-3  37%|███▋ | 37/100 [...]``."""
+    status = task.get("status") if task.get("status") in SECTION_NAMES else "active"
+    line = "%s %-15s %s  %s" % (time.strftime("%H:%M:%S"), SECTION_NAMES[status],
+                                _task_label(task_id, task),
+                                _meter(task, None, now, False, format_meter))
+    if status == "error" and task.get("error"):
+        line += "  " + _printable(task["error"])
+    return line
+
+
+def _summary_line(view):
+    counts = view.counts()
+    return "%s %s" % (time.strftime("%H:%M:%S"), " · ".join(
+        "%d %s" % (counts[status], title.lower()) for status, title in SECTIONS))
+
+
+def watch(words=(), server_url=None, token=None, once=False, json_lines=False,
+          out=None, err=None, screen=None):
+    """``progressista watch``: the live view of a server's tasks in a terminal.
+
+    ``screen`` (default: ``out`` is a terminal) chooses the full-screen view;
+    otherwise plain lines, or JSON lines with ``json_lines``.  Returns the exit
+    status: 0, or 1 when the server can't be reached (``once``) or refuses the
+    token.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    token = token if token is not None else os.environ.get("PROGRESSISTA_API_TOKEN")
+    try:
+        base = _server_base(server_url)
+    except ValueError as exc:
+        print("progressista: %s" % exc, file=err)
+        return 1
+    headers = {"Authorization": "Bearer " + token} if token else {}
+    view = TaskView(words)
+    format_meter = _tqdm_format_meter()
+    if once:
+        try:
+            changes = view.apply(_snapshot(base, headers))
+        except WatchError as exc:
+            print("progressista: %s" % exc.message, file=err)
+            return 1
+        if json_lines:
+            for task_id, _, task in changes:
+                out.write(_dumps({"type": "task", "task": dict(task, task_id=task_id)}) + "\n")
+        else:
+            out.write("".join(line + "\n" for line in render(
+                view, header=(), format_meter=format_meter)))
+        out.flush()
+        return 0
+    if screen is None:
+        screen = not json_lines and hasattr(out, "isatty") and out.isatty()
+    if screen:
+        return _watch_screen(view, base, token, out, err, format_meter)
+    return _watch_lines(view, base, token, out, err, format_meter, json_lines)
+
+
+def _watch_lines(view, base, token, out, err, format_meter, json_lines):
+    """Piped: one line per status change and a summary every 10 s at most; or JSON lines."""
+    import queue
+    feed = _Feed(base, token).start()
+    down_since, changed, last_summary = None, False, 0.0
+    try:
+        while True:
+            try:
+                kind, value = feed.events.get(timeout=1.0)
+            except queue.Empty:
+                kind = None
+            if kind == "refused":
+                print("progressista: %s" % value, file=err, flush=True)
+                return 1
+            if kind == "down" and down_since is None:
+                down_since = time.monotonic()
+                print("progressista: %s; reconnecting" % value, file=err, flush=True)
+            elif kind == "up" and down_since is not None:
+                down_since = None
+                print("progressista: reconnected to %s" % base, file=err, flush=True)
+            elif kind == "message":
+                first = view.snapshots == 0
+                changes = view.apply(value)
+                lines = []
+                if json_lines:
+                    for task_id, _, task in changes:
+                        lines.append(_dumps({"type": "removed", "task_id": task_id}
+                                            if task is None else
+                                            {"type": "task", "task": dict(task, task_id=task_id)}))
+                elif first:
+                    lines.append(_summary_line(view))
+                    last_summary = time.monotonic()
+                else:
+                    now = view.now()
+                    for task_id, old, task in changes:
+                        changed = True
+                        if task is not None and (old is None or old.get("status")
+                                                 != task.get("status")):
+                            lines.append(_status_line(task_id, task, now, format_meter))
+                if lines:
+                    out.write("".join(line + "\n" for line in lines))
+                    out.flush()
+            if not json_lines and changed and \
+                    time.monotonic() - last_summary >= WATCH_SUMMARY_SECONDS:
+                out.write(_summary_line(view) + "\n")
+                out.flush()
+                changed, last_summary = False, time.monotonic()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        feed.stop()
+
+
+def _watch_screen(view, base, token, out, err, format_meter):
+    """The full-screen view: alternate screen, redrawn in place, ``q`` to leave."""
+    import queue
+    import select
+    import signal
+    keys = sys.stdin if sys.stdin is not None and sys.stdin.isatty() else None
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+
+    def wake(*_):
+        try:
+            os.write(wake_w, b".")
+        except OSError:  # full: a wake-up is already pending
+            pass
+
+    saved_tty, handlers = None, {}
+    main_thread = threading.current_thread() is threading.main_thread()
+    feed = _Feed(base, token, wake)
+    ascii_only = not _can_encode(out, "█…·")
+    status, down_since, last_text = "connecting", None, None
+    last_draw, dirty, failure = 0.0, True, None
+    try:
+        if keys is not None:
+            import termios
+            import tty
+            saved_tty = termios.tcgetattr(keys.fileno())
+            tty.setcbreak(keys.fileno())  # keys one at a time, no echo; Ctrl-C still a signal
+        if main_thread:
+            if hasattr(signal, "SIGWINCH"):
+                handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, wake)
+
+            def terminate(signum, frame):
+                raise SystemExit(128 + signum)
+            for signum in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+                if signum is not None:
+                    handlers[signum] = signal.signal(signum, terminate)
+        out.write("\x1b[?1049h\x1b[?25l")  # the alternate screen, no cursor
+        out.flush()
+        feed.start()
+        size = None
+        while True:
+            wait = max(0.0, last_draw + WATCH_REDRAW_SECONDS - time.monotonic()) if dirty \
+                else max(0.0, last_draw + 1.0 - time.monotonic())  # ages tick every second
+            ready = select.select([wake_r] + ([keys] if keys is not None else []), [], [], wait)[0]
+            if wake_r in ready:
+                os.read(wake_r, 4096)
+            if keys is not None and keys in ready:
+                pressed = os.read(keys.fileno(), 64)
+                if not pressed or b"q" in pressed.lower() or b"\x03" in pressed:
+                    return 0
+            while True:
+                try:
+                    kind, value = feed.events.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "message":
+                    if view.apply(value):
+                        dirty = True
+                elif kind == "up":
+                    status, down_since, dirty = "live", None, True
+                elif kind == "down":  # the header says for how long, from down_since
+                    down_since, dirty = down_since or time.time(), True
+                elif kind == "refused":
+                    failure = value
+                    return 1
+            try:
+                current = os.get_terminal_size(out.fileno())
+            except (AttributeError, ValueError, OSError):  # not a terminal after all
+                current = os.terminal_size((80, 24))
+            if current != size:
+                size, dirty = current, True
+            if time.monotonic() - last_draw >= 1.0:
+                dirty = True
+            if not dirty or time.monotonic() - last_draw < WATCH_REDRAW_SECONDS:
+                continue
+            shown = status
+            if down_since is not None:
+                shown = "reconnecting, server away for %s" % _age(time.time() - down_since)
+            header = ["progressista watch · %s · %s%s · q quits" % (
+                base, shown, " · filter: " + " ".join(view.terms) if view.terms else "")]
+            if size.lines >= 15:
+                header.append("")
+            lines = render(view, size.columns, size.lines, header=header,
+                           ascii_only=ascii_only, format_meter=format_meter)
+            text = "\x1b[H" + "\x1b[K\r\n".join(lines[:size.lines]) + "\x1b[K\x1b[J"
+            if text != last_text:
+                out.write(text)
+                out.flush()
+                last_text = text
+            last_draw, dirty = time.monotonic(), False
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        feed.stop()
+        try:
+            out.write("\x1b[?25h\x1b[?1049l")  # the cursor and the screen as they were
+            out.flush()
+        except (OSError, ValueError):
+            pass
+        if saved_tty is not None:
+            import termios
+            termios.tcsetattr(keys.fileno(), termios.TCSADRAIN, saved_tty)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+        if failure is not None:
+            print("progressista: %s" % failure, file=err, flush=True)
+
+
+def _wait_state(tasks, names):
+    """Per NAME: its status counts, members started, expected size, done."""
+    state = {}
+    for name in names:
+        state[name] = {"counts": dict.fromkeys(STATUSES, 0), "members": set(), "expected": None,
+                       "newest": None}
+    groups = {name: name for name in names if ":" not in name}
+    exact = [name for name in names if ":" in name]
+    for task_id, task in tasks.items():
+        matched = []
+        group = groups.get(_group_of(task_id))
+        if group is not None:
+            matched.append(group)
+        for name in exact:
+            if task_id == name or task_id.startswith(name + "/"):
+                matched.append(name)
+        for name in matched:
+            entry = state[name]
+            status = task.get("status")
+            entry["counts"][status if status in STATUSES else "active"] += 1
+            entry["members"].add(_member_of(task_id))
+            size = task.get("group_size")
+            if ":" not in name and isinstance(size, int) and size >= 1:
+                key = _activity(task)
+                if entry["newest"] is None or key >= entry["newest"]:
+                    entry["newest"], entry["expected"] = key, size
+    for entry in state.values():
+        counts = entry["counts"]
+        entry["tasks"] = sum(counts.values())
+        entry["members"] = len(entry["members"])
+        entry["done"] = entry["tasks"] > 0 and not counts["active"] and not counts["stale"] \
+            and (entry["expected"] is None or entry["members"] >= entry["expected"])
+    return state
+
+
+def _wait_line(state):
+    parts = []
+    for name, entry in state.items():
+        if not entry["tasks"]:
+            parts.append("%s: not on the server yet" % name)
+            continue
+        counts = entry["counts"]
+        text = " · ".join("%d %s" % (counts[status], title.lower())
+                          for status, title in SECTIONS if counts[status])
+        if entry["expected"] is not None:
+            text += " · %d/%d started" % (entry["members"], entry["expected"])
+        parts.append("%s: %s%s" % (name, text, " (done)" if entry["done"] else ""))
+    return "progressista wait: " + "; ".join(parts)
+
+
+def wait(names, server_url=None, token=None, timeout=None, err=None):
+    """``progressista wait``: block until every NAME (a group or a task id) is done.
+
+    Returns 0 when all their tasks closed, 1 when any failed, 2 on timeout,
+    3 when the server can't be reached or refuses the token.  A NAME not yet
+    on the server is waited for; one line per change of counts goes to ``err``.
+    """
+    import queue
+    err = sys.stderr if err is None else err
+    names = list(dict.fromkeys(names))
+    token = token if token is not None else os.environ.get("PROGRESSISTA_API_TOKEN")
+    try:
+        base = _server_base(server_url)
+    except ValueError as exc:
+        print("progressista: %s" % exc, file=err)
+        return 3
+    deadline = None if timeout is None else time.monotonic() + timeout
+    groups = {name for name in names if ":" not in name}
+    exact = tuple(name for name in names if ":" in name)
+    view = TaskView(keep=lambda task_id: _group_of(task_id) in groups or (
+        task_id.startswith(exact) and any(task_id == name or task_id.startswith(name + "/")
+                                          for name in exact)))
+    feed = _Feed(base, token).start()
+    connected, down_since, last_line, done_since, state = False, None, None, None, {}
+    try:
+        while True:
+            now = time.monotonic()
+            if done_since is not None and now - done_since >= WAIT_SETTLE_SECONDS \
+                    and feed.events.empty():
+                return 1 if any(entry["counts"]["error"] for entry in state.values()) else 0
+            left = None if deadline is None else deadline - now
+            if left is not None and left <= 0 and done_since is None:
+                print("progressista wait: timed out after %gs" % timeout, file=err, flush=True)
+                return 2
+            pause = 1.0 if done_since is None else done_since + WAIT_SETTLE_SECONDS - now
+            try:
+                kind, value = feed.events.get(timeout=max(0.0, min(pause, left or pause)
+                                                          if done_since is None else pause))
+            except queue.Empty:
+                kind = None
+            if kind == "refused":
+                print("progressista: %s" % value, file=err, flush=True)
+                return 3
+            if kind == "down":
+                if not connected:
+                    print("progressista: %s" % value, file=err, flush=True)
+                    return 3
+                if down_since is None:
+                    down_since = time.monotonic()
+                    print("progressista wait: %s; reconnecting" % value, file=err, flush=True)
+            elif kind == "up":
+                connected, down_since = True, None
+            elif kind == "message":
+                view.apply(value)
+                if not feed.events.empty():
+                    continue  # judge the newest state, not every step to it
+                state = _wait_state(view.tasks, names)
+                line = _wait_line(state)
+                if line != last_line:
+                    print(line, file=err, flush=True)
+                    last_line = line
+                if not all(entry["done"] for entry in state.values()):
+                    done_since = None
+                elif done_since is None:
+                    done_since = time.monotonic()
+            if connected and down_since is not None and \
+                    time.monotonic() - down_since > WAIT_LOST_SECONDS:
+                print("progressista wait: %s is gone (no answer for %gs)"
+                      % (base, WAIT_LOST_SECONDS), file=err, flush=True)
+                return 3
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        feed.stop()
 
 
 # -- dashboard ---------------------------------------------------------------
@@ -2710,6 +5187,14 @@ body.disconnected main { opacity: .72; }
 .group-count, .group-progress { color: var(--muted); font-size: 12.5px; font-variant-numeric: tabular-nums; }
 .group-bar { flex: 1 1 120px; max-width: 320px; }
 .group.collapsed { padding-bottom: 0; }
+/* the job line: every task of the prefix, whatever its section (SPEC 8) */
+.group-job { flex: 1 1 100%; display: flex; flex-wrap: wrap; align-items: center; gap: 4px 12px; min-width: 0;
+  color: var(--muted); font-size: 12.5px; font-variant-numeric: tabular-nums; }
+.group-job-bar { flex: 0 1 200px; height: 4px; }
+.job-percent { font-weight: 600; color: var(--text); }
+.group-job-bar .bar-fill { background: var(--blue); }
+.group-job[data-state="failed"] .group-job-bar .bar-fill { background: var(--red); }
+.group-job[data-state="done"] .group-job-bar .bar-fill { background: var(--green); }
 
 /* ---- cards ---- */
 .card {
@@ -2728,6 +5213,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
 .discard { flex: none; border: 0; background: none; color: var(--muted); font-size: 18px; line-height: 1;
   padding: 1px 6px 3px; border-radius: 6px; }
 .discard:hover:not(:disabled) { color: var(--red); }
+.read-only .discard, .read-only #btn-clear-close, .read-only #btn-clear-stale { display: none; }
 .bar { position: relative; height: 6px; margin: 8px 0 6px; background: var(--track); border-radius: 3px; overflow: hidden; }
 .bar-fill { position: absolute; left: 0; top: 0; bottom: 0; width: 0; background: var(--blue); border-radius: 3px;
   transition: width .25s ease-out; }
@@ -2818,7 +5304,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
 </main>
 <div id="toast" class="toast" role="status" hidden></div>
 <template id="tpl-card"><article class="card"><div class="card-head"><div class="card-titles"><div class="task-id"></div><div class="desc"></div></div><button type="button" class="discard" aria-label="Discard task">&times;</button></div><div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100"><div class="bar-fill"></div></div><div class="line stats"><span class="percent"></span><span class="progress-text"></span><span class="rate"></span></div><div class="line times"><span class="elapsed"></span><span class="eta"></span></div><div class="age"></div><div class="host"></div><div class="postfix"></div><ul class="meta"></ul><div class="error-line"></div></article></template>
-<template id="tpl-group"><div class="group"><div class="group-header"><button type="button" class="group-toggle" aria-expanded="true"><span class="chev" aria-hidden="true"></span><span class="group-name"></span></button><span class="group-count"></span><span class="group-progress"></span><div class="bar group-bar"><div class="bar-fill"></div></div></div><div class="list group-body"></div></div></template>
+<template id="tpl-group"><div class="group"><div class="group-header"><button type="button" class="group-toggle" aria-expanded="true"><span class="chev" aria-hidden="true"></span><span class="group-name"></span></button><span class="group-count"></span><span class="group-progress"></span><div class="bar group-bar"><div class="bar-fill"></div></div><div class="group-job" hidden><div class="bar group-job-bar"><div class="bar-fill"></div></div><span class="job-percent"></span><span class="job-started"></span><span class="job-counts"></span><span class="job-rate"></span><span class="job-eta"></span></div></div><div class="list group-body"></div></div></template>
 <script>
 (function () {
   'use strict';
@@ -2840,6 +5326,15 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
 
   var params = new URLSearchParams(location.search);
   var token = params.get('token');
+  // The token is kept for this tab's requests and reconnects only: out of
+  // the address bar, so it is not bookmarked, shared or shown on a screen.
+  if (params.has('token')) {
+    params.delete('token');
+    var rest = params.toString();
+    try {
+      history.replaceState(history.state, '', location.pathname + (rest ? '?' + rest : '') + location.hash);
+    } catch (e) { /* a sandboxed frame: the address stays as it was */ }
+  }
 
   function apiUrl(path, query) {
     var q = new URLSearchParams(query || {});
@@ -3141,7 +5636,8 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   // ---- cards ------------------------------------------------------------
   function newRecord(id) {
     return { id: id, t: null, el: null, status: null, group: null, key: 0, match: true,
-      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0, _sec: null, _at: -1, _mv: 0 };
+      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0, job: null, js: null, jm: null,
+      _sec: null, _at: -1, _mv: 0 };
   }
 
   // A card that leaves the page gives its element back (releaseCard) for the
@@ -3318,6 +5814,118 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     setText(g.progress, text);
     setHidden(g.bar, !withTotal);
     if (g.fill._w !== w) { g.fill._w = w; g.fill.style.width = w; }
+    paintJob(g);
+  }
+
+  // ---- jobs (SPEC 8) ------------------------------------------------------
+  // A job is every task of a prefix, whatever its section. Each box of the
+  // prefix shows its members against the expected size (task.group_size),
+  // the members' states (by their main bar: the task without "/k"), the sum
+  // of the main bars, their rate and the ETA, as GET /groups computes them.
+  // Each task adds its share and takes it back when it changes, so an update
+  // costs the same in a job of 10 or of 100,000.
+  var jobs = new Map();     // prefix -> job record
+  var jobsDirty = new Set();
+  function jobShare(rec, t) {
+    var j = rec.job, s = rec.js;
+    if (j) {  // take back the old share
+      j.tasks--;
+      var left = j.members.get(rec.jm) - 1;
+      if (left) j.members.set(rec.jm, left); else j.members.delete(rec.jm);
+      if (s) {
+        j.mains[s.status]--;
+        var uses = j.units.get(s.unit) - 1;
+        if (uses) j.units.set(s.unit, uses); else j.units.delete(s.unit);
+        j.n -= s.n;
+        if (s.total === null) j.noTotal--; else j.total -= s.total;
+        if (s.status === 'active') {
+          j.active--;
+          j.rate -= s.rate;
+          if (s.total === null) j.remUnknown--; else j.rem -= s.rem;
+        }
+      }
+      jobsDirty.add(j);
+      if (!j.tasks) jobs.delete(j.prefix);
+    }
+    rec.job = rec.js = null;
+    var prefix = t ? prefixOf(rec.id) : null;
+    if (prefix === null) return;
+    j = jobs.get(prefix);
+    if (!j) {
+      j = { prefix: prefix, tasks: 0, members: new Map(), mains: { active: 0, stale: 0, close: 0, error: 0 },
+        n: 0, total: 0, noTotal: 0, active: 0, rate: 0, rem: 0, remUnknown: 0, expected: null,
+        units: new Map() };
+      jobs.set(prefix, j);
+    }
+    var tail = rec.id.slice(prefix.length + 1), slash = tail.indexOf('/');
+    rec.job = j;
+    rec.jm = slash < 0 ? tail : tail.slice(0, slash);
+    j.tasks++;
+    j.members.set(rec.jm, (j.members.get(rec.jm) || 0) + 1);
+    var size = num(t.group_size);
+    if (size !== null && size >= 1) j.expected = size;  // the server sets the latest on every task
+    jobsDirty.add(j);
+    if (slash >= 0) return;
+    var n = Math.max(num(t.n) || 0, 0), total = num(t.total), status = t.status;
+    if (total !== null && total < 0) total = null;
+    s = rec.js = { status: status, n: n, total: total, rate: 0, rem: 0, unit: t.unit ? String(t.unit) : 'it' };
+    j.mains[status]++;
+    j.units.set(s.unit, (j.units.get(s.unit) || 0) + 1);
+    j.n += n;
+    if (total === null) j.noTotal++; else j.total += total;
+    if (status === 'active') {
+      j.active++;
+      s.rate = Math.max(num(t.rate) || 0, 0);
+      j.rate += s.rate;
+      if (total === null) j.remUnknown++; else { s.rem = Math.max(total - n, 0); j.rem += s.rem; }
+    }
+  }
+  // Repaint the job line of each box of a changed job (only that line: a
+  // box's own sums are redone when one of its members changes).
+  function markJobs() {
+    jobsDirty.forEach(function (j) {
+      if (!j.active) j.rate = j.rem = 0;  // no drift left behind by sums of floats
+      for (var i = 0; i < STATUSES.length; i++) {
+        var g = groups.get(STATUSES[i] + '\n' + j.prefix);
+        if (g) paintJob(g);
+      }
+    });
+    jobsDirty.clear();
+  }
+  function paintJob(g) {
+    var j = jobs.get(g.prefix), el = g.job || (g.job = jobElements(g.el));
+    setHidden(el.row, !j);
+    if (!j) return;
+    var unit = j.units.size === 1 ? j.units.keys().next().value : '';  // mixed units: counts only
+    var members = j.members.size, m = j.mains, mains = m.active + m.stale + m.close + m.error;
+    setText(el.started, j.expected !== null ? fmtNum(members) + ' / ' + fmtNum(j.expected) + ' started'
+      : fmtNum(members) + (members === 1 ? ' member' : ' members'));
+    // the bar: blue while a member runs, then green, or red when one failed
+    var state = m.active || m.stale ? 'running' : m.error ? 'failed' : 'done';
+    if (el.row._state !== state) { el.row._state = state; el.row.dataset.state = state; }
+    setText(el.counts, fmtNum(m.close) + ' done \u00b7 ' + fmtNum(m.error) + ' failed \u00b7 ' +
+      fmtNum(m.active) + ' running' + (m.stale ? ' \u00b7 ' + fmtNum(m.stale) + ' stalled' : ''));
+    // members not started yet count as 0% done, each the size of an average started one
+    var known = mains > 0 && !j.noTotal && j.total > 0, w = '', pct = '';
+    if (known) {
+      var whole = j.expected !== null && j.expected > members ? j.total / members * j.expected : j.total;
+      var ratio = Math.min(1, Math.max(0, j.n / whole));
+      w = (ratio * 100).toFixed(2) + '%';
+      pct = (j.n >= whole ? 100 : Math.min(99, Math.floor(ratio * 100))) + '%';
+    }
+    setHidden(el.bar, !known);
+    if (el.fill._w !== w) { el.fill._w = w; el.fill.style.width = w; }
+    setShown(el.percent, pct);
+    setTitle(el.bar, known ? fmtProgress(j.n, j.total, unit) + ' over the main bars of the members started' : '');
+    var rate = j.active ? j.rate : 0, early = j.expected !== null && members < j.expected;
+    setShown(el.rate, rate > 0 ? fmtRate(rate, unit || 'it') : '');
+    setShown(el.eta, rate > 0 && !j.remUnknown ? 'ETA ' + fmtInterval(j.rem / rate) + (early ? ' (started ones)' : '') : '');
+  }
+  function jobElements(groupEl) {
+    var row = groupEl.querySelector('.group-job'), bar = row.firstElementChild, percent = bar.nextElementSibling;
+    var started = percent.nextElementSibling, counts = started.nextElementSibling, rate = counts.nextElementSibling;
+    return { row: row, bar: bar, fill: bar.firstElementChild, percent: percent, started: started, counts: counts,
+      rate: rate, eta: rate.nextElementSibling };
   }
 
   // Sort a group's members, refresh its header, count those passing the filter.
@@ -3493,7 +6101,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     function take(t, id) {
       var rec = cards.get(id);
       if (t === null) {
-        if (rec) { unfile(rec); contribute(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
+        if (rec) { unfile(rec); contribute(rec, null); jobShare(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
         return;
       }
       if (!rec) { rec = newRecord(id); cards.set(id, rec); }
@@ -3502,6 +6110,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       rec.search = null;
       rec.painted = false;
       contribute(rec, t);
+      jobShare(rec, t);
       var match = filtering ? matches(searchOf(rec)) : true, key = activityKey(t);
       if (refileAll) { rec.key = key; rec.match = match; return; }
       if (rec.status !== t.status) {
@@ -3518,6 +6127,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       if (rec.el && rec.el.isConnected) paint(rec, now);
     }
     pending.clear();
+    if (jobsDirty.size) markJobs();
     if (refileAll) refile();
     groups.forEach(function (g) { if (!g.size || g.sort || g.dirty || g.summary) settleGroup(g); });
     STATUSES.forEach(function (s) { if (sections[s].dirty || sections[s].sort) renderSection(sections[s], now); });
@@ -3754,7 +6364,13 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   function probe(done) {
     fetch(apiUrl('/health'), { cache: 'no-store' })
       .then(function (r) { return r.json(); })
-      .then(done, function () { done(null); });
+      .then(function (health) { applyAccess(health); done(health); }, function () { done(null); });
+  }
+
+  // A read-only token may look at everything and change nothing: the page
+  // hides Discard, Clear completed and Clear stale for it.
+  function applyAccess(health) {
+    if (health && health.access) document.body.classList.toggle('read-only', health.access === 'read');
   }
 
   function openSocket() {
@@ -3890,6 +6506,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   setInterval(tick, 1000);
   updateChrome();
   connect();
+  probe(function () {});
 })();
 </script>
 </body>
@@ -3928,17 +6545,26 @@ def demo(server_url=None, duration=20.0):
     with_meta = cls(total=500, desc="with meta", unit="img", task_id=run_id + ":meta",
                     meta={"model": "resnet50", "lr": 0.0003, "gpu": 0, "dataset": "imagenet"},
                     **quiet)
+    # A job (SPEC section 8): an array of 8 tasks of which 3 have started so far.
+    array_id = "demo-array-%s" % time.strftime("%H%M%S")
+    for _ in cls(range(40), desc="array task 0: shard 0", unit="file", group_size=8,
+                 task_id=array_id + ":0", **quiet):
+        pass
+    shards = [cls(total=400, desc="array task %d: shard %d" % (k, k), unit="file",
+                  group_size=8, task_id="%s:%d" % (array_id, k), **quiet) for k in (1, 2)]
     deadline = time.monotonic() + duration if duration else float("inf")
     try:
         while time.monotonic() < deadline:
             running.update(3)
             unknown.update(48_000)
             with_meta.update(1)
+            for k, shard in enumerate(shards):
+                shard.update(1 + k)
             running.set_postfix(loss="%.3f" % (2.0 / (1 + running.n / 300)))
             time.sleep(0.1)
     except KeyboardInterrupt:
         pass
-    for bar in (running, unknown, with_meta, stalled):
+    for bar in [running, unknown, with_meta, stalled] + shards:
         bar.close()
     return 0
 
@@ -3956,9 +6582,8 @@ def _build_parser():
     parser = argparse.ArgumentParser(
         prog="progressista", description="tqdm progress bars from anywhere, live in a browser.")
     parser.add_argument("--version", action="version", version="progressista " + __version__)
-    parser.add_argument("--log-level", default=env("PROGRESSISTA_LOG_LEVEL", "INFO"),
-                        help="DEBUG shows every request (default INFO)")
-    commands = parser.add_subparsers(dest="command", metavar="{serve,run,demo}")
+    parser.add_argument("--log-level", default=None, help=LOG_LEVEL_HELP)
+    commands = parser.add_subparsers(dest="command", metavar="{serve,run,demo,watch,wait,notify}")
     commands.required = True
 
     p = commands.add_parser("serve", help="run the server and dashboard")
@@ -3978,6 +6603,18 @@ def _build_parser():
                    help="web origin allowed cross-site, repeatable ($PROGRESSISTA_ALLOW_ORIGINS)")
     p.add_argument("--max-tasks", default=env("PROGRESSISTA_MAX_TASKS", "100000"),
                    help="task cap; the oldest ended tasks are evicted first (default 100000)")
+    p.add_argument("--allow-host", action="append", default=None,
+                   help="a name this server may be reached by besides loopback ones, "
+                        "repeatable ($PROGRESSISTA_ALLOW_HOSTS)")
+    p.add_argument("--notify", action="append", default=None, metavar="URL",
+                   help="webhook for alerts, repeatable: http(s)://, slack+https://, "
+                        "discord+https://, ntfy+https://host/topic ($PROGRESSISTA_NOTIFY, "
+                        "space separated)")
+    p.add_argument("--notify-on", default=env("PROGRESSISTA_NOTIFY_ON", "fail,stall,done"),
+                   metavar="EVENTS", help="alert on these, comma separated: fail, stall, "
+                   "finish, done (default fail,stall,done)")
+    p.add_argument("--notify-window", default=env("PROGRESSISTA_NOTIFY_WINDOW", "10"),
+                   metavar="S", help="one digest per webhook per this many seconds (default 10)")
 
     p = commands.add_parser("run", help="run a script or module with every tqdm bar remote",
                             usage="progressista run [options] (script.py | -m module) [-- args]")
@@ -3987,12 +6624,44 @@ def _build_parser():
     p.add_argument("--push-every", help="least seconds between sends of one bar")
     p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
     p.add_argument("--meta", help="JSON object attached to every bar")
+    p.add_argument("--group-size", help="members the job's group will have (default: from "
+                   "Slurm, torchrun or $PROGRESSISTA_GROUP_SIZE)")
 
     p = commands.add_parser("demo", help="push a few bars in every state to a server")
     p.add_argument("--server-url", help="where to POST ($PROGRESSISTA_SERVER_URL)")
     p.add_argument("--duration", type=float, default=20.0,
                    help="seconds to keep the live bars moving (0: until Ctrl-C)")
+
+    p = commands.add_parser("notify", help="send one test alert to a webhook URL")
+    p.add_argument("url", help="as for serve --notify (slack+, discord+, ntfy+ or plain)")
+    p.add_argument("text", nargs="?", help="the message (default: a test line)")
+
+    p = commands.add_parser("watch", help="the live view in a terminal (q quits)")
+    p.add_argument("words", nargs="*", metavar="WORDS",
+                   help="show only tasks whose id, description, host or meta hold every word")
+    p.add_argument("--server-url", help="the server ($PROGRESSISTA_SERVER_URL; path ignored)")
+    p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
+    p.add_argument("--once", action="store_true", help="print the current state and exit")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines: a task per line, then each change")
+
+    p = commands.add_parser("wait", help="wait for groups or tasks to end (exit 0 done, "
+                            "1 failed, 2 timeout, 3 unreachable)")
+    p.add_argument("names", nargs="+", metavar="NAME", help="a group (run-7) or a task id")
+    p.add_argument("--timeout", help="give up after this many seconds (exit 2)")
+    p.add_argument("--server-url", help="the server ($PROGRESSISTA_SERVER_URL; path ignored)")
+    p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
+
+    # --log-level goes before the command or after it, as the README shows it
+    # (``serve --log-level DEBUG``); given after, it wins.  Keep this last.
+    for p in commands.choices.values():
+        p.add_argument("--log-level", default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
     return parser
+
+
+LOG_LEVEL_HELP = ("DEBUG, INFO, WARNING or ERROR ($PROGRESSISTA_LOG_LEVEL; default INFO). "
+                  "For serve, DEBUG logs every request; for run, it sets the level of "
+                  "progressista's own log only, on stderr, never the target's logging")
 
 
 def _number(parser, name, text, kind=float, minimum=0):
@@ -4005,7 +6674,46 @@ def _number(parser, name, text, kind=float, minimum=0):
         parser.error("%s must be a number >= %s, got %r" % (name, minimum, text))
 
 
-_RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level")
+def _notify_options(parser, args):
+    """``serve``'s alert options, checked: a bad URL or event is a usage error."""
+    urls = args.notify or os.environ.get("PROGRESSISTA_NOTIFY", "").split()
+    for url in urls:
+        try:
+            Webhook(url)
+        except ValueError as exc:
+            parser.error("--notify: %s" % exc)
+    try:
+        events = parse_notify_events(args.notify_on)
+    except ValueError as exc:
+        parser.error("--notify-on: %s" % exc)
+    window = _number(parser, "--notify-window", args.notify_window)
+    return dict(notify=urls, notify_on=events, notify_window=window)
+
+
+def _notify_command(parser, args):
+    """``notify URL [TEXT]``: print what the receiver answered; 0 on 2xx."""
+    try:
+        hook = Webhook(args.url)
+    except ValueError as exc:
+        parser.error("notify: %s" % exc)
+    status, reason = notify_test(hook, args.text)
+    if status is None:
+        print("%s: no answer (%s)" % (hook, reason), file=sys.stderr)
+        return 1
+    print("%s answered HTTP %d" % (hook, status))
+    return 0 if 200 <= status < 300 else 1
+
+
+_RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level",
+               "--group-size")
+
+
+def _command_at(argv):
+    """Where the command is in ``argv``: after the top-level options, if any."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--log-level" else 1
+    return i
 
 
 def _split_run_args(argv):
@@ -4036,8 +6744,13 @@ def _split_run_args(argv):
     if "--" in rest:
         cut = rest.index("--")
         between, k = rest[:cut], 0
-        while k < len(between) and between[k] in _RUN_VALUED[1:]:
-            k += 2
+        while k < len(between):
+            if between[k] in _RUN_VALUED[1:]:
+                k += 2
+            elif between[k].partition("=")[0] in _RUN_VALUED[1:] and "=" in between[k]:
+                k += 1  # --server-url=URL
+            else:
+                break
         if k == len(between):
             return ours + between, rest[cut + 1:]
     return ours, rest
@@ -4048,23 +6761,40 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     script_args = []
-    if argv[:1] == ["run"]:
-        argv, script_args = _split_run_args(argv)
+    at = _command_at(argv)
+    if argv[at:at + 1] == ["run"]:
+        ours, script_args = _split_run_args(argv[at:])
+        argv = argv[:at] + ours
     args = parser.parse_args(argv)
-    level = getattr(logging, str(args.log_level).upper(), None)
+    level_name = args.log_level or os.environ.get("PROGRESSISTA_LOG_LEVEL") or "INFO"
+    level = getattr(logging, level_name.upper(), None)
     if not isinstance(level, int):
-        parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
-    if args.command != "run":  # a run target configures logging itself, as under python
-        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR, got %r" % level_name)
+    log_format = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    if args.command != "run":
+        logging.basicConfig(level=level, format=log_format)
+    elif args.log_level or os.environ.get("PROGRESSISTA_LOG_LEVEL"):
+        # A run target configures logging itself, as under python: only our
+        # own logger gets a handler, and only when a level was asked for.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(log_format))
+        log.addHandler(handler)
+        log.setLevel(level)
+        log.propagate = False
 
     if args.command == "serve":
         tokens = args.token or _env_list("PROGRESSISTA_API_TOKEN", "PROGRESSISTA_API_TOKENS")
+        if args.token is not None and not all(t.strip(" \t") for t in args.token):
+            parser.error("--token is empty (an unset variable?): give a real token, "
+                         "or leave --token out for no authentication")
+        hosts = args.allow_host or _env_list("PROGRESSISTA_ALLOW_HOSTS")
         origins = args.allow_origin or _env_list("PROGRESSISTA_ALLOW_ORIGINS")
         options = dict(
-            tokens=tokens, db=args.db, allow_origins=origins,
+            tokens=tokens, db=args.db, allow_origins=origins, allow_hosts=hosts,
             stale_seconds=_number(parser, "--stale-seconds", args.stale_seconds),
             retention_seconds=_number(parser, "--retention-seconds", args.retention_seconds),
-            max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1))
+            max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1),
+            **_notify_options(parser, args))
         port = _number(parser, "--port", args.port, int)
         if port > 65535:
             parser.error("--port must be 0..65535")
@@ -4079,6 +6809,9 @@ def main(argv=None):
             return 1
         return 0
 
+    if args.command == "notify":
+        return _notify_command(parser, args)
+
     if args.command == "demo":
         url = args.server_url or os.environ.get("PROGRESSISTA_SERVER_URL") or DEFAULT_SERVER_URL
         print("Pushing demo bars to %s%s. The stalled one moves to Needs Attention when "
@@ -4086,6 +6819,18 @@ def main(argv=None):
                   url, " for %g s" % args.duration if args.duration else " until Ctrl-C"),
               flush=True)
         return demo(args.server_url, args.duration)
+
+    if args.command == "watch":
+        try:
+            return watch(args.words, args.server_url, args.token, once=args.once,
+                         json_lines=args.json)
+        except BrokenPipeError:  # watch ... | head: the reader is gone, and that is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+    if args.command == "wait":
+        timeout = None if args.timeout is None else _number(parser, "--timeout", args.timeout)
+        return wait(args.names, args.server_url, args.token, timeout=timeout)
 
     # run
     if args.module and args.target:
@@ -4108,6 +6853,8 @@ def main(argv=None):
         if not isinstance(meta, dict):
             parser.error("--meta must be a JSON object, like '{\"run\": 7}'")
         options["meta"] = meta
+    if args.group_size is not None:
+        options["group_size"] = _number(parser, "--group-size", args.group_size, int, 1)
     if not args.module and not os.path.exists(target):
         parser.error("no such script: %s" % target)
     return run(target, script_args, module=bool(args.module), **options)
