@@ -5358,9 +5358,11 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   }
   // Units an SI prefix joins, as in "61.3 GB" (other units read "312k row").
   var PREFIXED = { B: 1, b: 1, bit: 1, Hz: 1 };
+  // one formatter for every number (toLocaleString with options makes a new one per call)
+  var plainNumber = new Intl.NumberFormat('en-US', { maximumFractionDigits: 2 });
   function fmtNum(x, scale) {
     if (typeof x !== 'number' || !isFinite(x)) return '?';
-    if (!scale) return x.toLocaleString('en-US', { maximumFractionDigits: 2 });
+    if (!scale) return plainNumber.format(x);
     if (Math.abs(x) < 1000) return Number.isInteger(x) ? String(x) : String(+x.toFixed(2));
     return sizeof(x);
   }
@@ -5767,6 +5769,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       var el = tplGroup.cloneNode(true);
       g = {
         isGroup: true, gkey: gkey, status: status, prefix: prefix, el: el, items: [], moved: [], size: 0, key: 0,
+        sumN: 0, sumT: 0, withTotal: 0, units: new Map(),
         _sec: null, _at: -1, _mv: 0,
         win: [], take: 0, matching: 0, lone: null, collapsed: collapsed.has(prefix),
         sort: false, dirty: true, summary: true, bodyDirty: true,
@@ -5794,14 +5797,32 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     g.toggle.setAttribute('aria-expanded', yes ? 'false' : 'true');
   }
 
+  // A box's own sums are kept as its members come, change and go (each
+  // member's part is kept on it to be taken back), so a frame costs the
+  // members that changed, not the size of every box they are in.
+  function groupAdd(g, rec) {
+    var t = rec.t, n = num(t.n) || 0, total = num(t.total), w = total > 0 ? 1 : 0;
+    rec.gN = w ? n : 0;
+    rec.gT = w ? total : 0;
+    rec.gW = w;
+    rec.gU = t.unit || 'it';
+    g.sumN += rec.gN;
+    g.sumT += rec.gT;
+    g.withTotal += w;
+    g.units.set(rec.gU, (g.units.get(rec.gU) || 0) + 1);
+  }
+  function groupRemove(g, rec) {
+    g.sumN -= rec.gN;
+    g.sumT -= rec.gT;
+    g.withTotal -= rec.gW;
+    var left = g.units.get(rec.gU) - 1;
+    if (left) g.units.set(rec.gU, left); else g.units.delete(rec.gU);
+  }
+
   function updateGroup(g) {
-    var sumN = 0, sumT = 0, withTotal = 0, unit = null, sameUnit = true;
-    for (var i = 0; i < g.items.length; i++) {
-      var t = g.items[i].t, n = num(t.n) || 0, total = num(t.total), u = t.unit || 'it';
-      if (total > 0) { sumN += n; sumT += total; withTotal++; }
-      if (unit === null) unit = u; else if (unit !== u) sameUnit = false;
-    }
-    var size = g.items.length;
+    var sumN = g.sumN, sumT = g.sumT, withTotal = g.withTotal;
+    var sameUnit = g.units.size === 1, unit = sameUnit ? g.units.keys().next().value : null;
+    var size = g.size;
     setText(g.count, size + (size === 1 ? ' task' : ' tasks'));
     var text = '', w = '';
     if (withTotal) {
@@ -5944,8 +5965,13 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     if (g.summary) { updateGroup(g); g.summary = false; }
     if (g.dirty) {
       var matching = 0, lone = null;
-      for (var i = 0; i < g.items.length; i++) {
-        if (g.items[i].match && !matching++) lone = g.items[i];
+      if (filterTerms.length) {
+        for (var i = 0; i < g.items.length; i++) {
+          if (g.items[i].match && !matching++) lone = g.items[i];
+        }
+      } else {  // every member matches
+        matching = g.size;
+        lone = g.items[0];
       }
       // a group with one shown member is no box: that card sits in the
       // section's list, in its own place by activity
@@ -5976,6 +6002,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       g.size++;
       g.summary = true;
       rec.group = g;
+      groupAdd(g, rec);
       g.items.push(rec);
       g.moved.push(rec);
       g.sort = g.dirty = true;
@@ -5993,7 +6020,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     var box = rec.group || sections[rec.status];
     box.sort = box.dirty = true;
     box.stale = true;  // its entry in a group's items is dropped at the next sort, this frame
-    if (rec.group) { rec.group.size--; rec.group.summary = true; }
+    if (rec.group) { groupRemove(rec.group, rec); rec.group.size--; rec.group.summary = true; }
     else if (rec._sec) { rec._sec = null; box.size--; }  // its entry in the log is dead
     rec.status = null;
     rec.group = null;
@@ -6014,6 +6041,8 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       g.items = [];
       g.moved = [];
       g.size = 0;
+      g.sumN = g.sumT = g.withTotal = 0;
+      g.units = new Map();
       g.sort = g.dirty = g.summary = true;
       g.stale = g.listed = false;
       g._sec = null;
@@ -6122,7 +6151,11 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
         var box = rec.group || sections[rec.status];
         if (key !== rec.key) { rec.key = key; box.moved.push(rec); box.sort = box.dirty = true; }
         if (match !== rec.match) { rec.match = match; box.dirty = true; }
-        if (rec.group) rec.group.summary = true;
+        if (rec.group) {
+          groupRemove(rec.group, rec);
+          groupAdd(rec.group, rec);
+          rec.group.summary = true;
+        }
       }
       if (rec.el && rec.el.isConnected) paint(rec, now);
     }
