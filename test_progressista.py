@@ -6392,6 +6392,86 @@ class TestDashboardJobs:
         assert boxes[0]["rate"] == "500 it/s" and boxes[0]["eta"] == "ETA 00:04"
         assert tab.errors == []
 
+
+# The page on a big, churning store (fleet scale): what a section shows stays
+# right however its order is kept (an append log, entries revived and dropped).
+
+CHURN_JS = """(msgs) => {
+  const P = window.__progressista;
+  for (const m of msgs) P.applyMessage(m);
+  P.renderNow();
+}"""
+
+
+@pytest.mark.usefixtures("browser")
+class TestDashboardAtScale:
+    """Sections and group sums in Chromium while thousands of tasks churn."""
+
+    open_tab = TestDashboard.open_tab
+
+    def test_sections_and_group_sums_stay_right_while_thousands_of_tasks_churn(
+            self, server, open_tab):
+        import random
+        rng = random.Random(7)
+        tab = open_tab(server.url + "/")
+        now = [time.time() - 10000]
+        view = {}
+
+        def task(task_id, status="active", **fields):
+            now[0] += 0.5
+            t = {"task_id": task_id, "n": rng.randrange(100), "total": 100, "unit": "it",
+                 "status": status, "updated_at": now[0], "seen_at": now[0],
+                 "created_at": now[0]}
+            t.update(fields)
+            return t
+
+        ids = ["t%04d" % i for i in range(3000)] + ["job-%d:rank-%d" % (i % 3, i)
+                                                    for i in range(300)]
+        for i in ids:
+            view[i] = task(i)
+        tab.js(CHURN_JS, [{"type": "snapshot", "tasks": view, "server_time": now[0]}])
+        for round_ in range(12):
+            changed, removed = {}, []
+            for task_id in rng.sample(sorted(view), 400):
+                r = rng.random()
+                if r < 0.05:
+                    removed.append(task_id)
+                    del view[task_id]
+                    continue
+                status = "close" if r < 0.15 else "error" if r < 0.18 else "active"
+                if r > 0.95:  # progress from long ago: an entry older than the newest
+                    older = dict(view[task_id], n=view[task_id]["n"] + 1,
+                                 updated_at=now[0] - 5000 - rng.random())
+                    changed[task_id] = view[task_id] = older
+                else:
+                    changed[task_id] = view[task_id] = task(task_id, status)
+            for k in range(20):  # and some new ones
+                task_id = "new-%d-%d" % (round_, k)
+                changed[task_id] = view[task_id] = task(task_id)
+            tab.js(CHURN_JS, [{"type": "delta", "tasks": changed, "removed": removed,
+                               "server_time": now[0]}])
+            sections = tab.sections()
+            for status in ("active", "close", "error"):
+                plain = sorted((t for t in view.values()
+                                if t["status"] == status and ":" not in t["task_id"]),
+                               key=lambda t: -t["updated_at"])
+                shown = [i for i in sections[status]["ids"] if ":" not in i]
+                members = sum(1 for t in view.values() if t["status"] == status)
+                assert sections[status]["count"] == str(members)
+                # the newest plain cards, in order (group boxes take some of the 100 places)
+                assert shown == [t["task_id"] for t in plain[:len(shown)]], (round_, status)
+                assert len(shown) >= min(len(plain), 100 - sum(
+                    1 for i in sections[status]["ids"] if ":" in i))
+            for box in tab.groups():
+                members = [t for t in view.values() if t["status"] == box["status"]
+                           and t["task_id"].startswith(box["group"] + ":")]
+                assert box["count"] == "%d tasks" % len(members)
+                n, total = sum(t["n"] for t in members), sum(t["total"] for t in members)
+                assert box["progress"].startswith("%s / %s it" % (
+                    "{:,}".format(n), "{:,}".format(total))), (box, n, total)
+        assert tab.errors == []
+
+
 # -- cli ---------------------------------------------------------------------
 
 def _write(path, text):
