@@ -1421,6 +1421,11 @@ def fleet_run(kind, cfg, script=None):
                 raise RuntimeError("a fleet process did not get ready")
             connect_errors += int(line[1])
         connect_s = time.perf_counter() - t_connect
+        deadline = time.monotonic() + 15  # accepted connections may still wait in the backlog
+        while proc_status(server.pid, "Threads") < threads0 + 0.95 * cfg["fleet_connections"] \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
         rss_conn = rss_mb(server.pid)
         threads_conn = proc_status(server.pid, "Threads")
         start_at = time.time() + 0.5

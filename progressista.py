@@ -3926,7 +3926,7 @@ class ProgressServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
-    request_queue_size = 128
+    request_queue_size = 1024  # 1,000 workers starting at once connect without SYN retries
     max_connections = 1024
     max_dashboards = 256
     refusal_log_seconds = 60.0  # one INFO line per client address and reason this often
