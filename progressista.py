@@ -3023,6 +3023,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
 .discard { flex: none; border: 0; background: none; color: var(--muted); font-size: 18px; line-height: 1;
   padding: 1px 6px 3px; border-radius: 6px; }
 .discard:hover:not(:disabled) { color: var(--red); }
+.read-only .discard, .read-only #btn-clear-close, .read-only #btn-clear-stale { display: none; }
 .bar { position: relative; height: 6px; margin: 8px 0 6px; background: var(--track); border-radius: 3px; overflow: hidden; }
 .bar-fill { position: absolute; left: 0; top: 0; bottom: 0; width: 0; background: var(--blue); border-radius: 3px;
   transition: width .25s ease-out; }
@@ -3135,6 +3136,15 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
 
   var params = new URLSearchParams(location.search);
   var token = params.get('token');
+  // The token is kept for this tab's requests and reconnects only: out of
+  // the address bar, so it is not bookmarked, shared or shown on a screen.
+  if (params.has('token')) {
+    params.delete('token');
+    var rest = params.toString();
+    try {
+      history.replaceState(history.state, '', location.pathname + (rest ? '?' + rest : '') + location.hash);
+    } catch (e) { /* a sandboxed frame: the address stays as it was */ }
+  }
 
   function apiUrl(path, query) {
     var q = new URLSearchParams(query || {});
@@ -3934,7 +3944,13 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   function probe(done) {
     fetch(apiUrl('/health'), { cache: 'no-store' })
       .then(function (r) { return r.json(); })
-      .then(done, function () { done(null); });
+      .then(function (health) { applyAccess(health); done(health); }, function () { done(null); });
+  }
+
+  // A read-only token may look at everything and change nothing: the page
+  // hides Discard, Clear completed and Clear stale for it.
+  function applyAccess(health) {
+    if (health && health.access) document.body.classList.toggle('read-only', health.access === 'read');
   }
 
   function openSocket() {
@@ -4070,6 +4086,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   setInterval(tick, 1000);
   updateChrome();
   connect();
+  probe(function () {});
 })();
 </script>
 </body>
