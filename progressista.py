@@ -1545,6 +1545,23 @@ def read_frame(stream, max_payload=MAX_WS_MESSAGE, require_mask=True):
     return fin, opcode, (_mask(payload, mask) if mask else payload)
 
 
+def _send_nowait(sock, data):
+    """Send what the socket takes now, without blocking: the count sent.
+
+    A TLS socket refuses ``MSG_DONTWAIT``: it sends once there is room (a
+    control frame is one small record)."""
+    if hasattr(sock, "do_handshake"):  # ssl.SSLSocket
+        import select
+        if hasattr(select, "poll"):  # any fd number, unlike select()
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            room = poller.poll(0)
+        else:
+            room = select.select([], [sock], [], 0)[1]
+        return sock.send(data) if room else 0
+    return sock.send(data, getattr(socket, "MSG_DONTWAIT", 0))
+
+
 class WebSocket:
     """One dashboard connection: its socket, its send lock, its backlog.
 
@@ -1614,7 +1631,7 @@ class WebSocket:
         try:
             if wait is None:
                 self.sock.sendall(frame)
-            elif self.sock.send(frame, getattr(socket, "MSG_DONTWAIT", 0)) < len(frame):
+            elif _send_nowait(self.sock, frame) < len(frame):
                 raise BlockingIOError("peer is not reading")
         except OSError:
             self.abort()
@@ -2491,7 +2508,7 @@ class Handler(_Protocol):
         server = self.server
         body = {"status": "ok", "tasks": len(server.store),
                 "auth_required": bool(server.token_levels),
-                "authorized": self._authorized(),
+                "authorized": self._authorized(), "access": self.access(),
                 "version": __version__}
         trouble = server.db.trouble if server.db is not None else None
         if trouble:
@@ -2643,7 +2660,7 @@ class ProgressServer(ThreadingHTTPServer):
     refusal_log_seconds = 60.0  # one INFO line per client address and reason this often
 
     def __init__(self, address, store=None, tokens=(), allow_origins=(), db=None,
-                 handler=Handler, allow_hosts=()):
+                 handler=Handler, allow_hosts=(), read_tokens=(), ssl_context=None):
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -2655,6 +2672,13 @@ class ProgressServer(ThreadingHTTPServer):
         self.tokens = tokens
         # What each token may do, by its UTF-8 bytes (see Handler.access).
         self.token_levels = {t.encode("utf-8"): "write" for t in tokens}
+        read_tokens = [t.strip(" \t") for t in read_tokens]
+        if not all(read_tokens):
+            raise ValueError("an empty read token: give a real token")
+        self.read_tokens = read_tokens
+        for token in read_tokens:  # a token given as both keeps full access
+            self.token_levels.setdefault(token.encode("utf-8"), "read")
+        self.ssl_context = ssl_context  # server side: HTTPS and WSS (see _tls_accept)
         self.allow_origins = list(allow_origins)
         self.allow_hosts = {h.strip().lower().rstrip(".") for h in allow_hosts if h.strip()}
         self.db = db
@@ -2677,7 +2701,7 @@ class ProgressServer(ThreadingHTTPServer):
             host = "[%s]" % host
         elif host in ("0.0.0.0", ""):
             host = "127.0.0.1"
-        return "http://%s:%d" % (host, port)
+        return "%s://%s:%d" % ("https" if self.ssl_context else "http", host, port)
 
     def note_refused(self, address, reason, what):
         """Log a refused request at INFO, once a minute per address and reason."""
@@ -2780,6 +2804,105 @@ class ProgressServer(ThreadingHTTPServer):
             except OSError:
                 pass
 
+    # TLS.  The accept loop only accepts; the handshake happens here, on the
+    # connection's own thread and within ``handshake_seconds`` however slowly
+    # the bytes come, so a peer that never says hello, or speaks plain HTTP to
+    # this port, costs one connection and never a stuck thread.
+
+    handshake_seconds = 10.0
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is None:
+            return super().finish_request(request, client_address)
+        tls = self._tls_accept(request, client_address)
+        if tls is None:
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            with self.ws_lock:
+                self.sockets.discard(tls)
+                self.idle.pop(tls, None)
+            self.shutdown_request(tls)
+
+    def _tls_accept(self, sock, client_address):
+        """The TLS socket after a finished handshake, or None (connection closed)."""
+        import ssl
+        with self.ws_lock:  # silent until the handshake ends: first to go when full
+            if sock not in self.sockets:
+                return None
+            self.idle[sock] = None
+        tls = None
+        try:
+            sock.settimeout(self.handshake_seconds)
+            first = sock.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None
+            if first != b"\x16":  # not a TLS handshake record
+                if first.isupper():
+                    self._answer_plain_http(sock)
+                self.note_refused(client_address[0], "plain HTTP to the HTTPS port",
+                                  "a connection")
+                return None
+            tls = self.ssl_context.wrap_socket(sock, server_side=True,
+                                               do_handshake_on_connect=False)
+            with self.ws_lock:  # the plain socket object is spent: track the TLS one
+                closing = self.idle.pop(sock, False) is False  # taken to make room
+                self.sockets.discard(sock)
+                if not closing:
+                    self.sockets.add(tls)
+                    self.idle[tls] = None
+            if closing:
+                tls.close()
+                return None
+            # One deadline for the whole handshake: the ssl module counts the
+            # socket's timeout from the start of do_handshake, not per recv.
+            tls.settimeout(self.handshake_seconds)
+            tls.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            if isinstance(exc, ssl.SSLError):
+                reason = str(exc.reason or exc)
+                if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason:
+                    reason += ": the client does not trust this certificate (give it the " \
+                              "CA, e.g. with $PROGRESSISTA_CA_BUNDLE)"
+                self.note_refused(client_address[0], "TLS handshake failed (%s)" % reason,
+                                  "a connection")
+            else:
+                log.debug("TLS handshake with %s ended: %r", client_address[0], exc)
+            if tls is not None:
+                with self.ws_lock:
+                    self.sockets.discard(tls)
+                    self.idle.pop(tls, None)
+                tls.close()
+            return None
+        finally:
+            with self.ws_lock:
+                self.idle.pop(sock, None)
+        with self.ws_lock:
+            taken = self.idle.pop(tls, False) is False  # closed to make room meanwhile
+            if taken:
+                self.sockets.discard(tls)
+        if taken:
+            tls.close()
+            return None
+        return tls
+
+    @staticmethod
+    def _answer_plain_http(sock):
+        """Tell a plain HTTP client (curl http://...) to use https, then close."""
+        body = b'{"error":"this server speaks HTTPS: use an https:// URL"}'
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (len(body), body))
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 1.0  # read what it sent, so no RST eats the answer
+            while time.monotonic() < deadline and sock.recv(65536):
+                pass
+        except OSError:
+            pass
+
 
 def _metrics_text(server):
     """Prometheus text exposition (format 0.0.4) of the tasks and the server."""
@@ -2848,10 +2971,64 @@ def _metrics_pieces(server):
            % (server.db.write_errors if server.db is not None else 0))
 
 
+class CertificateError(ValueError):
+    """The ``--certfile`` / ``--keyfile`` pair can't be used (the message says why)."""
+
+
+_tls_socket_class = []
+
+
+def _server_ssl_context(certfile, keyfile):
+    """The server side's TLS context, from a PEM certificate (chain) and its key."""
+    import ssl
+    for option, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise CertificateError("cannot read %s %s: %s"
+                                   % (option, path, exc.strerror or exc)) from None
+    if not _tls_socket_class:
+        class _TLSSocket(ssl.SSLSocket):
+            """An SSL socket whose shutdown() another thread may call at any time.
+
+            ``SSLSocket.shutdown`` forgets its TLS state first, so a reader in
+            another thread may then fail with ValueError or read raw bytes;
+            here shutdown only ends the TCP stream, and the reader sees EOF.
+            """
+
+            def shutdown(self, how):
+                socket.socket.shutdown(self, how)
+
+        _tls_socket_class.append(_TLSSocket)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.sslsocket_class = _tls_socket_class[0]
+
+    def no_passphrase():
+        raise CertificateError("--keyfile %s is encrypted: give an unencrypted key (openssl "
+                               "req ... -noenc, or openssl pkey -in KEY -out PLAIN)" % keyfile)
+    try:
+        context.load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except ssl.SSLError as exc:
+        raise CertificateError(
+            "cannot use --certfile %s with --keyfile %s (%s): both must be PEM files, the "
+            "certificate first, then its unencrypted private key" % (certfile, keyfile, exc)
+        ) from None
+    return context
+
+
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,
                 retention_seconds=86400.0, allow_origins=(), max_tasks=100000,
-                clock=time.time, allow_hosts=()):
-    """Build a ready-to-start server (``.start()`` in the background, or ``serve``)."""
+                clock=time.time, allow_hosts=(), read_tokens=(), certfile=None, keyfile=None):
+    """Build a ready-to-start server (``.start()`` in the background, or ``serve``).
+
+    ``read_tokens`` may read everything and write nothing; ``certfile`` and
+    ``keyfile`` (PEM, both or neither) serve HTTPS and WSS.
+    """
+    if bool(certfile) != bool(keyfile):
+        raise CertificateError("TLS needs both --certfile and --keyfile")
+    ssl_context = _server_ssl_context(certfile, keyfile) if certfile else None
     store = TaskStore(stale_seconds, retention_seconds, max_tasks, clock)
     database = None
     if db:
@@ -2859,7 +3036,8 @@ def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0
         database.open()
     try:
         return ProgressServer((host, port), store, tokens, allow_origins, database,
-                              allow_hosts=allow_hosts)
+                              allow_hosts=allow_hosts, read_tokens=read_tokens,
+                              ssl_context=ssl_context)
     except BaseException:
         if database is not None:
             database.close()
@@ -2870,9 +3048,15 @@ def serve(host="127.0.0.1", port=8000, **options):
     """Run the server in the foreground until Ctrl-C or SIGTERM."""
     import signal
     server = make_server(host, port, **options)
-    if not _is_loopback(host) and not server.tokens:
+    if not _is_loopback(host) and not server.token_levels:
         log.warning("binding %s without a token: anyone who can reach this port can read "
                     "and write progress (use --token)", host)
+    if not _is_loopback(host) and server.token_levels and server.ssl_context is None:
+        log.warning("binding %s with tokens over plain HTTP: tokens travel in clear text "
+                    "(serve HTTPS with --certfile and --keyfile)", host)
+    if server.read_tokens and not server.tokens:
+        log.warning("only read-only tokens: nobody can send progress or delete tasks "
+                    "(give workers a --token)")
 
     def on_term(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -4147,6 +4331,22 @@ def _env_list(*names):
     return values
 
 
+def _read_tokens(parser, given):
+    """``--read-token`` values, else ``$PROGRESSISTA_READ_TOKENS``; an empty one
+    (an unset variable) is a usage error, as for ``--token``."""
+    if given is None:
+        text = os.environ.get("PROGRESSISTA_READ_TOKENS")
+        if text is None:
+            return []
+        given = text.split(",")
+        if len(given) > 1 and not given[-1].strip(" \t"):
+            given.pop()  # a trailing comma
+    if not all(t.strip(" \t") for t in given):
+        parser.error("an empty read-only token (--read-token or $PROGRESSISTA_READ_TOKENS; "
+                     "an unset variable?): give a real token, or none")
+    return [t.strip(" \t") for t in given]
+
+
 def _build_parser():
     import argparse
     env = os.environ.get
@@ -4178,6 +4378,13 @@ def _build_parser():
     p.add_argument("--allow-host", action="append", default=None,
                    help="a name this server may be reached by besides loopback ones, "
                         "repeatable ($PROGRESSISTA_ALLOW_HOSTS)")
+    p.add_argument("--read-token", action="append", default=None,
+                   help="a token that may read everything and change nothing, for sharing "
+                        "a view; repeatable ($PROGRESSISTA_READ_TOKENS, a comma list)")
+    p.add_argument("--certfile", default=env("PROGRESSISTA_CERTFILE"),
+                   help="PEM certificate (chain): serve HTTPS and WSS ($PROGRESSISTA_CERTFILE)")
+    p.add_argument("--keyfile", default=env("PROGRESSISTA_KEYFILE"),
+                   help="PEM private key of --certfile, unencrypted ($PROGRESSISTA_KEYFILE)")
 
     p = commands.add_parser("run", help="run a script or module with every tqdm bar remote",
                             usage="progressista run [options] (script.py | -m module) [-- args]")
@@ -4263,9 +4470,17 @@ def main(argv=None):
             parser.error("--token is empty (an unset variable?): give a real token, "
                          "or leave --token out for no authentication")
         hosts = args.allow_host or _env_list("PROGRESSISTA_ALLOW_HOSTS")
+        read_tokens = _read_tokens(parser, args.read_token)
+        if args.certfile == "" or args.keyfile == "":
+            parser.error("--certfile or --keyfile is empty (an unset variable?): give both "
+                         "PEM files, or neither for plain HTTP")
+        if bool(args.certfile) != bool(args.keyfile):
+            parser.error("TLS needs both --certfile and --keyfile ($PROGRESSISTA_CERTFILE, "
+                         "$PROGRESSISTA_KEYFILE)")
         origins = args.allow_origin or _env_list("PROGRESSISTA_ALLOW_ORIGINS")
         options = dict(
             tokens=tokens, db=args.db, allow_origins=origins, allow_hosts=hosts,
+            read_tokens=read_tokens, certfile=args.certfile, keyfile=args.keyfile,
             stale_seconds=_number(parser, "--stale-seconds", args.stale_seconds),
             retention_seconds=_number(parser, "--retention-seconds", args.retention_seconds),
             max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1))
@@ -4277,6 +4492,9 @@ def main(argv=None):
         except DatabaseError as exc:
             print("progressista: error: %s" % exc, file=sys.stderr)
             return 1
+        except CertificateError as exc:
+            print("progressista: error: %s" % exc, file=sys.stderr)
+            return 2
         except OSError as exc:
             print("progressista: error: cannot listen on %s:%s: %s"
                   % (args.host, port, exc.strerror or exc), file=sys.stderr)
