@@ -3427,6 +3427,396 @@ def test_metrics_show_restored_tasks(tmp_path):
         srv.stop()
 
 
+# Access: read-only tokens, on every endpoint of the routing table.
+
+FULL, VIEW = "full-access-token", "view-only-token"
+ROLE_HEADERS = {"none": {}, "read": {"Authorization": "Bearer " + VIEW},
+                "write": {"Authorization": "Bearer " + FULL}}
+AS_WRITER = ROLE_HEADERS["write"]
+
+
+def _route_call(srv, route, headers, query=""):
+    """Call one route as the table declares it, with a harmless valid request."""
+    path = re.sub(r"\{\w+\}", "seed", route.pattern)
+    raw = None
+    if route.method == "POST":
+        raw = json.dumps({"task_id": "posted"}).encode()
+    elif route.method == "DELETE" and "{" not in route.pattern:
+        query = "status=close" + ("&" + query if query else "")
+    url = srv.url + path + ("?" + query if query else "")
+    return request(url, route.method, raw=raw, headers=headers)
+
+
+ROUTES = [r for r in progressista.Handler.routes]
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=["%s %s" % (r.method, r.pattern) for r in ROUTES])
+def test_each_role_on_each_endpoint(server_factory, route):
+    srv = server_factory(tokens=[FULL], read_tokens=[VIEW])
+    for role, headers in ROLE_HEADERS.items():
+        assert post(srv, {"task_id": "seed", "status": "close"}, headers=AS_WRITER)[0] == 200
+        status, body, hdrs = _route_call(srv, route, headers)
+        needed = route.access
+        if needed == "none" or role == "write" or (role == "read" and needed == "read"):
+            assert status not in (401, 403) and status < 500, (role, status, body)
+        elif role == "none":
+            assert_json_error(status, body, hdrs, 401)
+            assert hdrs["WWW-Authenticate"] == "Bearer"
+        else:  # a read-only token on a write endpoint
+            assert (status, body) == (403, {"error": "read-only token"}), (role, status, body)
+        if role != "write":  # refused or read: nothing changed
+            assert set(srv.store.select()) == {"seed"}, (role, srv.store.select())
+    # the token may come as ?token= as well, with the same rights
+    status, body, _ = _route_call(srv, route, {}, "token=" + VIEW)
+    if route.access == "write":
+        assert (status, body) == (403, {"error": "read-only token"})
+    else:
+        assert status not in (401, 403) and status < 500, (status, body)
+
+
+def test_every_route_declares_an_access_level():
+    levels = {(r.method, r.pattern): r.access for r in progressista.Handler.routes}
+    assert all(level in ("none", "read", "write") for level in levels.values())
+    # writes are writes, reads are reads, only the page and /health are open
+    for (method, pattern), level in levels.items():
+        if method in ("POST", "DELETE", "PUT", "PATCH"):
+            assert level == "write", (method, pattern)
+        elif pattern not in ("/", "/index.html", "/static/index.html", "/health"):
+            assert level == "read", (method, pattern)
+
+
+def test_health_says_the_callers_access(server_factory):
+    srv = server_factory(tokens=[FULL], read_tokens=[VIEW])
+    for role, headers in ROLE_HEADERS.items():
+        status, body, _ = request(srv.url + "/health", headers=headers)
+        assert status == 200 and body["access"] == role, (role, body)
+        assert body["auth_required"] is True and body["authorized"] is (role != "none")
+    assert request(srv.url + "/health?token=" + VIEW)[1]["access"] == "read"
+    assert request(srv.url + "/health?token=" + FULL)[1]["access"] == "write"
+    assert request(srv.url + "/health?token=wrong")[1]["access"] == "none"
+    open_server = server_factory()
+    body = request(open_server.url + "/health")[1]
+    assert body["access"] == "write" and body["auth_required"] is False
+
+
+def test_read_only_token_refusals_change_nothing(server_factory):
+    srv = server_factory(tokens=[FULL], read_tokens=[VIEW, "second-viewer"])
+    post(srv, [{"task_id": "a", "n": 1}, {"task_id": "b", "status": "close"}],
+         headers=AS_WRITER)
+    before = tasks(srv, headers=AS_WRITER)
+    for viewer in (VIEW, "second-viewer"):
+        auth = {"Authorization": "Bearer " + viewer}
+        for method, path, data in (("POST", "/progress", {"task_id": "c"}),
+                                   ("POST", "/progress", [{"task_id": "a", "n": 9}]),
+                                   ("DELETE", "/tasks/a", None),
+                                   ("DELETE", "/tasks?status=close", None)):
+            status, body, hdrs = request(srv.url + path, method, data, headers=auth)
+            assert (status, body) == (403, {"error": "read-only token"}), (method, path)
+            assert "json" in hdrs["Content-Type"]
+        assert tasks(srv, headers=auth) == before  # and it may read them all
+        assert request(srv.url + "/tasks/a", headers=auth)[1]["n"] == 1
+        assert request(srv.url + "/metrics", headers=auth)[0] == 200
+    assert tasks(srv, headers=AS_WRITER) == before
+
+
+def test_read_token_opens_the_websocket_and_the_page(server_factory, raw_ws):
+    srv = server_factory(tokens=[FULL], read_tokens=[VIEW])
+    post(srv, {"task_id": "x", "n": 1}, headers=AS_WRITER)
+    assert raw_ws(srv).status == 401
+    with ws_connect(srv, "/ws?token=" + VIEW) as ws:
+        first = json.loads(ws.recv(timeout=5))
+        assert first["type"] == "snapshot" and list(first["tasks"]) == ["x"]
+        post(srv, {"task_id": "x", "n": 2}, headers=AS_WRITER)
+        assert json.loads(ws.recv(timeout=5))["tasks"]["x"]["n"] == 2
+    status, page, _ = request(srv.url + "/?token=" + VIEW)
+    assert status == 200 and "<html" in page.lower()
+
+
+def test_only_read_tokens_means_nobody_writes(server_factory):
+    # A careful default: any token turns authentication on, and writing needs
+    # a full token; with none given (a read-only archive of a --db), nobody writes.
+    srv = server_factory(read_tokens=[VIEW])
+    assert request(srv.url + "/health")[1]["auth_required"] is True
+    assert_json_error(*request(srv.url + "/tasks"), 401)
+    assert_json_error(*post(srv, {"task_id": "a"}), 401)
+    assert post(srv, {"task_id": "a"}, headers=ROLE_HEADERS["read"])[0] == 403
+    assert tasks(srv, headers=ROLE_HEADERS["read"]) == {}
+
+
+def test_a_token_given_as_full_and_read_keeps_full_access(server_factory):
+    srv = server_factory(tokens=[FULL], read_tokens=[FULL, VIEW])
+    assert post(srv, {"task_id": "a"}, headers=AS_WRITER)[0] == 200
+    assert request(srv.url + "/health", headers=AS_WRITER)[1]["access"] == "write"
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "\t"])
+def test_an_empty_read_token_is_refused(bad):
+    with pytest.raises(ValueError, match="empty"):
+        progressista.make_server("127.0.0.1", 0, read_tokens=[VIEW, bad])
+
+
+# TLS: a certificate made here by openssl, with the README's own command.
+
+def _readme_openssl_commands():
+    """The ``openssl`` lines of the README's "Serving beyond one machine"."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Serving beyond one machine", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```(?:sh|bash|console)?\n(.*?)```", section, re.S):
+        joined = block.replace("\\\n", " ")
+        commands += [line.strip() for line in joined.splitlines()
+                     if line.strip().startswith("openssl ")]
+    return commands
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    """(certfile, keyfile) for localhost and 127.0.0.1, made as the README says."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the TLS tests make a certificate with openssl: apt-get install -y openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    commands = _readme_openssl_commands()
+    assert commands, "the README shows no openssl command"
+    for command in commands:
+        proc = subprocess.run(["bash", "-c", command], cwd=str(folder), capture_output=True,
+                              timeout=120)
+        assert proc.returncode == 0, (command, proc.stderr)
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    assert os.path.isfile(cert) and os.path.isfile(key)
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(server_factory, tls_cert):
+    def start(**options):
+        return server_factory(certfile=tls_cert[0], keyfile=tls_cert[1], **options)
+    return start
+
+
+def _client_context(cafile):
+    import ssl
+    return ssl.create_default_context(cafile=cafile)
+
+
+def https_request(url, cafile, method="GET", data=None, headers=None, timeout=10):
+    """One HTTPS request trusting ``cafile``; returns (status, parsed JSON or text)."""
+    body = None if data is None else json.dumps(data).encode()
+    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=_client_context(cafile)) as r:
+            status, text, ctype = r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        status, text, ctype = exc.code, exc.read(), exc.headers.get("Content-Type", "")
+    return status, (json.loads(text) if "json" in ctype else text.decode())
+
+
+def _client_hello():
+    """The first bytes a TLS client sends."""
+    import ssl
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_tls_https_post_and_get(tls_server, tls_cert):
+    srv = tls_server(tokens=[FULL], read_tokens=[VIEW])
+    assert srv.url.startswith("https://127.0.0.1:")
+    cafile = tls_cert[0]
+    assert https_request(srv.url + "/progress", cafile, "POST", {"task_id": "tls", "n": 3},
+                         headers=AS_WRITER) == (200, {"ok": True, "accepted": 1})
+    status, body = https_request(srv.url + "/tasks", cafile, headers=ROLE_HEADERS["read"])
+    assert status == 200 and body["tasks"]["tls"]["n"] == 3
+    assert https_request(srv.url + "/progress", cafile, "POST", {"task_id": "no"},
+                         headers=ROLE_HEADERS["read"]) == (403, {"error": "read-only token"})
+    assert https_request(srv.url + "/health?token=" + VIEW, cafile)[1]["access"] == "read"
+    status, page = https_request(srv.url + "/", cafile)
+    assert status == 200 and "<html" in page.lower()
+    # by name too (the certificate names localhost), on one kept-alive connection
+    conn = http.client.HTTPSConnection("localhost", port_of(srv), timeout=10,
+                                       context=_client_context(cafile))
+    try:
+        for n in range(3):
+            conn.request("POST", "/progress", json.dumps({"task_id": "tls", "n": n}),
+                         {"Authorization": "Bearer " + FULL})
+            response = conn.getresponse()
+            assert response.status == 200 and not response.will_close
+            response.read()
+    finally:
+        conn.close()
+    # a client that doesn't trust the certificate gets no answer at all
+    import ssl
+    with pytest.raises(urllib.error.URLError) as caught:
+        urllib.request.urlopen(srv.url + "/health", timeout=10)
+    assert isinstance(caught.value.reason, ssl.SSLCertVerificationError)
+
+
+def test_tls_wss_with_the_websockets_package(tls_server, tls_cert):
+    from websockets.sync.client import connect
+    srv = tls_server(tokens=[FULL], read_tokens=[VIEW])
+    https_request(srv.url + "/progress", tls_cert[0], "POST", {"task_id": "w", "n": 1},
+                  headers=AS_WRITER)
+    url = "wss://127.0.0.1:%d/ws?token=%s" % (port_of(srv), VIEW)
+    with connect(url, ssl=_client_context(tls_cert[0]), proxy=None, open_timeout=10,
+                 close_timeout=5) as ws:
+        first = json.loads(ws.recv(timeout=10))
+        assert first["type"] == "snapshot" and first["tasks"]["w"]["n"] == 1
+        https_request(srv.url + "/progress", tls_cert[0], "POST", {"task_id": "w", "n": 2},
+                      headers=AS_WRITER)
+        assert json.loads(ws.recv(timeout=10))["tasks"]["w"]["n"] == 2
+        ws.ping(b"tls").wait(5)
+        ws.close()
+        assert ws.close_code == 1000  # the server's close frame went out over TLS
+    wait_for(lambda: srv.ws_count == 0)
+
+
+def test_tls_twenty_silent_connections_do_not_delay_a_request(tls_server, tls_cert):
+    srv = tls_server()
+    srv.handshake_seconds = 120  # the silent ones would hold anything that waited on them
+    silent = [socket.create_connection(("127.0.0.1", port_of(srv)), timeout=5)
+              for _ in range(20)]
+    try:
+        wait_for(lambda: srv.open_connections >= 20)
+        status, body = https_request(srv.url + "/health", tls_cert[0], timeout=5)
+        assert status == 200 and body["status"] == "ok"
+        # and a half-sent hello is no worse than silence
+        half = socket.create_connection(("127.0.0.1", port_of(srv)), timeout=5)
+        silent.append(half)
+        half.sendall(_client_hello()[:20])
+        assert https_request(srv.url + "/health", tls_cert[0], timeout=5)[0] == 200
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_for(lambda: srv.open_connections == 0, timeout=10)
+
+
+def test_tls_plain_http_to_the_port_costs_one_connection(tls_server, tls_cert, caplog):
+    caplog.set_level(logging.INFO, logger="progressista")
+    srv = tls_server()
+    status, headers, body = raw_http(srv, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert status == 400 and headers["connection"] == "close"
+    assert "https://" in json.loads(body)["error"]
+    # bytes that are neither TLS nor HTTP: the connection just closes
+    with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=10) as sock:
+        sock.sendall(b"\x00\x01\x02 garbage\r\n\r\n")
+        assert sock.recv(100) == b""
+    wait_for(lambda: srv.open_connections == 0, timeout=10)
+    assert https_request(srv.url + "/health", tls_cert[0])[0] == 200
+    assert "plain HTTP to the HTTPS port" in caplog.text
+
+
+def test_tls_handshake_deadline_holds_however_slowly_the_hello_drips(tls_server):
+    srv = tls_server()
+    srv.handshake_seconds = 1.0
+    hello = _client_hello()
+    assert len(hello) > 100
+    with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=10) as sock:
+        closed_after = None
+        for i in range(60):  # a byte each 0.2 s, each well within the deadline
+            try:
+                sock.sendall(hello[i:i + 1])
+            except OSError:
+                closed_after = i
+                break
+            if select.select([sock], [], [], 0.2)[0]:
+                try:
+                    if sock.recv(100) == b"":
+                        closed_after = i
+                        break
+                except OSError:
+                    closed_after = i
+                    break
+        assert closed_after is not None, "the server kept a dripping handshake 12 s"
+    wait_for(lambda: srv.open_connections == 0, timeout=10)
+
+
+def test_tls_stop_ends_kept_alive_connections_and_dashboards(tls_cert):
+    from websockets.sync.client import connect
+    srv = progressista.make_server("127.0.0.1", 0, certfile=tls_cert[0],
+                                   keyfile=tls_cert[1]).start()
+    context = _client_context(tls_cert[0])
+    conn = http.client.HTTPSConnection("127.0.0.1", port_of(srv), timeout=10, context=context)
+    try:
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        with connect("wss://127.0.0.1:%d/ws" % port_of(srv), ssl=context, proxy=None,
+                     open_timeout=10, close_timeout=2) as ws:
+            ws.recv(timeout=10)
+            wait_for(lambda: srv.ws_count == 1 and srv.open_connections == 2)
+            srv.stop()  # no_leaks: no handler thread outlives it
+            srv = None
+            with pytest.raises(Exception):  # the dashboard was closed
+                ws.recv(timeout=10)
+    finally:
+        if srv is not None:
+            srv.stop()
+        conn.close()
+
+
+def test_tls_certificate_problems_are_clear(tmp_path, tls_cert):
+    missing = str(tmp_path / "nope.pem")
+    with pytest.raises(progressista.CertificateError, match="cannot read --certfile .*nope"):
+        progressista.make_server("127.0.0.1", 0, certfile=missing, keyfile=tls_cert[1])
+    with pytest.raises(progressista.CertificateError, match="both --certfile and --keyfile"):
+        progressista.make_server("127.0.0.1", 0, certfile=tls_cert[0])
+    with pytest.raises(progressista.CertificateError, match="PEM"):  # swapped
+        progressista.make_server("127.0.0.1", 0, certfile=tls_cert[1], keyfile=tls_cert[0])
+    encrypted = str(tmp_path / "encrypted.pem")
+    subprocess.run(["openssl", "pkey", "-in", tls_cert[1], "-out", encrypted, "-aes256",
+                    "-passout", "pass:hunter2"], check=True, capture_output=True)
+    with pytest.raises(progressista.CertificateError, match="encrypted"):
+        progressista.make_server("127.0.0.1", 0, certfile=tls_cert[0], keyfile=encrypted)
+
+
+def test_tls_client_reports_through_remote_tqdm_with_the_ca_bundle(tls_server, tls_cert):
+    srv = tls_server(tokens=[FULL])
+    code = """
+        for _ in RemoteTqdm(range(7), task_id="tls:job", desc="over https"):
+            pass
+    """
+    proc, _ = run_job(code, url=srv.url + "/progress",
+                      env={"PROGRESSISTA_CA_BUNDLE": tls_cert[0],
+                           "PROGRESSISTA_API_TOKEN": FULL})
+    ok(proc)
+    got = json.loads(srv.store.get_json("tls:job"))
+    assert (got["n"], got["status"], got["desc"]) == (7, "close", "over https")
+    # without the bundle the certificate is not trusted: nothing is sent, the job is fine
+    proc, _ = run_job(code.replace("tls:job", "tls:untrusted"), url=srv.url + "/progress",
+                      env={"PROGRESSISTA_API_TOKEN": FULL})
+    ok(proc)
+    assert srv.store.get_json("tls:untrusted") is None
+    assert b"Traceback" not in proc.stderr
+
+
+def test_no_token_in_a_debug_log(tls_server, tls_cert, caplog):
+    from websockets.sync.client import connect
+    caplog.set_level(logging.DEBUG, logger="progressista")
+    srv = tls_server(tokens=[FULL], read_tokens=[VIEW])
+    cafile = tls_cert[0]
+    for token in (FULL, VIEW, "wrong-token"):
+        https_request(srv.url + "/tasks?token=" + token, cafile)
+        https_request(srv.url + "/progress?token=" + token, cafile, "POST", {"task_id": "a"})
+        https_request(srv.url + "/tasks/a", cafile, "DELETE",
+                      headers={"Authorization": "Bearer " + token})
+        https_request(srv.url + "/nope?token=" + token, cafile)
+        https_request(srv.url + "/health?token=" + token, cafile)
+        raw_http(srv, b"GET /tasks?token=%s HTTP/1.1\r\n\r\n" % token.encode())
+    url = "wss://127.0.0.1:%d/ws?token=%s" % (port_of(srv), VIEW)
+    with connect(url, ssl=_client_context(cafile), proxy=None, open_timeout=10) as ws:
+        ws.recv(timeout=10)
+    with pytest.raises(Exception):  # an untrusting client: a failed handshake, logged
+        urllib.request.urlopen(srv.url + "/tasks?token=" + FULL, timeout=10)
+    wait_for(lambda: "TLS handshake failed" in caplog.text)
+    assert "/tasks" in caplog.text and "/ws" in caplog.text and "read-only token" in caplog.text
+    for token in (FULL, VIEW, "wrong-token"):
+        assert token not in caplog.text
+
+
 # -- dashboard ---------------------------------------------------------------
 
 #
