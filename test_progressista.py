@@ -4519,6 +4519,77 @@ class TestDashboard:
             assert int.from_bytes(head[16:20], "big") == width
 
 
+    # a read-only link, and the page over HTTPS
+
+    CONTROLS_JS = """() => {
+      const shown = (e) => !!e && e.getClientRects().length > 0;
+      return {
+        read_only: document.body.classList.contains('read-only'),
+        discard: [...document.querySelectorAll('article.card .discard')].filter(shown).length,
+        cards: document.querySelectorAll('article.card').length,
+        clear_close: shown(document.getElementById('btn-clear-close')),
+        clear_stale: shown(document.getElementById('btn-clear-stale')),
+        filter: shown(document.getElementById('filter')),
+      };
+    }"""
+
+    def test_read_only_link_hides_the_controls_and_leaves_the_address(self, server_factory,
+                                                                       open_tab, tmp_path):
+        out = DOCS if os.environ.get("PROGRESSISTA_SCREENSHOTS") == "docs" else str(tmp_path)
+        clock = FakeClock(time.time() - 900)
+        srv = server_factory(stale_seconds=120, clock=clock, tokens=[FULL], read_tokens=[VIEW])
+        levels, srv.token_levels = srv.token_levels, {}  # populate_demo posts without a token
+        try:
+            populate_demo(srv, clock)
+        finally:
+            srv.token_levels = levels
+        tab = open_tab(srv.url + "/?token=" + VIEW + "&keep=1#top")
+        wait_for(lambda: all(v["count"] != "0" for v in tab.sections().values()))
+        # the token left the address bar; the rest of the address stayed
+        assert tab.page.url == srv.url + "/?keep=1#top"
+        assert tab.js("() => location.href").find(VIEW) == -1
+        controls = tab.js(self.CONTROLS_JS)
+        assert controls["read_only"] and controls["cards"] > 5, controls
+        assert controls["discard"] == 0 and not controls["clear_close"] \
+            and not controls["clear_stale"] and controls["filter"], controls
+        # live: an update from a worker shows up, and a reconnect keeps the token
+        post(srv, {"task_id": "scrape-prices", "n": 5000}, headers=AS_WRITER)
+        tab.wait_card("scrape-prices", progress="5,000 item")
+        srv.close_connections()  # drops the dashboard: the tab must reconnect by itself
+        wait_for(lambda: srv.ws_count == 0)
+        tab.wait_conn("live", timeout=15)
+        post(srv, {"task_id": "scrape-prices", "n": 5100}, headers=AS_WRITER)
+        tab.wait_card("scrape-prices", progress="5,100 item")
+        assert tab.js(self.CONTROLS_JS)["read_only"]
+        tab.page.wait_for_timeout(600)  # bar transitions end
+        png = tab.page.screenshot(full_page=True)
+        with open(os.path.join(out, "dashboard-read-only.png"), "wb") as f:
+            f.write(png)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert tab.errors == [] and tab.csp_violations() == []
+        # the same page with the full token keeps its controls (and cleans the address too)
+        full = open_tab(srv.url + "/?token=" + FULL)
+        wait_for(lambda: all(v["count"] != "0" for v in full.sections().values()))
+        assert full.page.url == srv.url + "/"
+        controls = full.js(self.CONTROLS_JS)
+        assert not controls["read_only"] and controls["discard"] > 5, controls
+        assert controls["clear_close"] and controls["clear_stale"], controls
+
+    def test_page_over_https_goes_live_through_wss(self, server_factory, open_tab, tls_cert):
+        srv = server_factory(certfile=tls_cert[0], keyfile=tls_cert[1], tokens=[FULL],
+                             read_tokens=[VIEW])
+        https_request(srv.url + "/progress", tls_cert[0], "POST",
+                      {"task_id": "secure", "n": 1, "total": 4}, headers=AS_WRITER)
+        tab = open_tab(srv.url + "/?token=" + VIEW, ignore_https_errors=True)
+        assert tab.page.url == srv.url + "/"
+        tab.wait_card("secure", percent="25%")
+        https_request(srv.url + "/progress", tls_cert[0], "POST",
+                      {"task_id": "secure", "n": 3}, headers=AS_WRITER)
+        tab.wait_card("secure", percent="75%")
+        assert tab.js(self.CONTROLS_JS)["read_only"]
+        assert tab.errors == [] and tab.csp_violations() == []
+
+
 def populate_demo(srv, clock):
     """A realistic mix of tasks in every section, for the screenshots."""
     end = clock.now + 900
@@ -4828,3 +4899,150 @@ def test_version_and_help():
 def test_no_command_is_a_usage_error():
     proc, _ = run_cli()
     assert proc.returncode == 2 and b"usage" in proc.stderr
+
+
+# Access and TLS from the command line.
+
+def _serve_cli(*args, env=None):
+    """``serve --port 0 ARGS`` with a clean environment; (proc, url, lines so far)."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=_clean_env(env, PYTHONUNBUFFERED="1"))
+    lines = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().decode()
+        lines.append(line)
+        match = re.search(r"(https?)://(127\.0\.0\.1):(\d+)/ ", line)
+        if match:
+            return proc, "%s://%s:%s" % match.groups(), lines
+        if not line:
+            break
+    proc.kill()
+    proc.communicate()
+    raise AssertionError("server did not start: %r" % lines)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--read-token", ""], {}, "empty read-only token"),
+    (["--read-token", "ok", "--read-token", " "], {}, "empty read-only token"),
+    ([], {"PROGRESSISTA_READ_TOKENS": ""}, "empty read-only token"),
+    ([], {"PROGRESSISTA_READ_TOKENS": "a,,b"}, "empty read-only token"),
+    (["--certfile", "cert.pem"], {}, "both --certfile and --keyfile"),
+    ([], {"PROGRESSISTA_KEYFILE": "key.pem"}, "both --certfile and --keyfile"),
+    (["--certfile", "", "--keyfile", "key.pem"], {}, "is empty"),
+    ([], {"PROGRESSISTA_CERTFILE": "/nonexistent/cert.pem", "PROGRESSISTA_KEYFILE": "k.pem"},
+     "cannot read --certfile /nonexistent/cert.pem: No such file"),
+])
+def test_cli_access_and_tls_usage_errors(args, env, message):
+    proc, _ = run_cli("serve", "--port", "0", *args, env=env, timeout=30)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message.encode() in proc.stderr, proc.stderr
+    assert b"Traceback" not in proc.stderr
+
+
+def test_cli_bad_certificate_files_are_clear_errors(tmp_path, tls_cert):
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    unreadable = tmp_path / "secret.pem"
+    shutil.copy(tls_cert[1], str(unreadable))
+    os.chmod(str(unreadable), 0)
+    cases = [((str(not_pem), tls_cert[1]), "cannot use --certfile %s" % not_pem)]
+    if os.geteuid() != 0:  # root reads any file
+        cases.append(((tls_cert[0], str(unreadable)), "cannot read --keyfile"))
+    for (cert, key), message in cases:
+        proc, _ = run_cli("serve", "--port", "0", "--certfile", cert, "--keyfile", key,
+                          timeout=30)
+        assert proc.returncode == 2 and message.encode() in proc.stderr, proc.stderr
+        assert b"Traceback" not in proc.stderr
+
+
+def test_cli_tls_serves_https_and_prints_an_https_url(tls_cert):
+    proc, url, lines = _serve_cli(env={"PROGRESSISTA_CERTFILE": tls_cert[0],
+                                       "PROGRESSISTA_KEYFILE": tls_cert[1],
+                                       "PROGRESSISTA_API_TOKEN": FULL,
+                                       "PROGRESSISTA_READ_TOKENS": VIEW + ",second,"})
+    try:
+        assert url.startswith("https://"), lines
+        assert "https://" in lines[-1] and "/progress" in lines[-1]
+        cafile = tls_cert[0]
+        assert https_request(url + "/progress", cafile, "POST", {"task_id": "c"},
+                             headers=AS_WRITER)[0] == 200
+        for viewer in (VIEW, "second"):
+            assert https_request(url + "/health?token=" + viewer, cafile)[1]["access"] == "read"
+            assert https_request(url + "/tasks/c?token=" + viewer, cafile)[0] == 200
+            assert https_request(url + "/tasks/c?token=" + viewer, cafile, "DELETE") \
+                == (403, {"error": "read-only token"})
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+    assert "clear text" not in out  # loopback
+
+
+def _public_serve_output(*args, env=None):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--host", "0.0.0.0", "--port",
+                             "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=_clean_env(env, PYTHONUNBUFFERED="1"))
+    lines = []
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.decode())
+            if "://" in lines[-1]:
+                break
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, lines + [out]
+    return "".join(lines) + out
+
+
+def test_cli_public_host_with_tokens_and_no_tls_warns_of_clear_text(tls_cert):
+    text = _public_serve_output("--token", FULL)
+    assert "WARNING" in text and "clear text" in text and "--certfile" in text, text
+    assert FULL not in text
+    text = _public_serve_output("--read-token", VIEW)
+    assert "clear text" in text and "only read-only tokens" in text, text
+    assert "without a token" not in text and VIEW not in text
+    text = _public_serve_output("--token", FULL, "--certfile", tls_cert[0],
+                                "--keyfile", tls_cert[1])
+    assert "clear text" not in text and "WARNING" not in text and "https://" in text, text
+
+
+def test_cli_debug_log_never_shows_a_token(tls_cert):
+    proc, url, lines = _serve_cli("--token", FULL, "--read-token", VIEW, "--certfile",
+                                  tls_cert[0], "--keyfile", tls_cert[1],
+                                  env={"PROGRESSISTA_LOG_LEVEL": "DEBUG"})
+    try:
+        cafile = tls_cert[0]
+        for token in (FULL, VIEW):
+            https_request(url + "/tasks?token=" + token, cafile)
+            https_request(url + "/progress?token=" + token, cafile, "POST", {"task_id": "x"})
+            https_request(url + "/tasks/x", cafile, "DELETE",
+                          headers={"Authorization": "Bearer " + token})
+            https_request(url + "/nope?token=" + token, cafile)
+        with pytest.raises(Exception):
+            urllib.request.urlopen(url + "/tasks?token=" + FULL, timeout=10)
+    finally:
+        code, out = _stop(proc)
+    text = "".join(lines) + out
+    assert "DEBUG" in text and "/tasks" in text and "read-only token" in text, text
+    assert FULL not in text and VIEW not in text
+
+
+def test_run_reports_over_https_with_the_ca_bundle(tmp_path, tls_server, tls_cert):
+    srv = tls_server(tokens=[FULL])
+    script = _write(tmp_path / "job.py", """
+        import sys
+        from tqdm import tqdm
+        for _ in tqdm(range(40), desc="secure job"):
+            pass
+        print("done", sys.argv[1:])
+    """)
+    proc, _ = run_cli("run", script, "--server-url", srv.url, "--token", FULL, "--", "-x",
+                      env={"PROGRESSISTA_CA_BUNDLE": tls_cert[0]})
+    assert ok(proc).stdout.strip() == b"done ['-x']"
+    got = [json.loads(t) for t in map(srv.store.get_json, srv.store.select())]
+    assert [(t["desc"], t["n"], t["status"]) for t in got] == [("secure job", 40, "close")]
