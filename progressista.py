@@ -2118,11 +2118,12 @@ class _Protocol(BaseHTTPRequestHandler):
             self.requestline = line.decode("latin-1")
             self._parse_request_line(line)
             self._parse_fields()
+            self._check_head()
         except BadRequest as exc:
-            self._error(exc.status, str(exc))
             self.close_connection = True
+            self._error(exc.status, str(exc))
             return False
-        return self._after_head()
+        return True
 
     def _parse_request_line(self, line):
         parts = line.split(b" ")
@@ -2176,33 +2177,23 @@ class _Protocol(BaseHTTPRequestHandler):
                 headers[key] = text
         raise BadRequest("too many headers", 431)
 
-    def _after_head(self):
+    def _check_head(self):
         headers = self.headers
         if "transfer-encoding" in headers:
-            codings = _tokens_of(headers["transfer-encoding"])
-            if any(c != "chunked" for c in codings):
-                raise_status, message = 501, "transfer coding not supported"
-            else:
-                raise_status, message = 400, "chunked request bodies are not accepted: " \
-                                             "send Content-Length"
-            self._error(raise_status, message)
-            self.close_connection = True
-            return False
+            if any(c != "chunked" for c in _tokens_of(headers["transfer-encoding"])):
+                raise BadRequest("transfer coding not supported", 501)
+            raise BadRequest("chunked request bodies are not accepted: send Content-Length")
         length = headers.get("content-length")
         self.content_length = None
         if length is not None:
             if not (length.isdigit() and length.isascii()) or len(length) > 18:
-                self._error(400, "invalid Content-Length")
-                self.close_connection = True
-                return False
+                raise BadRequest("invalid Content-Length")
             self.content_length = int(length)
         # A body nobody reads would be taken for the next request: a response
         # to such a request closes the connection (read_body clears this).
         self._unread_body = bool(self.content_length)
         if "host" not in headers and self.request_version == "HTTP/1.1":
-            self._error(400, "Host header required")
-            self.close_connection = True
-            return False
+            raise BadRequest("Host header required")
         connection = _tokens_of(headers.get("connection", ""))
         if "close" in connection:
             self.close_connection = True
@@ -2211,7 +2202,6 @@ class _Protocol(BaseHTTPRequestHandler):
         if headers.get("expect", "").lower() == "100-continue" \
                 and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
 
     def read_body(self, limit=MAX_BODY):
         """The request body (at most ``limit`` bytes), within the request's deadline."""

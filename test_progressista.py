@@ -4,6 +4,7 @@ Servers bind 127.0.0.1 on a free port and are stopped by the test that made
 them; the ``no_leaks`` fixture fails a test that leaves threads behind.
 """
 import base64
+import collections
 import http.client
 import io
 import json
@@ -2215,6 +2216,38 @@ def test_restored_tasks_respect_a_smaller_task_cap(tmp_path):
         srv.stop()
 
 
+def test_db_full_disk_is_reported_then_writes_resume(tmp_path, caplog):
+    # issue 9 finding 9: with the disk full, POSTs answered 200 and /health said
+    # ok while nothing was saved, and a traceback was logged every 0.5 s.  A
+    # page cap makes SQLite fail exactly as a full disk does (SQLITE_FULL).
+    path = str(tmp_path / "full.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    db = srv.db
+    try:
+        with db.lock:
+            pages = db.conn.execute("PRAGMA page_count").fetchone()[0]
+            db.conn.execute("PRAGMA max_page_count=%d" % pages)
+        with caplog.at_level(logging.INFO, logger="progressista"):
+            assert post(srv, [{"task_id": "t%d" % i, "desc": "d" * 500}
+                              for i in range(300)])[0] == 200
+            wait_for(lambda: db.write_errors >= 4, timeout=15)
+            status, body, _ = request(srv.url + "/health")
+            assert status == 200 and body["status"] == "degraded"
+            assert "full" in body["reason"]
+            samples, _ = _samples(_metrics(srv.url))
+            assert samples["progressista_db_write_errors_total"][()] >= 4
+            failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(failures) == 1 and "full" in failures[0].getMessage()
+            assert not failures[0].exc_info  # one line, not a traceback
+            with db.lock:  # the disk has room again
+                db.conn.execute("PRAGMA max_page_count=1073741823")
+            wait_for(lambda: request(srv.url + "/health")[1]["status"] == "ok", timeout=15)
+        assert "works again" in caplog.text
+    finally:
+        srv.stop()
+    assert len(_rows(path)) == 300  # everything accepted meanwhile is saved
+
+
 # -- websocket ---------------------------------------------------------------
 
 def test_accept_key_rfc_example():
@@ -3815,6 +3848,575 @@ def test_no_token_in_a_debug_log(tls_server, tls_cert, caplog):
     assert "/tasks" in caplog.text and "/ws" in caplog.text and "read-only token" in caplog.text
     for token in (FULL, VIEW, "wrong-token"):
         assert token not in caplog.text
+
+
+# Hardening (issue 9): each finding as the attack was made, through a socket.
+
+def exchange(srv, data, timeout=10, host="127.0.0.1"):
+    """Send raw bytes, half-close, and read everything the server sends until it hangs up."""
+    with socket.create_connection((host, port_of(srv)), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        answer = b""
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            answer += data
+    return answer
+
+
+def parse_responses(answer):
+    """Every response in ``answer``: [(status, headers, body)]; lengths must be exact."""
+    rfile, out = io.BytesIO(answer), []
+    while rfile.tell() < len(answer):
+        status, headers, body = read_response(rfile)
+        if "content-length" in headers:
+            assert len(body) == int(headers["content-length"]), (answer, headers)
+        elif headers.get("transfer-encoding") != "chunked":
+            body += rfile.read()
+        else:
+            break
+        out.append((status, headers, body))
+    return out
+
+
+def first_status(answer):
+    assert answer.startswith(b"HTTP/1.1 "), answer
+    return int(answer.split(b" ", 2)[1])
+
+
+def strict_json(data):
+    """JSON as a browser reads it: no NaN or Infinity."""
+    def refuse(name):
+        raise ValueError("not JSON: " + name)
+    return json.loads(data, parse_constant=refuse)
+
+
+def test_dns_rebinding_foreign_host_is_refused_everywhere(server, raw_ws):
+    # finding 1: a page at evil.example rebinds its name to 127.0.0.1
+    post(server, {"task_id": "victim", "n": 1})
+    port = port_of(server)
+    evil = b"Host: evil.example:%d\r\nOrigin: http://evil.example:%d\r\n" % (port, port)
+    for head, body in [(b"GET /tasks HTTP/1.1\r\n", b""),
+                       (b"GET /tasks/victim HTTP/1.1\r\n", b""),
+                       (b"GET /metrics HTTP/1.1\r\n", b""),
+                       (b"DELETE /tasks/victim HTTP/1.1\r\n", b""),
+                       (b"DELETE /tasks?status=active HTTP/1.1\r\n", b""),
+                       (b"POST /progress HTTP/1.1\r\nContent-Type: application/json\r\n",
+                        b'{"task_id": "forged"}')]:
+        answer = exchange(server, head + evil + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        status, headers, text = parse_responses(answer)[0]
+        assert status == 403, answer
+        assert "allow-host" in json.loads(text)["error"]
+    ws = raw_ws(server, headers={"Host": "evil.example:%d" % port,
+                                 "Origin": "http://evil.example:%d" % port})
+    assert ws.status == 403 and server.ws_count == 0
+    # absolute-form carries the host too (RFC 9112 3.2.2)
+    answer = exchange(server, b"GET http://evil.example:%d/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"\r\n" % port)
+    assert first_status(answer) == 403
+    assert set(tasks(server)) == {"victim"} and tasks(server)["victim"]["n"] == 1
+    # every loopback name is fine, with any port
+    for host in (b"localhost", b"localhost:%d" % port, b"127.0.0.1", b"127.3.4.5:1",
+                 b"[::1]:%d" % port, b"app.localhost:%d" % port, b"LOCALHOST"):
+        answer = exchange(server, b"GET /tasks HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert first_status(answer) == 200, host
+    for host in (b"localhost.evil.example", b"127.0.0.1.nip.io", b"[::2]", b"", b"a b",
+                 b"127.0.0.1:80:80"):
+        answer = exchange(server, b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert first_status(answer) in (400, 403), host
+
+
+def test_allow_host_admits_a_name(server_factory, raw_ws):
+    srv = server_factory(allow_hosts=["dash.example"])
+    port = port_of(srv)
+    answer = exchange(srv, b"POST /progress HTTP/1.1\r\nHost: Dash.Example:%d\r\nOrigin: "
+                           b"http://dash.example:%d\r\nContent-Length: 15\r\n\r\n"
+                           b'{"task_id":"a"}' % (port, port))
+    assert first_status(answer) == 200
+    ws = raw_ws(srv, headers={"Host": "dash.example", "Origin": "http://dash.example"})
+    assert ws.status == 101 and ws.recv_json()["tasks"]["a"]
+    answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    assert first_status(answer) == 403
+
+
+def test_cli_allow_host_option_and_env(tmp_path):
+    for args, env in ((("--allow-host", "dash.example"), None),
+                      ((), {"PROGRESSISTA_ALLOW_HOSTS": "x.example, dash.example"})):
+        proc, url = start_cli_server(*args, env=env)
+        try:
+            port = int(url.rsplit(":", 1)[1])
+            srv = type("S", (), {"server_address": ("127.0.0.1", port)})
+            answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: dash.example:1\r\n\r\n")
+            assert first_status(answer) == 200
+            answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+            assert first_status(answer) == 403
+        finally:
+            _stop(proc)
+
+
+def test_malformed_origin_is_answered_not_dropped(server, raw_ws):
+    # finding 2: urlsplit("http://[") raised, and the connection was dropped
+    answer = exchange(server, b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://[\r\n"
+                              b"Content-Length: 15\r\n\r\n{\"task_id\":\"a\"}")
+    assert first_status(answer) == 403
+    ws = raw_ws(server, headers={"Origin": "http://["})
+    assert ws.status == 403 and json.loads(ws.body)["error"]
+    assert tasks(server) == {}
+
+
+def test_any_exception_becomes_a_json_500_and_one_error_line(server, caplog, monkeypatch):
+    # finding 2: whatever breaks inside an endpoint, the client gets an answer
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in select")
+    monkeypatch.setattr(server.store, "select", broken)
+    with caplog.at_level(logging.DEBUG, logger="progressista"):
+        answer = exchange(server, b"GET /tasks?token=s3cret HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                                  b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    (status, headers, body), = parse_responses(answer)  # and the connection closed
+    assert status == 500 and headers["connection"] == "close"
+    assert "error" in json.loads(body)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info and "GET /tasks" in errors[0].getMessage()
+    assert "boom in select" in caplog.text and "s3cret" not in caplog.text
+    assert request(server.url + "/health")[0] == 200
+
+
+def _nested_meta(depth):
+    return b'{"task_id": "deep", "meta": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+
+
+@pytest.mark.parametrize("depth", [33, 981, 982])
+def test_deeply_nested_meta_is_refused_and_reads_keep_working(server, depth):
+    # finding 3: 981 levels were stored and broke GET /tasks for everyone; 982
+    # dropped the POST itself (and the client retried it forever)
+    body = _nested_meta(depth)
+    answer = exchange(server, b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert first_status(answer) == 400, answer[:200]
+    assert tasks(server) == {}
+    body = _nested_meta(32)
+    assert request(server.url + "/progress", "POST", raw=body)[0] == 200
+    assert request(server.url + "/tasks")[0] == 200
+    assert request(server.url + "/metrics")[0] == 200
+
+
+@pytest.mark.parametrize("body", [
+    b'{"task_id": "\\udc80x"}',
+    b'{"task_id": "ok", "desc": "\\ud800"}',
+    b'{"task_id": "ok", "meta": {"\\udfff": 1}}',
+    b'{"task_id": "ok", "meta": {"k": ["\\ud83d"]}}',
+    b'[{"task_id": "ok"}, {"task_id": "x", "unit": "\\udc80"}]',
+    b'{"task_id": "ok", "\\udc80": 1}',
+    b'{"task_id": "ok", "meta": {"big": 1e999}}',
+    b'{"task_id": "ok", "meta": {"big": -1e400}}',
+])
+def test_lone_surrogates_and_infinities_are_refused(server, body):
+    # finding 3: "\udc80x" (what os.listdir gives for a non-UTF-8 name) was
+    # stored and then cut /metrics off for every scraper
+    answer = exchange(server, b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert first_status(answer) == 400
+    assert tasks(server) == {}
+    status, text, _ = request(server.url + "/metrics")
+    assert status == 200
+    # a surrogate pair is a real character, and stays one everywhere
+    assert post(server, {"task_id": "emoji-\U0001F600", "meta": {"k": "\U0001F600"}})[0] == 200
+    status, text, _ = request(server.url + "/metrics")
+    assert status == 200 and "emoji-\U0001F600" in text
+    assert strict_json(exchange(server, b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                       .split(b"\r\n\r\n", 1)[1])["tasks"]["emoji-\U0001F600"]
+
+
+def test_task_ids_in_paths_are_strictly_percent_decoded(server):
+    # finding 3: %ED%B2%80 (a UTF-8-encoded surrogate) decoded to U+FFFD, so it
+    # named another task; ids are UTF-8, strictly
+    post(server, [{"task_id": "\ufffd"}, {"task_id": "a+b"}, {"task_id": "\u00e9t\u00e9"}])
+    for method in (b"GET", b"DELETE"):
+        for bad in (b"%ED%B2%80", b"%FF", b"%zz", b"50%", b"%C3"):
+            answer = exchange(server, method + b" /tasks/" + bad + b" HTTP/1.1\r\n"
+                                                                    b"Host: 127.0.0.1\r\n\r\n")
+            assert first_status(answer) == 400, (method, bad)
+    assert set(tasks(server)) == {"\ufffd", "a+b", "\u00e9t\u00e9"}
+    for good, task_id in ((b"%EF%BF%BD", "\ufffd"), (b"a+b", "a+b"), (b"a%2Bb", "a+b"),
+                          (b"%C3%A9t%C3%A9", "\u00e9t\u00e9")):
+        answer = exchange(server, b"GET /tasks/" + good + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert json.loads(parse_responses(answer)[0][2])["task_id"] == task_id
+    answer = exchange(server, b"DELETE /tasks/%EF%BF%BD HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert json.loads(parse_responses(answer)[0][2]) == {"removed": True}
+
+
+def test_drip_inside_one_line_still_gets_408(server, monkeypatch):
+    # finding 4: the head deadline was checked between lines only
+    monkeypatch.setattr(progressista.Handler, "request_seconds", 0.5)
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        sock.sendall(b"GET /tasks HTTP/1.1\r\nX-Drip: ")
+        answer = b""
+        for i in range(100):  # a byte every 0.1 s, the line never ends
+            try:
+                sock.sendall(b"a")
+            except OSError:
+                break
+            readable, _, _ = select.select([sock], [], [], 0.1)
+            if readable:
+                answer = sock.recv(1000)
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_connections_waiting_for_their_head_count_as_idle(server):
+    # finding 4: three dripping sockets with a cap of three made a real client get 503
+    server.max_connections = 3
+    drips = []
+    try:
+        for i in range(3):
+            sock = socket.create_connection(("127.0.0.1", port_of(server)), timeout=5)
+            sock.sendall(b"GET /tasks HTTP/1.1\r\nX-Drip: aaaa")
+            drips.append(sock)
+        wait_for(lambda: len(server.idle) == 3)
+        status, body, _ = post(server, {"task_id": "real"}, timeout=10)
+        assert status == 200, body
+        assert drips[0].recv(100) == b""  # the oldest waiting one made room
+    finally:
+        for sock in drips:
+            sock.close()
+
+
+def test_full_server_503_declares_its_exact_length(server):
+    # finding 5: Content-Length: 33 for a 32-byte body
+    server.max_connections = 1
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as busy:
+        busy.sendall(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n"
+                     b"\r\n{")
+        wait_for(lambda: server.open_connections == 1 and not server.idle)
+        answer = exchange(server, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503")
+    assert int(re.search(rb"Content-Length: (\d+)", head).group(1)) == len(body)
+    assert json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("head,status", [
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length : 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\n Host: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: 1\r\n  folded\r\n"
+     b"Content-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n"
+     b"Content-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15, 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\nContent-Length: 15\r\n",
+     400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\rb\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n"
+     b"Content-Length: 15\r\n", 501),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+     b"Content-Length: 15\r\n", 400),
+    (b"POST  /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1 \r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /pro\x01gress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progr\xc3\xa9s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/2.0\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 505),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: 1\r\nContent-Length: 15\r\n",
+     400),
+])
+def test_strict_request_parsing(server, head, status):
+    # finding 6: RFC 9112 section 5.1 and friends; the connection closes after
+    answer = exchange(server, head + b'\r\n{"task_id":"x"}GET /health HTTP/1.1\r\n'
+                                     b'Host: 127.0.0.1\r\n\r\n')
+    responses = parse_responses(answer)
+    assert [r[0] for r in responses] == [status], answer
+    assert json.loads(responses[0][2])["error"]
+    assert responses[0][1]["connection"] == "close"
+    assert tasks(server) == {}
+
+
+def test_absolute_form_targets_are_routed_by_their_path(server):
+    # finding 6: POST http://host/progress got 404
+    port = port_of(server)
+    answer = exchange(server, b"POST http://127.0.0.1:%d/progress HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Length: 15\r\n\r\n{\"task_id\":\"x\"}" % port)
+    assert first_status(answer) == 200
+    answer = exchange(server, b"GET HTTP://localhost/tasks/x?pretty=1 HTTP/1.1\r\n"
+                              b"Host: 127.0.0.1\r\n\r\n")
+    assert json.loads(parse_responses(answer)[0][2])["task_id"] == "x"
+
+
+def test_lenient_but_valid_forms_still_work(server):
+    # bare LF line ends, an empty line before the request, tabs around values
+    answer = exchange(server, b"\r\nGET /health HTTP/1.1\nHost:\t127.0.0.1 \t\n\n")
+    assert first_status(answer) == 200
+    answer = exchange(server, b"GET /health HTTP/1.0\r\n\r\n")  # 1.0 needs no Host
+    assert first_status(answer) == 200
+
+
+def test_empty_token_is_a_usage_error_and_never_turns_auth_off():
+    # finding 10: --token "" (an unset variable) silently meant no auth
+    proc = subprocess.run([sys.executable, SCRIPT, "serve", "--port", "0", "--token", ""],
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 2 and b"--token" in proc.stderr
+    with pytest.raises(ValueError):
+        progressista.make_server("127.0.0.1", 0, tokens=["ok", " "])
+
+
+def test_tokens_are_compared_as_utf8_bytes_however_they_arrive(server_factory, raw_ws):
+    # finding 10: spaces at a token's ends never matched through the header; a
+    # UTF-8 token was decoded as latin-1
+    srv = server_factory(tokens=[" padded ", "jeton-\u00e9t\u00e9"])
+    for auth in (b"Bearer  padded ", b"Bearer padded", b"bearer \tpadded",
+                 "Bearer jeton-\u00e9t\u00e9".encode("utf-8")):
+        answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                               + auth + b"\r\n\r\n")
+        assert first_status(answer) == 200, auth
+    for query in (b"?token=padded", b"?token=%20padded%20", b"?token=jeton-%C3%A9t%C3%A9"):
+        answer = exchange(srv, b"GET /tasks" + query + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert first_status(answer) == 200, query
+    for auth in ("Bearer jeton-\u00e9t\u00e9".encode("latin-1"), b"Bearer jeton-",
+                 b"Bearer pad ded"):
+        answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                               + auth + b"\r\n\r\n")
+        assert first_status(answer) == 401, auth
+    assert raw_ws(srv, path="/ws?token=jeton-%C3%A9t%C3%A9").status == 101
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({"Upgrade": "notwebsocket"}, 426),
+    ({"Upgrade": "websocketx"}, 426),
+    ({"Connection": "notupgrade"}, 400),
+    ({"Connection": "upgrades"}, 400),
+    ({"Upgrade": "h2c, WebSocket", "Connection": "keep-alive, Upgrade"}, 101),
+])
+def test_ws_handshake_matches_tokens_not_substrings(server, raw_ws, headers, status):
+    # finding 10: Upgrade and Connection were matched as substrings
+    ws = raw_ws(server, headers=headers)
+    assert ws.status == status
+    if status == 101:
+        assert ws.recv_json()["type"] == "snapshot"
+    else:
+        assert server.ws_count == 0
+
+
+def test_at_most_max_dashboards_at_once(server, raw_ws):
+    server.max_dashboards = 2
+    first, second = raw_ws(server), raw_ws(server)
+    assert first.status == second.status == 101
+    third = raw_ws(server)
+    assert third.status == 503 and "dashboards" in json.loads(third.body)["error"]
+    first.sock.shutdown(socket.SHUT_RDWR)  # the dashboard goes away
+    wait_for(lambda: server.ws_count == 1)
+    again = raw_ws(server)
+    assert again.status == 101 and again.recv_json()["type"] == "snapshot"
+
+
+class _LockCheckedDict(dict):
+    """A dict that records every change made while ``lock`` is not held."""
+
+    def __init__(self, lock):
+        super().__init__()
+        self.lock, self.unlocked = lock, []
+
+    def _check(self, what):
+        if not self.lock.locked():
+            self.unlocked.append(what)
+
+    def __setitem__(self, key, value):
+        self._check("set")
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._check("del")
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self._check("pop")
+        return super().pop(*args)
+
+
+def test_idle_map_is_only_changed_under_its_lock(server):
+    # finding 11: a KeyError, or the eviction of a connection that just began a request
+    server.idle = checked = _LockCheckedDict(server.ws_lock)
+    server.max_connections = 4
+    errors = []
+
+    def client():
+        try:
+            for _ in range(20):
+                conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=10)
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                conn.close()
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not checked.unlocked, checked.unlocked[:5]
+
+
+def test_refused_requests_are_logged_once_a_minute_per_client_and_reason(server_factory,
+                                                                         caplog):
+    # issue 11: the person running serve sees a token mismatch too
+    srv = server_factory(tokens=["s3cret"])
+    with caplog.at_level(logging.INFO, logger="progressista"):
+        for _ in range(5):
+            request(srv.url + "/tasks?token=wrong-s3cret")
+            post(srv, {"task_id": "x"}, headers={"Authorization": "Bearer s3cretX"})
+        for _ in range(3):
+            exchange(srv, b"GET /tasks?token=s3cret HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert all(r.levelno == logging.INFO for r in caplog.records if "refused" in r.getMessage())
+    assert "127.0.0.1" in lines[0] and "token" in lines[0] and "GET /tasks" in lines[0]
+    assert "Host" in lines[1]
+    assert "s3cret" not in caplog.text
+
+
+# The fuzz test: seeded, so a failure can be replayed with its seed.
+
+FUZZ_SEED = int(os.environ.get("PROGRESSISTA_FUZZ_SEED", "20261207"))
+
+_FUZZ_BASES = [
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /tasks?status=active,close HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /tasks/fz%3A1 HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n",
+    b"DELETE /tasks?status=close&older_than=5 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n",
+    b"OPTIONS /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://ok.example\r\n\r\n",
+    b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 96\r\n\r\n"
+    b'[{"task_id":"fz:1","n":3,"total":9,"meta":{"a":[1,{"b":null}]}},{"task_id":"fz:2","status":"close"}]',
+    b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 61\r\n\r\n"
+    b'{"task_id":"fz:\\u00e9","desc":"d","unit":"it","error":"E: x"}',
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+]
+_FUZZ_PIECES = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"%", b"%ED%B2%80", b"\\ud800",
+                b"{", b"[", b"]", b"}", b'"', b"Content-Length: 5\r\n", b"Transfer-Encoding: x\r\n",
+                b"Host: evil.example\r\n", b"Origin: http://[\r\n", b"HTTP/1.1", b"/tasks/",
+                b"\xff", b"\xc3\xa9", b"1e999", b"99999999999999999999", b"?token=", b"//",
+                b"http://", b"Expect: 100-continue\r\n", b"Connection: close\r\n"]
+
+
+def _mutate(rng, data):
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        roll, at = rng.random(), rng.randint(0, len(data))
+        if roll < 0.3 and data:
+            data[min(at, len(data) - 1)] = rng.randrange(256)
+        elif roll < 0.55:
+            data[at:at] = rng.choice(_FUZZ_PIECES)
+        elif roll < 0.7:
+            del data[at:at + rng.randint(1, 8)]
+        elif roll < 0.8:
+            data = data[:at]
+        elif roll < 0.9:
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+        else:
+            data += rng.choice(_FUZZ_BASES)  # pipelined
+    return bytes(data)
+
+
+def _fuzz_frames(rng):
+    frames = []
+    for _ in range(rng.randint(1, 6)):
+        roll = rng.random()
+        if roll < 0.5:
+            payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 5, 125, 126, 300])))
+            opcode = rng.choice([0x0, 0x1, 0x2, 0x3, 0x8, 0x9, 0xA, 0xB, 0xF])
+            frames.append(progressista.encode_frame(
+                payload, opcode, rng.random() < 0.7, MASK if rng.random() < 0.9 else None))
+        else:
+            frames.append(bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))))
+    return b"".join(frames)
+
+
+def _fuzz_value(rng, depth=0):
+    roll = rng.random()
+    if roll < 0.2 and depth < 40:
+        return {_fuzz_string(rng): _fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+    if roll < 0.3 and depth < 40:
+        return [_fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if roll < 0.55:
+        return _fuzz_string(rng)
+    return rng.choice([None, True, 0, -1, 7, 2 ** 70, 1.5, 1e308, -0.0, "1e999"])
+
+
+def _fuzz_string(rng):
+    return "".join(rng.choice(["a", ":", "/", "%", " ", "\u00e9", "\U0001F600", "\ud800",
+                               "\udc80", "\x00", "\n", '"', "\\"])
+                   for _ in range(rng.randint(0, 6)))
+
+
+def _fuzz_update_request(rng):
+    """A well-formed POST of updates whose fields hold anything at all."""
+    fields = ["task_id", "n", "total", "desc", "unit", "status", "meta", "error", "rate",
+              "elapsed", "timestamp", "host", "pid", "postfix", "other"]
+    updates = []
+    for _ in range(rng.randint(1, 3)):
+        update = {"task_id": "fz:%s" % _fuzz_string(rng)} if rng.random() < 0.8 else {}
+        for name in rng.sample(fields, rng.randint(0, 5)):
+            update[name] = _fuzz_value(rng)
+        if rng.random() < 0.2:
+            update["meta"] = {"deep": json.loads("[" * 40 + "]" * 40)}
+        updates.append(update)
+    text = json.dumps(updates if len(updates) > 1 else updates[0])
+    if rng.random() < 0.5:  # a number that parses to infinity
+        text = text.replace('"1e999"', "1e999")
+    body = text.encode()
+    return (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+def _check_alive(srv):
+    status, body, _ = request(srv.url + "/health", timeout=10)
+    assert status == 200 and body["status"] == "ok"
+    status, body, _ = request(srv.url + "/tasks", timeout=10)
+    assert status == 200 and isinstance(body["tasks"], dict)
+    strict_json(json.dumps(body))
+    status, text, _ = request(srv.url + "/metrics", timeout=10)
+    assert status == 200 and "progressista_tasks" in text
+    ws = RawWS(srv, timeout=10)
+    try:
+        assert ws.status == 101
+        assert ws.recv_json()["type"] == "snapshot"
+    finally:
+        ws.close()
+
+
+def test_fuzz_requests_and_frames_never_break_the_server(server_factory, caplog):
+    import random
+    rng = random.Random(FUZZ_SEED)
+    srv = server_factory(allow_origins=["http://ok.example"])
+    statuses = collections.Counter()
+    with caplog.at_level(logging.WARNING, logger="progressista"):
+        for batch in range(30):
+            for _ in range(100):
+                roll = rng.random()
+                if roll < 0.6:
+                    data = _mutate(rng, rng.choice(_FUZZ_BASES))
+                elif roll < 0.85:
+                    data = _fuzz_update_request(rng)
+                else:
+                    data = _FUZZ_BASES[-1] + _fuzz_frames(rng)
+                answer = exchange(srv, data, timeout=15)
+                for match in re.finditer(rb"HTTP/1\.1 (\d{3}) ", answer):
+                    statuses[int(match.group(1))] += 1
+            _check_alive(srv)
+    print("fuzz statuses (seed %d): %s" % (FUZZ_SEED, sorted(statuses.items())))
+    assert statuses[500] == 0, "the server failed on a request (seed %d)" % FUZZ_SEED
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-3000:]
+    assert statuses[200] > 100 and statuses[400] > 100 and statuses[101] > 10, statuses
 
 
 # -- dashboard ---------------------------------------------------------------
