@@ -1448,6 +1448,9 @@ class Database:
             self.thread.join(5)
         try:
             self.flush()
+        except sqlite3.Error as exc:  # flush logged it, rate-limited: say what it cost
+            log.error("could not write the last updates to %s at shutdown (%s): they are "
+                      "lost", self.path, exc)
         finally:
             self.close()
 
