@@ -2973,7 +2973,10 @@ _tls_socket_class = []
 
 def _server_ssl_context(certfile, keyfile):
     """The server side's TLS context, from a PEM certificate (chain) and its key."""
-    import ssl
+    try:
+        import ssl
+    except ImportError:  # a Python built without OpenSSL
+        raise CertificateError("this Python has no ssl module: TLS is unavailable") from None
     for option, path in (("--certfile", certfile), ("--keyfile", keyfile)):
         try:
             with open(path, "rb") as f:
