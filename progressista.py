@@ -2826,6 +2826,7 @@ class ProgressServer(ThreadingHTTPServer):
                 return None
             self.idle[sock] = None
         tls = None
+        deadline = time.monotonic() + self.handshake_seconds
         try:
             sock.settimeout(self.handshake_seconds)
             first = sock.recv(1, socket.MSG_PEEK)
@@ -2850,7 +2851,10 @@ class ProgressServer(ThreadingHTTPServer):
                 return None
             # One deadline for the whole handshake: the ssl module counts the
             # socket's timeout from the start of do_handshake, not per recv.
-            tls.settimeout(self.handshake_seconds)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("no TLS handshake within %g s" % self.handshake_seconds)
+            tls.settimeout(left)
             tls.do_handshake()
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             if isinstance(exc, ssl.SSLError):
