@@ -510,6 +510,86 @@ _install_defaults = {}  # what patch.install() was given, under explicit keyword
 _bar_numbers = itertools.count(1)  # default task ids; next() is atomic
 
 
+# Ids from the scheduler (SPEC section 8): one id per rank or array task,
+# reused by the bars a process makes one after another; a bar made while
+# another is open takes the lowest free "/k".
+_job_slots = {}  # id from the environment -> slots (1, 2, ...) held by open bars
+_job_lock = threading.RLock()  # re-entrant: tqdm's __del__ may close a bar inside
+
+
+def _size_from(text):
+    """An expected group size from the environment: a positive integer, or None."""
+    text = (text or "").strip()
+    return int(text) if text.isdigit() and 0 < int(text) <= 10 ** 9 else None
+
+
+def _job_from_env(environ=None):
+    """``(task id, expected group size)`` from the scheduler's variables, or
+    ``(None, None)`` outside of one.  First match wins."""
+    env = os.environ if environ is None else environ
+    get = env.get
+    if get("PROGRESSISTA_JOB"):
+        return ("%s:%s-%d" % (get("PROGRESSISTA_JOB"), _HOST, os.getpid()),
+                _size_from(get("PROGRESSISTA_GROUP_SIZE")))
+    if get("SLURM_ARRAY_JOB_ID") and get("SLURM_ARRAY_TASK_ID"):
+        return ("slurm-%s:%s" % (get("SLURM_ARRAY_JOB_ID"), get("SLURM_ARRAY_TASK_ID")),
+                _size_from(get("SLURM_ARRAY_TASK_COUNT")))
+    if get("SLURM_JOB_ID") and get("SLURM_PROCID"):
+        return ("slurm-%s:rank-%s" % (get("SLURM_JOB_ID"), get("SLURM_PROCID")),
+                _size_from(get("SLURM_NTASKS")))
+    if get("RANK") and get("WORLD_SIZE"):
+        run_id = get("TORCHELASTIC_RUN_ID")
+        if not run_id or run_id == "none":  # torchrun's default --rdzv-id names no run
+            run_id = "%s-%s" % (get("MASTER_ADDR", ""), get("MASTER_PORT", ""))
+        return "torch-%s:rank-%s" % (run_id, get("RANK")), _size_from(get("WORLD_SIZE"))
+    return None, None
+
+
+def _default_task_id():
+    """``(task id, slot to release at close or None, expected size or None)``."""
+    base, size = _job_from_env()
+    if base is None:  # a counter, not id(self): a freed bar's address comes back
+        return "%s:%d-%d-%d" % (_HOST, time.time() * 1000, os.getpid(),
+                                next(_bar_numbers)), None, None
+    base = base[:MAX_ID - 8]  # room for "/k"
+    with _job_lock:
+        held = _job_slots.setdefault(base, set())
+        k = 1
+        while k in held:
+            k += 1
+        held.add(k)
+    return (base if k == 1 else "%s/%d" % (base, k)), (base, k), size
+
+
+def _release_slot(slot):
+    with _job_lock:
+        held = _job_slots.get(slot[0])
+        if held is not None:
+            held.discard(slot[1])
+            if not held:
+                del _job_slots[slot[0]]
+
+
+def _checked_group_size(value):
+    """The ``group_size`` keyword: a positive integer, or None with one line on stderr."""
+    if value is None:
+        return None
+    import operator
+    if type(value) is not bool:
+        try:
+            number = operator.index(value)
+            if 0 < number <= 10 ** 9:
+                return number
+        except TypeError:
+            pass
+    try:
+        print("progressista: group_size must be a positive integer, got %r: not sent"
+              % (value,), file=sys.stderr)
+    except Exception:
+        pass
+    return None
+
+
 class _RemoteMixin:
     """What ``RemoteTqdm`` adds to a tqdm class: the remote half.
 
@@ -519,10 +599,12 @@ class _RemoteMixin:
     """
 
     _pst_closed = True  # until __init__ succeeds, close() is local only
+    _pst_slot = None  # (id from the environment, k) while this bar holds "/k"
+    _pst_open_status = "update"  # the status of an open bar's sends after the first
     _pst_looked_at = -1e9  # when the sender last read this bar (sent or not)
 
     def __init__(self, *args, server_url=None, task_id=None, push_every=None,
-                 request_timeout=None, meta=None, headers=None, **kwargs):
+                 request_timeout=None, meta=None, headers=None, group_size=None, **kwargs):
         defaults = _install_defaults
         if kwargs.get("disable", False) is None:
             target = kwargs.get("file") or sys.stderr
@@ -540,10 +622,8 @@ class _RemoteMixin:
         if urllib.parse.urlsplit(url).path in ("", "/"):
             url = url.rstrip("/") + "/progress"
         self._pst_url = url
-        # A counter, not id(self): a bar made right after another is freed
-        # can get its address, and two bars must never share a task.
-        self._pst_id = (str(task_id) if task_id not in (None, "") else "%s:%d-%d-%d" % (
-            _HOST, time.time() * 1000, os.getpid(), next(_bar_numbers)))[:256]
+        # Without one, the id is chosen last (_default_task_id), once nothing can fail.
+        self._pst_id = str(task_id)[:256] if task_id not in (None, "") else None
         every = push_every if push_every is not None else defaults.get("push_every")
         self._pst_every = max(0.0, float(every if every is not None else _env_float(
             "PROGRESSISTA_PUSH_INTERVAL", 0.25)))
@@ -569,6 +649,16 @@ class _RemoteMixin:
         self._pst_sent_at = -1e9
         self._pst_thread = threading.get_ident()
         self._pst_pid = os.getpid()
+        size = group_size if group_size is not None else defaults.get("group_size")
+        if self._pst_id is None:
+            self._pst_id, self._pst_slot, env_size = _default_task_id()
+            if self._pst_slot is not None:
+                # The id is reused: say "start" every time, so this bar reopens
+                # it even if the last bar's close arrives after our first send.
+                self._pst_open_status = "start"
+            if size is None:
+                size = env_size
+        self._pst_group_size = _checked_group_size(size)
         self._pst_closed = False
         _get_sender().register(self)
 
@@ -594,13 +684,13 @@ class _RemoteMixin:
             rate = (self.n - getattr(self, "initial", 0)) / elapsed
         desc, postfix, total = self.desc, self.postfix, _finite(self.total)
         # Within the server's limits, so one odd bar can't get a batch refused.
-        return {
+        payload = {
             "task_id": self._pst_id,
             "n": max(_finite(self.n) or 0, 0),
             "total": total if total is None or total >= 0 else None,
             "desc": str(desc)[:1024] if desc else None,
             "unit": str(self.unit)[:64],
-            "status": status or "update",
+            "status": status or self._pst_open_status,
             "rate": _finite(rate),
             "elapsed": _finite(elapsed),
             "error": error[:4096] if error else None,
@@ -610,6 +700,9 @@ class _RemoteMixin:
             "pid": self._pst_pid,
             "timestamp": time.time(),
         }
+        if self._pst_group_size is not None:
+            payload["group_size"] = self._pst_group_size
+        return payload
 
     def _post(self, payload):
         """Perform one HTTP send of ``payload`` (one update or a list of them).
@@ -623,6 +716,9 @@ class _RemoteMixin:
         if self._pst_closed or getattr(self, "_pst_pid", None) != os.getpid():
             return super().close()
         self._pst_closed = True
+        if self._pst_slot is not None:  # the next bar of this process may take the id
+            _release_slot(self._pst_slot)
+            self._pst_slot = None
         # A for loop abandoned early closes us from GeneratorExit: a break, or an
         # exception on its way up.  Hold the final state briefly so the crash
         # hooks can turn it into an error before anything says "completed".
@@ -669,8 +765,14 @@ RemoteTqdm_doc = """A drop-in ``tqdm`` that also shows the bar on a Progressista
 Same arguments and local display as ``tqdm``; extra keywords, each with an
 environment default: ``server_url`` ($PROGRESSISTA_SERVER_URL), ``task_id``,
 ``push_every`` ($PROGRESSISTA_PUSH_INTERVAL, 0.25 s), ``request_timeout``
-($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict) and
-``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set).
+($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict),
+``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set) and
+``group_size`` (how many members the bar's group will have).
+
+Without ``task_id``, a bar started by Slurm, torchrun or under
+$PROGRESSISTA_JOB takes its id (and group size) from the environment: one
+id per rank or array task, reused by bars made one after another, with
+``/2``, ``/3``... for a bar made while another is open.
 """
 
 
@@ -736,7 +838,8 @@ def install(server_url=None, **defaults):
     ``trange`` helpers), then every module attribute anywhere that still
     points at one of the originals (``from tqdm import tqdm`` done earlier).
     ``defaults`` are ``RemoteTqdm`` keywords (``push_every``, ``meta``,
-    ``headers``, ``request_timeout``, ``token``) for bars that don't set them.
+    ``headers``, ``request_timeout``, ``token``, ``group_size``) for bars that
+    don't set them.
     Call it from ``sitecustomize.py``; ``uninstall()`` undoes it.
     """
     import importlib
@@ -922,6 +1025,7 @@ def parse_json(body):
 
 
 MAX_ID = 256
+MAX_GROUP_SIZE = 10 ** 9
 MAX_META = 16384
 _STR_LIMITS = {"task_id": MAX_ID, "desc": 1024, "unit": 64, "error": 4096,
                "host": 256, "postfix": 1024}
@@ -1011,12 +1115,15 @@ def check_update(update, current=None):
         elif key == "pid":
             if value is not None and type(value) is not int:
                 raise BadRequest("pid must be an integer")
+        elif key == "group_size":  # bool is no int here: type(), not isinstance()
+            if value is not None and (type(value) is not int or not 1 <= value <= MAX_GROUP_SIZE):
+                raise BadRequest("group_size must be an integer from 1 to %d" % MAX_GROUP_SIZE)
 
 
 def _new_task(task_id, now):
     return {"task_id": task_id, "desc": None, "n": 0, "total": None, "unit": None,
             "status": "active", "rate": None, "elapsed": None, "error": None,
-            "meta": None, "host": None, "pid": None, "postfix": None,
+            "meta": None, "host": None, "pid": None, "postfix": None, "group_size": None,
             "created_at": now, "updated_at": now, "seen_at": now}
 
 
@@ -1072,6 +1179,8 @@ class TaskStore:
         self.db_dirty, self.db_removed = set(), set()
         self.updates_received = 0
         self.updates_rejected = 0
+        self._groups = {}  # group name -> _Group: its tasks and counts, kept as tasks change
+        self.group_sizes = {}  # group name -> latest expected size (update field group_size)
 
     def __len__(self):
         return len(self.tasks)
@@ -1108,6 +1217,7 @@ class TaskStore:
             task = self.tasks[task_id] = _new_task(task_id, now)
             self._live[task_id] = None
             self.removed.discard(task_id)  # removed and made again: a delta says it once
+            self._group_add(task)
             progressed = True
         elif (task["status"] == "close" or task["status"] == "error") \
                 and update.get("status") not in _ENDING_OR_START:
@@ -1121,6 +1231,8 @@ class TaskStore:
         for key in _PLAIN_FIELDS:
             if key in update:
                 task[key] = update[key]
+        if update.get("group_size") is not None:
+            self._set_group_size(task, update["group_size"])
         if "n" in update and update["n"] != task["n"]:
             task["n"] = update["n"]
             progressed = True
@@ -1158,6 +1270,8 @@ class TaskStore:
         if progressed:
             task["updated_at"] = now
         task["seen_at"] = now
+        if task["status"] != old:
+            self._group_move(task_id, old, task["status"])
         self.dirty.add(task_id)
         if self.persist:
             self.db_dirty.add(task_id)
@@ -1186,6 +1300,7 @@ class TaskStore:
         task = self.tasks.pop(task_id)
         {"active": self._live, "stale": self._stale}.get(task["status"], self._ended).pop(
             task_id, None)
+        self._group_discard(task)
         self.dirty.discard(task_id)
         self.removed.add(task_id)
         if self.persist:
@@ -1209,6 +1324,7 @@ class TaskStore:
                     del self._live[task_id]
                     self._stale[task_id] = None
                     task["status"] = "stale"
+                    self._group_move(task_id, "active", "stale")
                     self.dirty.add(task_id)
                     if self.persist:
                         self.db_dirty.add(task_id)
@@ -1235,8 +1351,18 @@ class TaskStore:
                 task_id = task["task_id"]
                 if task["status"] == "stale":
                     task["status"] = "active"
+                size = task.get("group_size")
+                if type(size) is not int or not 1 <= size <= MAX_GROUP_SIZE:
+                    size = None  # a file from before group sizes, or a bad value: unknown
+                task["group_size"] = size
                 self.tasks[task_id] = task
                 {"active": self._live}.get(task["status"], self._ended)[task_id] = None
+                self._group_add(task)
+                if size is not None:  # saved on its tasks: the latest one's is the group's
+                    self.group_sizes[_group_of(task_id)] = size
+            for name, size in self.group_sizes.items():
+                for task in self._groups[name].tasks.values():
+                    task["group_size"] = size
         self.sweep()
         with self.lock:  # a smaller --max-tasks than the file's: oldest ended go first
             while len(self.tasks) > self.max_tasks and (self._ended or self._stale):
@@ -1287,6 +1413,147 @@ class TaskStore:
         dirty, removed = self.dirty, self.removed
         self.dirty, self.removed = set(), set()
         return {k: self.tasks[k] for k in dirty}, list(removed)
+
+    # Groups (SPEC section 8): a job's ranks or array tasks, by task id prefix.
+
+    def _group_add(self, task):
+        task_id = task["task_id"]
+        name = _group_of(task_id)
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = _Group()
+        group.tasks[task_id] = task
+        member = _member_of(task_id)
+        group.members[member] = group.members.get(member, 0) + 1
+        group.counts[task["status"]] += 1
+        size = self.group_sizes.get(name)
+        if size is not None:
+            task["group_size"] = size
+
+    def _group_discard(self, task):
+        task_id = task["task_id"]
+        name = _group_of(task_id)
+        group = self._groups[name]
+        del group.tasks[task_id]
+        if not group.tasks:  # an empty group is forgotten, its size too
+            del self._groups[name]
+            self.group_sizes.pop(name, None)
+            return
+        member = _member_of(task_id)
+        left = group.members[member] - 1
+        if left:
+            group.members[member] = left
+        else:
+            del group.members[member]
+        group.counts[task["status"]] -= 1
+
+    def _group_move(self, task_id, old, new):
+        counts = self._groups[_group_of(task_id)].counts
+        counts[old] -= 1
+        counts[new] += 1
+
+    def _set_group_size(self, task, size):
+        """The latest size wins, and every task of the group shows it.
+
+        Touching all of the group's tasks happens only when the size changes
+        (a job sends one size from every member), never on a plain update.
+        """
+        name = _group_of(task["task_id"])
+        if self.group_sizes.get(name) == size:
+            task["group_size"] = size
+            return
+        self.group_sizes[name] = size
+        for task_id, member_task in self._groups[name].tasks.items():
+            if member_task["group_size"] != size:
+                member_task["group_size"] = size
+                self.dirty.add(task_id)
+                if self.persist:
+                    self.db_dirty.add(task_id)
+
+    def groups(self, statuses=None):
+        """``{name: entry}`` of every group, or of those with a task in ``statuses``.
+
+        The lock is held only to copy each group's task list and counts; the
+        sums are made outside it (as ``/tasks`` encodes outside it).
+        """
+        with self.lock:
+            copies = [(name, list(group.tasks.values()), dict(group.counts),
+                       len(group.members), self.group_sizes.get(name))
+                      for name, group in self._groups.items()
+                      if statuses is None or any(group.counts[s] for s in statuses)]
+        return {copy[0]: _group_entry(*copy[1:]) for copy in copies}
+
+    def group(self, name):
+        """One group's entry (as in :meth:`groups`), or None when it has no task."""
+        with self.lock:
+            group = self._groups.get(name)
+            if group is None:
+                return None
+            copy = (list(group.tasks.values()), dict(group.counts), len(group.members),
+                    self.group_sizes.get(name))
+        return _group_entry(*copy)
+
+
+class _Group:
+    """One group's index: its tasks (id -> task), members (-> task count), counts."""
+
+    __slots__ = ("tasks", "members", "counts")
+
+    def __init__(self):
+        self.tasks, self.members = {}, {}
+        self.counts = dict.fromkeys(STATUSES, 0)
+
+
+def _is_main_bar(task_id):
+    """A member's main bar: its task without ``/k`` (``run:rank-3``, not ``run:rank-3/2``)."""
+    head, colon, tail = task_id.partition(":")
+    return not colon or "/" not in tail
+
+
+def _group_entry(tasks, counts, members, expected):
+    """A group as ``/groups`` shows it, from its tasks (read without the lock:
+    a value changed meanwhile is as fresh as a ``/tasks`` answer).
+
+    Sums are over main bars; ``rate`` and ``eta`` over the active ones (an
+    ended bar makes no more progress, and what a failed one left undone will
+    not be done).
+    """
+    n = total = rate = remaining = mains = 0
+    active = False
+    created_at = updated_at = None
+    for task in tasks:
+        created, updated = task["created_at"], task["updated_at"]
+        if created_at is None or created < created_at:
+            created_at = created
+        if updated_at is None or updated > updated_at:
+            updated_at = updated
+        if not _is_main_bar(task["task_id"]):
+            continue
+        mains += 1
+        task_n, task_total = task["n"], task["total"]
+        try:  # an int near float64's limit plus a float overflows: the sums become unknown
+            n += task_n
+            if total is not None:
+                total = None if task_total is None else total + task_total
+            if task["status"] == "active":
+                active = True
+                rate += task["rate"] or 0
+                if remaining is not None:
+                    remaining = None if task_total is None \
+                        else remaining + max(0, task_total - task_n)
+        except (OverflowError, TypeError):
+            n = total = rate = remaining = float("nan")
+    eta = None
+    if active and remaining is not None and rate > 0:
+        try:
+            eta = _finite(remaining / rate)
+        except OverflowError:
+            pass
+    done = counts["active"] == 0 and counts["stale"] == 0 and (
+        expected is None or members >= expected)
+    return {"tasks": len(tasks), "members": members, "expected": expected, "counts": counts,
+            "n": _finite(n), "total": _finite(total) if mains else None, "rate": _finite(rate),
+            "eta": eta, "created_at": created_at, "updated_at": updated_at, "done": done}
 
 
 SCHEMA_VERSION = 1
@@ -2527,6 +2794,13 @@ class Handler(_Protocol):
             return self._json(200, _dumps({"tasks": tasks}))
         self._respond_pieces(200, _json_pieces('{"tasks":{', tasks, "}}"))
 
+    def _get_groups(self):
+        """SPEC section 8: each group's members, expected size, counts, sums, ETA, done."""
+        groups = self.server.store.groups(self._statuses())
+        if len(groups) <= JSON_CHUNK:
+            return self._json(200, _dumps({"groups": groups}))
+        self._respond_pieces(200, _json_pieces('{"groups":{', groups, "}}"))
+
     def _delete_tasks(self):
         statuses = self._statuses()
         if statuses is None:
@@ -2614,6 +2888,7 @@ class Handler(_Protocol):
         Route("GET", "/health", _health, "none"),
         Route("POST", "/progress", _post_progress, "write"),
         Route("GET", "/tasks", _get_tasks, "read"),
+        Route("GET", "/groups", _get_groups, "read"),
         Route("DELETE", "/tasks", _delete_tasks, "write"),
         Route("GET", "/tasks/{task_id}", _get_task, "read"),
         Route("DELETE", "/tasks/{task_id}", _delete_task, "write"),
@@ -2966,6 +3241,47 @@ def _metrics_pieces(server):
            "# TYPE progressista_db_write_errors_total counter\n"
            "progressista_db_write_errors_total %d\n"
            % (server.db.write_errors if server.db is not None else 0))
+    yield from _group_metrics(store.groups(), label, number)
+
+
+def _group_metrics(groups, label, number):
+    """The groups of SPEC section 8: tasks by status, expected size, progress."""
+    names = sorted(groups)
+    yield ("# HELP progressista_group_tasks Tasks of a group (task id before ':') by status.\n"
+           "# TYPE progressista_group_tasks gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_tasks{group="%s",status="%s"} %d\n'
+                      % (label(name), status, groups[name]["counts"][status])
+                      for name in names[start:start + JSON_CHUNK] for status in STATUSES)
+    yield ("# HELP progressista_group_expected Members a group expects (group_size); "
+           "NaN when unknown.\n# TYPE progressista_group_expected gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_expected{group="%s"} %s\n'
+                      % (label(name), number(groups[name]["expected"]))
+                      for name in names[start:start + JSON_CHUNK])
+    yield ("# HELP progressista_group_progress_ratio Sum of n / sum of total over the main "
+           "bars of a group, members not started yet counted as 0%; NaN when a total is "
+           "unknown.\n"
+           "# TYPE progressista_group_progress_ratio gauge\n")
+    for start in range(0, len(names), JSON_CHUNK):
+        yield "".join('progressista_group_progress_ratio{group="%s"} %s\n'
+                      % (label(name), number(_group_ratio(groups[name])))
+                      for name in names[start:start + JSON_CHUNK])
+
+
+def _group_ratio(entry):
+    """How far the group is: members not started yet count as 0% done, each
+    the size of an average started one (so 400 of 1,000 done reads 0.4)."""
+    n, total, expected = entry["n"], entry["total"], entry["expected"]
+    if not total or n is None:
+        return None
+    try:
+        members = entry["members"]
+        if expected is not None and expected > members:
+            total = total / members * expected
+        return n / total
+    except OverflowError:
+        return float("inf")
 
 
 class CertificateError(ValueError):
@@ -3189,6 +3505,14 @@ body.disconnected main { opacity: .72; }
 .group-count, .group-progress { color: var(--muted); font-size: 12.5px; font-variant-numeric: tabular-nums; }
 .group-bar { flex: 1 1 120px; max-width: 320px; }
 .group.collapsed { padding-bottom: 0; }
+/* the job line: every task of the prefix, whatever its section (SPEC 8) */
+.group-job { flex: 1 1 100%; display: flex; flex-wrap: wrap; align-items: center; gap: 4px 12px; min-width: 0;
+  color: var(--muted); font-size: 12.5px; font-variant-numeric: tabular-nums; }
+.group-job-bar { flex: 0 1 200px; height: 4px; }
+.job-percent { font-weight: 600; color: var(--text); }
+.group-job-bar .bar-fill { background: var(--blue); }
+.group-job[data-state="failed"] .group-job-bar .bar-fill { background: var(--red); }
+.group-job[data-state="done"] .group-job-bar .bar-fill { background: var(--green); }
 
 /* ---- cards ---- */
 .card {
@@ -3298,7 +3622,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
 </main>
 <div id="toast" class="toast" role="status" hidden></div>
 <template id="tpl-card"><article class="card"><div class="card-head"><div class="card-titles"><div class="task-id"></div><div class="desc"></div></div><button type="button" class="discard" aria-label="Discard task">&times;</button></div><div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100"><div class="bar-fill"></div></div><div class="line stats"><span class="percent"></span><span class="progress-text"></span><span class="rate"></span></div><div class="line times"><span class="elapsed"></span><span class="eta"></span></div><div class="age"></div><div class="host"></div><div class="postfix"></div><ul class="meta"></ul><div class="error-line"></div></article></template>
-<template id="tpl-group"><div class="group"><div class="group-header"><button type="button" class="group-toggle" aria-expanded="true"><span class="chev" aria-hidden="true"></span><span class="group-name"></span></button><span class="group-count"></span><span class="group-progress"></span><div class="bar group-bar"><div class="bar-fill"></div></div></div><div class="list group-body"></div></div></template>
+<template id="tpl-group"><div class="group"><div class="group-header"><button type="button" class="group-toggle" aria-expanded="true"><span class="chev" aria-hidden="true"></span><span class="group-name"></span></button><span class="group-count"></span><span class="group-progress"></span><div class="bar group-bar"><div class="bar-fill"></div></div><div class="group-job" hidden><div class="bar group-job-bar"><div class="bar-fill"></div></div><span class="job-percent"></span><span class="job-started"></span><span class="job-counts"></span><span class="job-rate"></span><span class="job-eta"></span></div></div><div class="list group-body"></div></div></template>
 <script>
 (function () {
   'use strict';
@@ -3551,7 +3875,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   // ---- cards ------------------------------------------------------------
   function newRecord(id) {
     return { id: id, t: null, el: null, status: null, group: null, key: 0, match: true,
-      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0 };
+      search: null, painted: false, metaKey: null, pct: null, cN: 0, cT: 0, job: null, js: null, jm: null };
   }
 
   function cardElement(rec) {
@@ -3712,6 +4036,118 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     setText(g.progress, text);
     setHidden(g.bar, !withTotal);
     if (g.fill._w !== w) { g.fill._w = w; g.fill.style.width = w; }
+    paintJob(g);
+  }
+
+  // ---- jobs (SPEC 8) ------------------------------------------------------
+  // A job is every task of a prefix, whatever its section. Each box of the
+  // prefix shows its members against the expected size (task.group_size),
+  // the members' states (by their main bar: the task without "/k"), the sum
+  // of the main bars, their rate and the ETA, as GET /groups computes them.
+  // Each task adds its share and takes it back when it changes, so an update
+  // costs the same in a job of 10 or of 100,000.
+  var jobs = new Map();     // prefix -> job record
+  var jobsDirty = new Set();
+  function jobShare(rec, t) {
+    var j = rec.job, s = rec.js;
+    if (j) {  // take back the old share
+      j.tasks--;
+      var left = j.members.get(rec.jm) - 1;
+      if (left) j.members.set(rec.jm, left); else j.members.delete(rec.jm);
+      if (s) {
+        j.mains[s.status]--;
+        var uses = j.units.get(s.unit) - 1;
+        if (uses) j.units.set(s.unit, uses); else j.units.delete(s.unit);
+        j.n -= s.n;
+        if (s.total === null) j.noTotal--; else j.total -= s.total;
+        if (s.status === 'active') {
+          j.active--;
+          j.rate -= s.rate;
+          if (s.total === null) j.remUnknown--; else j.rem -= s.rem;
+        }
+      }
+      jobsDirty.add(j);
+      if (!j.tasks) jobs.delete(j.prefix);
+    }
+    rec.job = rec.js = null;
+    var prefix = t ? prefixOf(rec.id) : null;
+    if (prefix === null) return;
+    j = jobs.get(prefix);
+    if (!j) {
+      j = { prefix: prefix, tasks: 0, members: new Map(), mains: { active: 0, stale: 0, close: 0, error: 0 },
+        n: 0, total: 0, noTotal: 0, active: 0, rate: 0, rem: 0, remUnknown: 0, expected: null,
+        units: new Map() };
+      jobs.set(prefix, j);
+    }
+    var tail = rec.id.slice(prefix.length + 1), slash = tail.indexOf('/');
+    rec.job = j;
+    rec.jm = slash < 0 ? tail : tail.slice(0, slash);
+    j.tasks++;
+    j.members.set(rec.jm, (j.members.get(rec.jm) || 0) + 1);
+    var size = num(t.group_size);
+    if (size !== null && size >= 1) j.expected = size;  // the server sets the latest on every task
+    jobsDirty.add(j);
+    if (slash >= 0) return;
+    var n = Math.max(num(t.n) || 0, 0), total = num(t.total), status = t.status;
+    if (total !== null && total < 0) total = null;
+    s = rec.js = { status: status, n: n, total: total, rate: 0, rem: 0, unit: t.unit ? String(t.unit) : 'it' };
+    j.mains[status]++;
+    j.units.set(s.unit, (j.units.get(s.unit) || 0) + 1);
+    j.n += n;
+    if (total === null) j.noTotal++; else j.total += total;
+    if (status === 'active') {
+      j.active++;
+      s.rate = Math.max(num(t.rate) || 0, 0);
+      j.rate += s.rate;
+      if (total === null) j.remUnknown++; else { s.rem = Math.max(total - n, 0); j.rem += s.rem; }
+    }
+  }
+  // Repaint the job line of each box of a changed job (only that line: a
+  // box's own sums are redone when one of its members changes).
+  function markJobs() {
+    jobsDirty.forEach(function (j) {
+      if (!j.active) j.rate = j.rem = 0;  // no drift left behind by sums of floats
+      for (var i = 0; i < STATUSES.length; i++) {
+        var g = groups.get(STATUSES[i] + '\n' + j.prefix);
+        if (g) paintJob(g);
+      }
+    });
+    jobsDirty.clear();
+  }
+  function paintJob(g) {
+    var j = jobs.get(g.prefix), el = g.job || (g.job = jobElements(g.el));
+    setHidden(el.row, !j);
+    if (!j) return;
+    var unit = j.units.size === 1 ? j.units.keys().next().value : '';  // mixed units: counts only
+    var members = j.members.size, m = j.mains, mains = m.active + m.stale + m.close + m.error;
+    setText(el.started, j.expected !== null ? fmtNum(members) + ' / ' + fmtNum(j.expected) + ' started'
+      : fmtNum(members) + (members === 1 ? ' member' : ' members'));
+    // the bar: blue while a member runs, then green, or red when one failed
+    var state = m.active || m.stale ? 'running' : m.error ? 'failed' : 'done';
+    if (el.row._state !== state) { el.row._state = state; el.row.dataset.state = state; }
+    setText(el.counts, fmtNum(m.close) + ' done \u00b7 ' + fmtNum(m.error) + ' failed \u00b7 ' +
+      fmtNum(m.active) + ' running' + (m.stale ? ' \u00b7 ' + fmtNum(m.stale) + ' stalled' : ''));
+    // members not started yet count as 0% done, each the size of an average started one
+    var known = mains > 0 && !j.noTotal && j.total > 0, w = '', pct = '';
+    if (known) {
+      var whole = j.expected !== null && j.expected > members ? j.total / members * j.expected : j.total;
+      var ratio = Math.min(1, Math.max(0, j.n / whole));
+      w = (ratio * 100).toFixed(2) + '%';
+      pct = (j.n >= whole ? 100 : Math.min(99, Math.floor(ratio * 100))) + '%';
+    }
+    setHidden(el.bar, !known);
+    if (el.fill._w !== w) { el.fill._w = w; el.fill.style.width = w; }
+    setShown(el.percent, pct);
+    setTitle(el.bar, known ? fmtProgress(j.n, j.total, unit) + ' over the main bars of the members started' : '');
+    var rate = j.active ? j.rate : 0, early = j.expected !== null && members < j.expected;
+    setShown(el.rate, rate > 0 ? fmtRate(rate, unit || 'it') : '');
+    setShown(el.eta, rate > 0 && !j.remUnknown ? 'ETA ' + fmtInterval(j.rem / rate) + (early ? ' (started ones)' : '') : '');
+  }
+  function jobElements(groupEl) {
+    var row = groupEl.querySelector('.group-job'), bar = row.firstElementChild, percent = bar.nextElementSibling;
+    var started = percent.nextElementSibling, counts = started.nextElementSibling, rate = counts.nextElementSibling;
+    return { row: row, bar: bar, fill: bar.firstElementChild, percent: percent, started: started, counts: counts,
+      rate: rate, eta: rate.nextElementSibling };
   }
 
   // Sort a group's members, refresh its header, count those passing the filter.
@@ -3867,7 +4303,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     pending.forEach(function (t, id) {
       var rec = cards.get(id);
       if (t === null) {
-        if (rec) { unfile(rec); contribute(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
+        if (rec) { unfile(rec); contribute(rec, null); jobShare(rec, null); if (rec.el) rec.el.remove(); cards.delete(id); }
         return;
       }
       if (!rec) { rec = newRecord(id); cards.set(id, rec); }
@@ -3876,6 +4312,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       rec.search = null;
       rec.painted = false;
       contribute(rec, t);
+      jobShare(rec, t);
       var match = filtering ? matches(searchOf(rec)) : true, key = activityKey(t);
       if (refileAll) { rec.key = key; rec.match = match; return; }
       if (rec.status !== t.status) {
@@ -3892,6 +4329,7 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
       if (rec.el && rec.el.isConnected) paint(rec, now);
     });
     pending.clear();
+    if (jobsDirty.size) markJobs();
     if (refileAll) refile();
     groups.forEach(function (g) { if (!g.size || g.sort || g.dirty || g.summary) settleGroup(g); });
     STATUSES.forEach(function (s) { if (sections[s].dirty || sections[s].sort) renderSection(sections[s], now); });
@@ -4309,17 +4747,26 @@ def demo(server_url=None, duration=20.0):
     with_meta = cls(total=500, desc="with meta", unit="img", task_id=run_id + ":meta",
                     meta={"model": "resnet50", "lr": 0.0003, "gpu": 0, "dataset": "imagenet"},
                     **quiet)
+    # A job (SPEC section 8): an array of 8 tasks of which 3 have started so far.
+    array_id = "demo-array-%s" % time.strftime("%H%M%S")
+    for _ in cls(range(40), desc="array task 0: shard 0", unit="file", group_size=8,
+                 task_id=array_id + ":0", **quiet):
+        pass
+    shards = [cls(total=400, desc="array task %d: shard %d" % (k, k), unit="file",
+                  group_size=8, task_id="%s:%d" % (array_id, k), **quiet) for k in (1, 2)]
     deadline = time.monotonic() + duration if duration else float("inf")
     try:
         while time.monotonic() < deadline:
             running.update(3)
             unknown.update(48_000)
             with_meta.update(1)
+            for k, shard in enumerate(shards):
+                shard.update(1 + k)
             running.set_postfix(loss="%.3f" % (2.0 / (1 + running.n / 300)))
             time.sleep(0.1)
     except KeyboardInterrupt:
         pass
-    for bar in (running, unknown, with_meta, stalled):
+    for bar in [running, unknown, with_meta, stalled] + shards:
         bar.close()
     return 0
 
@@ -4394,6 +4841,8 @@ def _build_parser():
     p.add_argument("--push-every", help="least seconds between sends of one bar")
     p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
     p.add_argument("--meta", help="JSON object attached to every bar")
+    p.add_argument("--group-size", help="members the job's group will have (default: from "
+                   "Slurm, torchrun or $PROGRESSISTA_GROUP_SIZE)")
 
     p = commands.add_parser("demo", help="push a few bars in every state to a server")
     p.add_argument("--server-url", help="where to POST ($PROGRESSISTA_SERVER_URL)")
@@ -4412,7 +4861,8 @@ def _number(parser, name, text, kind=float, minimum=0):
         parser.error("%s must be a number >= %s, got %r" % (name, minimum, text))
 
 
-_RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level")
+_RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level",
+               "--group-size")
 
 
 def _split_run_args(argv):
@@ -4530,6 +4980,8 @@ def main(argv=None):
         if not isinstance(meta, dict):
             parser.error("--meta must be a JSON object, like '{\"run\": 7}'")
         options["meta"] = meta
+    if args.group_size is not None:
+        options["group_size"] = _number(parser, "--group-size", args.group_size, int, 1)
     if not args.module and not os.path.exists(target):
         parser.error("no such script: %s" % target)
     return run(target, script_args, module=bool(args.module), **options)

@@ -1110,6 +1110,193 @@ def test_trange_pandas_auto_asyncio_under_install(server):
         assert got[task_id]["status"] == "close" and got[task_id]["n"] == n, got[task_id]
 
 
+# Ids and group sizes from the scheduler's environment (SPEC section 8).
+
+_SCHEDULER_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+                   "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE",
+                   "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _scheduler_env(**variables):
+    """The test's environment as a scheduler would set it, and nothing of the host's own."""
+    env = {k: None for k in _SCHEDULER_VARS}
+    env.update(variables)
+    return env
+
+
+def _run_scheduled(code, srv, variables, **kw):
+    env = _scheduler_env(**variables)
+    full = _clean_env({k: v for k, v in env.items() if v is not None},
+                      PROGRESSISTA_SERVER_URL=srv.url + "/progress",
+                      PROGRESSISTA_PUSH_INTERVAL="0.02")
+    for name in _SCHEDULER_VARS:
+        if env[name] is None:
+            full.pop(name, None)
+    source = PRELUDE + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", source], env=full, capture_output=True,
+                          timeout=60, **kw)
+
+
+# What a rank does: two epochs one after another, each with nested bars.
+_EPOCHS_SCRIPT = """
+    import json, socket, os, time
+    sends = []
+    class Spy(RemoteTqdm):
+        def _post(self, payload):
+            for item in payload if isinstance(payload, list) else [payload]:
+                sends.append((item["task_id"], item["status"], item.get("group_size")))
+            return super()._post(payload)
+    opened = []
+    for epoch in range(2):
+        with Spy(total=2, desc="epoch %d" % epoch, disable=None) as outer:
+            opened.append(outer._pst_id)
+            time.sleep(0.2)  # sent open
+            for step in range(2):
+                inner = Spy(range(3), desc="batches", disable=None)
+                opened.append(inner._pst_id)
+                if epoch == 1 and step == 1:  # two open at once under the outer one
+                    extra = Spy(total=1, disable=None)
+                    opened.append(extra._pst_id)
+                    time.sleep(0.2)
+                    extra.update(1)
+                    extra.close()
+                for _ in inner:
+                    time.sleep(0.05)
+                outer.update(1)
+    after = Spy(total=1, disable=None)  # none open any more: the plain id again
+    opened.append(after._pst_id)
+    after.update(1)
+    after.close()
+    print(json.dumps({"opened": opened, "sends": sends, "host": socket.gethostname(),
+                      "pid": os.getpid()}))
+"""
+
+
+@pytest.mark.parametrize("variables, base, size", [
+    ({"SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "17",
+      "SLURM_ARRAY_TASK_COUNT": "1000", "SLURM_JOB_ID": "4259", "SLURM_PROCID": "0",
+      "SLURM_NTASKS": "1"}, "slurm-4242:17", 1000),
+    ({"SLURM_JOB_ID": "991", "SLURM_PROCID": "5", "SLURM_NTASKS": "16"},
+     "slurm-991:rank-5", 16),
+    ({"RANK": "3", "WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "ft-run-9",
+      "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"}, "torch-ft-run-9:rank-3", 8),
+    ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none",
+      "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"}, "torch-10.1.2.3-29500:rank-0", 2),
+    ({"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "node7", "MASTER_PORT": "1234",
+      "PROGRESSISTA_JOB": "etl-3", "PROGRESSISTA_GROUP_SIZE": "40"}, "etl-3:{host}-{pid}", 40),
+    ({"PROGRESSISTA_JOB": "etl-4"}, "etl-4:{host}-{pid}", None),
+], ids=["slurm-array", "slurm-step", "torchrun", "torchrun-no-run-id", "progressista-job",
+        "job-without-size"])
+def test_ids_from_the_scheduler_reused_nested_and_sized(server, variables, base, size):
+    proc = _run_scheduled(_EPOCHS_SCRIPT, server, variables)
+    assert proc.returncode == 0 and not proc.stderr, proc
+    out = json.loads(proc.stdout)
+    base = base.format(host=out["host"], pid=out["pid"])
+    main, second, third = base, base + "/2", base + "/3"
+    assert out["opened"] == [main, second, second, main, second, second, third, main], out
+    sends = out["sends"]
+    assert {task_id for task_id, _, _ in sends} == {main, second, third}
+    assert all(group_size == size for _, _, group_size in sends), sends
+    # the second epoch reopened the rank's card: its sends after a close say "start"
+    for task_id in (main, second):
+        statuses = [status for t, status, _ in sends if t == task_id]
+        assert "close" in statuses[:-1], statuses
+        closed_at = statuses.index("close")
+        assert statuses[closed_at + 1] == "start", statuses
+        assert set(statuses) <= {"start", "close"}, statuses
+    got = tasks(server)
+    assert set(got) == {main, second, third}
+    assert got[main]["n"] == 1 and got[main]["status"] == "close"  # the last bar's state
+    assert all(t["group_size"] == size for t in got.values())
+    if size is not None:
+        assert server.store.group_sizes == {base.partition(":")[0]: size}
+
+
+def test_no_scheduler_keeps_unique_ids(server):
+    proc = _run_scheduled("""
+        a = RemoteTqdm(range(2), disable=None); list(a)
+        b = RemoteTqdm(range(2), disable=None); list(b)
+        print(a._pst_id != b._pst_id, a._pst_id.count(":"), "/" in b._pst_id)
+    """, server, {})
+    assert proc.stdout.split() == [b"True", b"1", b"False"], proc
+    assert all(t["group_size"] is None for t in tasks(server).values())
+
+
+def test_scheduler_variables_first_match_wins():
+    both = {"SLURM_ARRAY_JOB_ID": "1", "SLURM_ARRAY_TASK_ID": "2", "SLURM_JOB_ID": "3",
+            "SLURM_PROCID": "4", "RANK": "5", "WORLD_SIZE": "6"}
+    assert progressista._job_from_env(both) == ("slurm-1:2", None)
+    del both["SLURM_ARRAY_JOB_ID"]
+    assert progressista._job_from_env(both) == ("slurm-3:rank-4", None)
+    del both["SLURM_PROCID"]
+    assert progressista._job_from_env(both) == ("torch--:rank-5", 6)
+    assert progressista._job_from_env({"RANK": "5"}) == (None, None)
+    assert progressista._job_from_env({}) == (None, None)
+    # a size that is not a positive integer is unknown, never an error
+    for bad in ("", "0", "-3", "x", "2.5", "9" * 12):
+        assert progressista._job_from_env({"RANK": "0", "WORLD_SIZE": bad})[1] is None
+
+
+def test_group_size_keyword_beats_the_environment_and_a_bad_one_is_not_sent(server):
+    proc = _run_scheduled("""
+        with RemoteTqdm(total=1, group_size=12, disable=None) as bar:
+            bar.update(1)
+        with RemoteTqdm(total=1, task_id="mine:a", group_size=True, disable=None) as bar:
+            bar.update(1)
+        with RemoteTqdm(total=1, task_id="mine:b", disable=None) as bar:
+            bar.update(1)
+    """, server, {"RANK": "0", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "r"})
+    assert proc.returncode == 0, proc
+    assert proc.stderr.decode().count("group_size") == 1, proc.stderr
+    got = tasks(server)
+    assert got["torch-r:rank-0"]["group_size"] == 12
+    # an explicit id is not the scheduler's: no size from the environment
+    assert got["mine:a"]["group_size"] is None and got["mine:b"]["group_size"] is None
+    assert got["mine:b"]["n"] == 1
+
+
+def test_run_under_torchrun_variables_and_group_size_option(server, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("from tqdm import tqdm\nfor epoch in range(2):\n"
+                      "    for _ in tqdm(range(5), desc='epoch %d' % epoch):\n"
+                      "        for _ in tqdm(range(3), leave=False):\n            pass\n")
+    for rank in range(2):
+        env = _scheduler_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT="29500")
+        ok(run_cli("run", str(script), srv=server,
+                   env={k: v for k, v in env.items() if v is not None})[0])
+    got = tasks(server)
+    group = "torch-127.0.0.1-29500"
+    assert set(got) == {"%s:rank-%d%s" % (group, r, s) for r in range(2) for s in ("", "/2")}
+    assert got[group + ":rank-1"]["desc"] == "epoch 1" and got[group + ":rank-1"]["n"] == 5
+    entry = server.store.group(group)
+    assert entry["members"] == 2 and entry["expected"] == 2 and entry["done"] is True
+    ok(run_cli("run", "--group-size", "6", str(script), srv=server,
+               env={"PROGRESSISTA_JOB": "nightly"})[0])
+    assert server.store.group("nightly")["expected"] == 6
+    proc, _ = run_cli("run", "--group-size", "0", str(script), srv=server)
+    assert proc.returncode == 2 and b"--group-size" in proc.stderr
+
+
+def test_sitecustomize_install_takes_the_slurm_array_id(server, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from progressista.patch import install\ninstall(server_url=%r)\n"
+        % (server.url + "/progress"))
+    script = tmp_path / "plain.py"
+    script.write_text("from tqdm import tqdm\nfor _ in tqdm(range(12), desc='plain'):\n"
+                      "    pass\nprint('ok')\n")
+    env = _clean_env(PYTHONPATH=os.pathsep.join([str(site), HERE]), SLURM_ARRAY_JOB_ID="77",
+                     SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_COUNT="10")
+    for name in _SCHEDULER_VARS[3:]:
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60,
+                          env=env)
+    assert ok(proc).stdout == b"ok\n"
+    t = only_task(server)
+    assert (t["task_id"], t["group_size"], t["n"]) == ("slurm-77:3", 10, 12)
+
 # -- patch -------------------------------------------------------------------
 
 def test_install_patches_every_name_and_uninstall_restores(tmp_path):
@@ -2248,6 +2435,159 @@ def test_db_full_disk_is_reported_then_writes_resume(tmp_path, caplog):
     assert len(_rows(path)) == 300  # everything accepted meanwhile is saved
 
 
+# Groups (SPEC section 8) in the store.
+
+@pytest.mark.parametrize("size", [0, -1, True, False, 1.0, 2.5, "3", [4], 10 ** 9 + 1])
+def test_check_update_refuses_a_bad_group_size(size):
+    with pytest.raises(BadRequest, match="group_size"):
+        check_update({"task_id": "job:1", "group_size": size})
+
+
+def test_check_update_accepts_a_group_size():
+    for size in (1, 1000, 10 ** 9, None):
+        check_update({"task_id": "job:1", "group_size": size})
+
+
+def test_group_size_latest_wins_and_every_task_shows_it():
+    store, clock = make_store()
+    store.ingest([{"task_id": "job:0", "group_size": 4}, {"task_id": "job:1"},
+                  {"task_id": "other:0"}])
+    assert store.group_sizes == {"job": 4}
+    assert store.tasks["job:1"]["group_size"] == 4  # joined a group of known size
+    assert store.tasks["other:0"]["group_size"] is None
+    store.take_changes()
+    store.ingest({"task_id": "job:1", "group_size": 8})
+    assert store.group_sizes == {"job": 8}
+    assert [store.tasks[k]["group_size"] for k in ("job:0", "job:1")] == [8, 8]
+    changed, _ = store.take_changes()
+    assert set(changed) == {"job:0", "job:1"}  # dashboards learn the new size on each task
+    store.ingest({"task_id": "job:0", "n": 3, "group_size": None})  # null: unchanged
+    assert store.group_sizes == {"job": 8}
+    store.delete("job:0")
+    store.delete("job:1")
+    assert store.group_sizes == {} and set(store.groups()) == {"other"}  # empty: forgotten
+
+
+def test_groups_sums_counts_and_eta():
+    store, clock = make_store()
+    store.ingest([
+        {"task_id": "run:rank-0", "n": 50, "total": 100, "rate": 5.0, "group_size": 4},
+        {"task_id": "run:rank-0/2", "n": 7, "total": 10, "rate": 100.0},  # a nested bar
+        {"task_id": "run:rank-1", "n": 20, "total": 100, "rate": 5.0},
+        {"task_id": "run:rank-2", "n": 100, "total": 100, "rate": 9.0, "status": "close"},
+        {"task_id": "solo", "n": 3}])
+    clock.advance(5)
+    store.ingest({"task_id": "run:rank-1", "n": 30})
+    groups = store.groups()
+    assert set(groups) == {"run", "solo"}
+    run = groups["run"]
+    assert run["tasks"] == 4 and run["members"] == 3 and run["expected"] == 4
+    assert run["counts"] == {"active": 3, "stale": 0, "close": 1, "error": 0}
+    assert run["n"] == 50 + 30 + 100 and run["total"] == 300  # main bars only
+    assert run["rate"] == 10.0  # active main bars
+    assert run["eta"] == pytest.approx((50 + 70) / 10.0)
+    assert run["created_at"] == clock.now - 5 and run["updated_at"] == clock.now
+    assert run["done"] is False
+    assert groups["solo"]["members"] == 1 and groups["solo"]["total"] is None
+    assert groups["solo"]["eta"] is None  # total unknown
+    assert store.group("run") == run and store.group("nope") is None
+    store.ingest({"task_id": "run:rank-1", "total": None})
+    assert store.group("run")["total"] is None and store.group("run")["eta"] is None
+
+
+def test_group_done_needs_every_task_ended_and_the_expected_members():
+    store, clock = make_store(stale_seconds=10)
+    store.ingest([{"task_id": "arr:%d" % i, "group_size": 3} for i in range(2)])
+    clock.advance(11)
+    store.sweep()
+    assert store.group("arr")["counts"]["stale"] == 2 and not store.group("arr")["done"]
+    store.ingest([{"task_id": "arr:0", "status": "close"},
+                  {"task_id": "arr:1", "status": "error", "error": "boom"}])
+    entry = store.group("arr")
+    assert entry["counts"] == {"active": 0, "stale": 0, "close": 1, "error": 1}
+    assert entry["done"] is False  # 2 of 3 expected members
+    store.ingest({"task_id": "arr:2", "status": "close"})
+    assert store.group("arr")["done"] is True
+    store.ingest({"task_id": "arr:2", "status": "start"})  # reopened
+    assert store.group("arr")["done"] is False
+    store.ingest({"task_id": "lone", "status": "close"})  # no ':': a group of its own
+    assert store.group("lone")["done"] is True
+
+
+def test_groups_filtered_by_status():
+    store, clock = make_store()
+    store.ingest([{"task_id": "a:1", "status": "close"}, {"task_id": "a:2", "status": "error"},
+                  {"task_id": "b:1"}])
+    assert set(store.groups({"error"})) == {"a"}
+    assert set(store.groups({"active", "close"})) == {"a", "b"}
+    assert store.groups({"error"})["a"]["tasks"] == 2  # the whole group, not the matches
+
+
+def test_group_index_follows_eviction_retention_and_delete():
+    store, clock = make_store(max_tasks=3, retention_seconds=100)
+    store.ingest([{"task_id": "g:1", "status": "close"}, {"task_id": "g:2"},
+                  {"task_id": "h:1"}])
+    store.ingest({"task_id": "h:2"})  # evicts g:1, the oldest ended
+    assert store.group("g")["tasks"] == 1 and store.group("g")["counts"]["close"] == 0
+    store.delete_where({"active"})
+    assert store.groups() == {}
+    store.ingest({"task_id": "g:3", "status": "close"})
+    clock.advance(101)
+    store.sweep()
+    assert store.groups() == {}
+
+
+def test_group_sizes_survive_a_restart(tmp_path):
+    path = str(tmp_path / "groups.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        post(srv, [{"task_id": "slurm-9:%d" % i, "group_size": 1000, "n": i} for i in range(3)])
+        post(srv, {"task_id": "slurm-9:0", "status": "close"})
+    finally:
+        srv.stop()
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    try:
+        assert srv.store.group_sizes == {"slurm-9": 1000}
+        entry = srv.store.group("slurm-9")
+        assert entry["expected"] == 1000 and entry["members"] == 3
+        assert entry["counts"] == {"active": 2, "stale": 0, "close": 1, "error": 0}
+        assert tasks(srv)["slurm-9:2"]["group_size"] == 1000
+    finally:
+        srv.stop()
+
+
+def test_group_index_matches_a_full_recount_after_random_churn():
+    import random
+    rng = random.Random(7)
+    store, clock = make_store(stale_seconds=5, max_tasks=40, retention_seconds=30)
+    ids = ["g%d:r%d%s" % (g, r, s) for g in range(4) for r in range(6) for s in ("", "/2")]
+    ids += ["solo%d" % i for i in range(5)]
+    for step in range(2000):
+        task_id = rng.choice(ids)
+        update = {"task_id": task_id, "n": rng.randint(0, 9),
+                  "status": rng.choice(["start", "update", "close", "error", None])}
+        if update["status"] is None:
+            del update["status"]
+        if rng.random() < 0.05:
+            update["group_size"] = rng.randint(1, 8)
+        try:
+            store.ingest(update)
+        except BadRequest:
+            pass  # the cap, all of them active
+        if rng.random() < 0.02:
+            store.delete(rng.choice(ids))
+        clock.advance(rng.random() * 3)
+        store.sweep()
+    for name, entry in store.groups().items():
+        members = [t for k, t in store.tasks.items() if progressista._group_of(k) == name]
+        assert entry["tasks"] == len(members)
+        assert entry["members"] == len({progressista._member_of(t["task_id"]) for t in members})
+        for status in progressista.STATUSES:
+            assert entry["counts"][status] == sum(t["status"] == status for t in members)
+        assert all(t["group_size"] == store.group_sizes.get(name) for t in members)
+    assert set(store.groups()) == {progressista._group_of(k) for k in store.tasks}
+
+
 # -- websocket ---------------------------------------------------------------
 
 def test_accept_key_rfc_example():
@@ -3312,7 +3652,8 @@ def _metrics(url, **kw):
 
 
 def _samples(text):
-    """{sample name: {(task_id, status) or (status,) or (): value}} via prometheus_client."""
+    """{sample name: {(task_id or group, status) or (group or status,) or (): value}}
+    via prometheus_client."""
     out, types = {}, {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -3320,6 +3661,9 @@ def _samples(text):
             labels = sample.labels
             if "task_id" in labels:
                 key = (labels["task_id"], labels["status"])
+            elif "group" in labels:
+                key = (labels["group"], labels["status"]) if "status" in labels \
+                    else (labels["group"],)
             elif "status" in labels:
                 key = (labels["status"],)
             else:
@@ -4419,6 +4763,125 @@ def test_fuzz_requests_and_frames_never_break_the_server(server_factory, caplog)
     assert statuses[200] > 100 and statuses[400] > 100 and statuses[101] > 10, statuses
 
 
+# GET /groups and the group metrics (SPEC section 8).
+
+def _groups(srv, query="", **kw):
+    status, body, _ = request(srv.url + "/groups" + query, **kw)
+    assert status == 200, body
+    return body["groups"]
+
+
+def test_groups_endpoint_sums_eta_and_done(server_factory, clock):
+    srv = server_factory(clock=clock)
+    post(srv, [{"task_id": "slurm-42:%d" % i, "n": 10 * i, "total": 100, "rate": 2.0,
+                "group_size": 5} for i in range(3)])
+    post(srv, {"task_id": "slurm-42:0/2", "n": 1, "total": 1000, "rate": 50.0})
+    clock.advance(3)
+    post(srv, {"task_id": "slurm-42:2", "n": 100, "status": "close"})
+    entry = _groups(srv)["slurm-42"]
+    assert entry == {"tasks": 4, "members": 3, "expected": 5,
+                     "counts": {"active": 3, "stale": 0, "close": 1, "error": 0},
+                     "n": 0 + 10 + 100, "total": 300, "rate": 4.0,
+                     "eta": (100 + 90) / 4.0, "created_at": 1_000_000.0,
+                     "updated_at": 1_000_003.0, "done": False}
+    post(srv, [{"task_id": "slurm-42:0", "status": "close"},
+               {"task_id": "slurm-42:0/2", "status": "close"},
+               {"task_id": "slurm-42:1", "status": "error", "error": "OSError: disk"}])
+    entry = _groups(srv)["slurm-42"]
+    assert entry["eta"] is None and entry["rate"] == 0
+    assert entry["done"] is False  # 3 of 5 members came
+    post(srv, [{"task_id": "slurm-42:%d" % i, "status": "close"} for i in (3, 4)])
+    assert _groups(srv)["slurm-42"]["done"] is True
+    assert _groups(srv)["slurm-42"]["counts"] == {"active": 0, "stale": 0, "close": 5,
+                                                  "error": 1}
+
+
+def test_groups_endpoint_status_filter_and_errors(server):
+    post(server, [{"task_id": "a:1", "status": "error"}, {"task_id": "b:1"},
+                  {"task_id": "c", "status": "close"}])
+    assert set(_groups(server)) == {"a", "b", "c"}
+    assert set(_groups(server, "?status=error")) == {"a"}
+    assert set(_groups(server, "?status=close,error")) == {"a", "c"}
+    assert set(_groups(server, "?status=active&status=close")) == {"b", "c"}
+    assert_json_error(*request(server.url + "/groups?status=nope"), 400)
+    status, body, hdrs = request(server.url + "/groups", "POST", {"task_id": "x"})
+    assert status == 405 and "GET" in hdrs["Allow"]
+
+
+def test_groups_endpoint_needs_the_token(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    post(srv, {"task_id": "job:0", "group_size": 2}, headers={"Authorization": "Bearer s3cret"})
+    assert_json_error(*request(srv.url + "/groups"), 401)
+    assert_json_error(*request(srv.url + "/groups?token=wrong"), 401)
+    assert _groups(srv, "?token=s3cret")["job"]["expected"] == 2
+    assert _groups(srv, headers={"Authorization": "Bearer s3cret"})["job"]["members"] == 1
+
+
+def test_groups_endpoint_streams_many_groups(server):
+    post_all = [{"task_id": "solo-%d" % i, "n": i} for i in range(1500)]
+    for start in range(0, len(post_all), 500):
+        assert post(server, post_all[start:start + 500])[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=10)
+    try:  # kept alive: the answer comes in chunks
+        conn.request("GET", "/groups")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+        groups = json.loads(resp.read())["groups"]
+    finally:
+        conn.close()
+    assert len(groups) == 1500 and groups["solo-1499"]["n"] == 1499
+    assert all(g["members"] == 1 and g["tasks"] == 1 for g in groups.values())
+
+
+def test_post_refuses_a_bad_group_size(server):
+    for size in (0, True, "8", 2.0):
+        assert_json_error(*post(server, {"task_id": "job:0", "group_size": size}), 400)
+    assert tasks(server) == {}
+
+
+def test_group_metrics(server_factory, clock):
+    srv = server_factory(clock=clock)
+    post(srv, [{"task_id": "torch-x:rank-0", "n": 30, "total": 100, "group_size": 8},
+               {"task_id": "torch-x:rank-1", "n": 50, "total": 100, "status": "error"},
+               {"task_id": "torch-x:rank-1/2", "n": 5, "total": 10},
+               {"task_id": 'odd "group"\\:1', "n": 1}])
+    samples, types = _samples(_metrics(srv.url))
+    assert types["progressista_group_tasks"] == "gauge"
+    tasks_by = samples["progressista_group_tasks"]
+    assert tasks_by[("torch-x", "active")] == 2 and tasks_by[("torch-x", "error")] == 1
+    assert tasks_by[("torch-x", "close")] == 0 and tasks_by[("torch-x", "stale")] == 0
+    assert tasks_by[('odd "group"\\', "active")] == 1
+    assert samples["progressista_group_expected"][("torch-x",)] == 8
+    assert math.isnan(samples["progressista_group_expected"][('odd "group"\\',)])
+    # 80 of 200 done by the 2 members started; 6 more of the same size to come
+    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(80 / 800)
+    assert math.isnan(samples["progressista_group_progress_ratio"][('odd "group"\\',)])
+    post(srv, [{"task_id": "torch-x:rank-%d" % r, "n": 10, "total": 100} for r in range(2, 8)])
+    samples, types = _samples(_metrics(srv.url))
+    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(140 / 800)
+    post(srv, {"task_id": "torch-x:rank-8", "n": 60, "total": 100})  # more than expected
+    samples, types = _samples(_metrics(srv.url))
+    assert samples["progressista_group_progress_ratio"][("torch-x",)] == pytest.approx(200 / 900)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_group_metrics_pass_promtool(server):
+    post(server, [{"task_id": "run-%d:rank-%d" % (g, r), "n": r, "total": 10,
+                   "group_size": 4} for g in range(3) for r in range(3)])
+    post(server, [{"task_id": "loner", "n": 2}, {"task_id": "run-0:rank-0", "status": "close"}])
+    text = _metrics(server.url)
+    assert "progressista_group_progress_ratio{" in text
+    # the group families alone (the task families' own findings are another issue's)
+    groups_only = "".join(line for line in text.splitlines(True)
+                          if "progressista_group_" in line)
+    result = subprocess.run(["promtool", "check", "metrics"], input=groups_only.encode(),
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result
+    result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                            capture_output=True, timeout=60)
+    assert "group" not in (result.stdout + result.stderr).decode(), result
+
+
 # -- dashboard ---------------------------------------------------------------
 
 #
@@ -5247,6 +5710,109 @@ def populate_demo(srv, clock):
              == {"active", "stale", "error", "close"})
 
 
+JOB_JS = """(prefix) => [...document.querySelectorAll('.group')]
+  .filter(g => g.dataset.group === prefix).map(g => {
+    const row = g.querySelector('.group-job'), fill = row.querySelector('.bar-fill');
+    const text = (c) => { const e = row.querySelector(c); return e.hidden ? null : e.textContent; };
+    return { status: g.dataset.status, hidden: row.hidden, state: row.dataset.state,
+             percent: text('.job-percent'),
+             started: text('.job-started'), counts: text('.job-counts'),
+             rate: text('.job-rate'), eta: text('.job-eta'),
+             bar_hidden: row.querySelector('.group-job-bar').hidden, width: fill.style.width };
+  })"""
+
+
+@pytest.mark.usefixtures("browser")
+class TestDashboardJobs:
+    """The group header's job line (SPEC section 8) in Chromium."""
+
+    browser = TestDashboard.browser
+    open_tab = TestDashboard.open_tab
+
+    def job(self, tab, prefix):
+        return tab.js(JOB_JS, prefix)
+
+    def wait_job(self, tab, prefix, **expected):
+        last = [None]
+
+        def check():
+            boxes = last[0] = self.job(tab, prefix)
+            return boxes and all(all(b[k] == v for k, v in expected.items()) for b in boxes)
+        try:
+            wait_for(check, timeout=8)
+        except AssertionError:
+            raise AssertionError("job %r never matched %r: %r" % (prefix, expected, last[0]))
+        return last[0]
+
+    def test_header_shows_started_against_expected_counts_bar_rate_and_eta(
+            self, server, open_tab):
+        updates = []
+        for i in range(412):
+            update = {"task_id": "slurm-4242:%d" % i, "n": 100, "total": 100, "unit": "img",
+                      "group_size": 1000, "status": "close"}
+            if 397 <= i < 400:
+                update.update(status="error", n=50, error="OSError: disk full")
+            elif i >= 400:
+                update.update(status="update", n=40, rate=1.5)
+            updates.append(update)
+        # nested bars are neither members nor in the sums
+        updates.append({"task_id": "slurm-4242:400/2", "n": 5, "total": 10, "rate": 99.0})
+        for start in range(0, len(updates), 50):
+            post(server, updates[start:start + 50])
+        tab = open_tab(server.url + "/")
+        boxes = self.wait_job(tab, "slurm-4242", started="412 / 1,000 started")
+        assert {b["status"] for b in boxes} == {"active", "error", "close"}
+        # the same job line in every section's box of the prefix
+        for box in boxes:
+            assert box["counts"] == "397 done \u00b7 3 failed \u00b7 12 running"
+            assert box["rate"] == "18.0 img/s"  # 12 running main bars at 1.5/s
+            assert box["eta"] == "ETA 00:40 (started ones)"  # 12 x 60 left at 18/s
+            # 39,700 + 150 + 480 of 1,000 members x 100 (the 588 to come count as 0)
+            assert box["percent"] == "40%" and float(box["width"][:-1]) == 40.33
+            assert not box["bar_hidden"] and box["state"] == "running"
+        # the group's size changes: the header follows; a member ends
+        post(server, {"task_id": "slurm-4242:400", "n": 100, "status": "close", "group_size": 412})
+        boxes = self.wait_job(tab, "slurm-4242", started="412 / 412 started")
+        assert boxes[0]["counts"] == "398 done \u00b7 3 failed \u00b7 11 running"
+        assert boxes[0]["eta"] == "ETA 00:40"  # 11 x 60 at 16.5/s: every member started
+        # a member discarded on the server leaves the header too
+        request(server.url + "/tasks/slurm-4242:401", method="DELETE")
+        boxes = self.wait_job(tab, "slurm-4242", started="411 / 412 started")
+        assert boxes[0]["counts"] == "398 done \u00b7 3 failed \u00b7 10 running"
+        assert tab.errors == [] and tab.csp_violations() == []
+
+    def test_job_without_expected_size_or_totals(self, server, open_tab):
+        post(server, [{"task_id": "etl:%d" % i, "n": 10 * i, "rate": 2.0} for i in range(3)])
+        tab = open_tab(server.url + "/")
+        box, = self.wait_job(tab, "etl", started="3 members")
+        assert box["counts"] == "0 done \u00b7 0 failed \u00b7 3 running"
+        assert box["bar_hidden"] and box["percent"] is None
+        assert box["rate"] == "6.00 it/s" and box["eta"] is None  # no total: no ETA
+        post(server, [{"task_id": "etl:%d" % i, "status": "close"} for i in range(3)])
+        box, = self.wait_job(tab, "etl", counts="3 done \u00b7 0 failed \u00b7 0 running")
+        assert box["rate"] is None and box["eta"] is None and box["state"] == "done"
+        post(server, {"task_id": "etl:1", "status": "error", "error": "x"})
+        self.wait_job(tab, "etl", counts="2 done \u00b7 1 failed \u00b7 0 running", state="failed")
+
+    def test_a_thousand_member_group_updating_keeps_a_right_header(self, server, open_tab):
+        post_all = lambda updates: [post(server, updates[i:i + 50])
+                                    for i in range(0, len(updates), 50)]
+        post_all([{"task_id": "torch-big:rank-%d" % r, "n": 0, "total": 10, "rate": 1.0,
+                   "group_size": 1000} for r in range(1000)])
+        tab = open_tab(server.url + "/")
+        self.wait_job(tab, "torch-big", started="1,000 / 1,000 started")
+        for step in range(1, 4):  # waves of progress, then half of them end
+            post_all([{"task_id": "torch-big:rank-%d" % r, "n": step * 2}
+                      for r in range(1000)])
+        post_all([{"task_id": "torch-big:rank-%d" % r, "n": 10, "status": "close"}
+                  for r in range(500)])
+        boxes = self.wait_job(tab, "torch-big",
+                              counts="500 done \u00b7 0 failed \u00b7 500 running")
+        # 500 x 10 + 500 x 6 of 10,000: exact sums after 3,500 changes
+        assert boxes[0]["percent"] == "80%" and float(boxes[0]["width"][:-1]) == 80
+        assert boxes[0]["rate"] == "500 it/s" and boxes[0]["eta"] == "ETA 00:04"
+        assert tab.errors == []
+
 # -- cli ---------------------------------------------------------------------
 
 def _write(path, text):
@@ -5476,7 +6042,11 @@ def test_demo_shows_every_state(server):
     assert any(t["error"] and t["error"].startswith("ValueError") for t in by_status["error"])
     assert any(t["meta"] for t in after.values())
     assert any(t["total"] is None for t in after.values())
-    assert len({t["task_id"].split(":")[0] for t in after.values()}) == 1  # one run group
+    groups = {t["task_id"].split(":")[0] for t in after.values()}
+    assert len(groups) == 2  # one run group, and a job of 8 of which 3 started
+    array, = [g for g in groups if g.startswith("demo-array-")]
+    entry = server.store.group(array)
+    assert entry["expected"] == 8 and entry["members"] == 3 and entry["done"] is False
 
 
 def test_demo_server_url_option(server):
