@@ -49,6 +49,7 @@ __all__ = [
     "RemoteTqdm", "install", "uninstall", "run", "demo",
     "TaskStore", "Hub", "ProgressServer", "make_server", "serve",
     "accept_key", "encode_frame", "read_frame", "main",
+    "WebSocketClient", "watch", "wait",
 ]
 
 log = logging.getLogger("progressista")
@@ -187,7 +188,7 @@ class _Sender:
 
     def finish(self, bar, payload, hold=False):
         """Queue a closed bar's last state; wait for it unless ``hold``."""
-        final = _Final(bar, payload, time.monotonic() + EARLY_CLOSE_HOLD if hold else 0.0,
+        final = _Final(bar, payload, time.monotonic() + _early_close_hold() if hold else 0.0,
                        threading.get_ident())
         with self.lock:
             self.bars.pop(id(bar), None)
@@ -462,6 +463,7 @@ def _install_process_hooks():
             _sender.flush(waits)
 
     threading.excepthook = thread_excepthook
+    _hook_ipython()  # a notebook cell's exception never reaches the hooks above
 
 
 def _report_crash(exc, thread):
@@ -830,6 +832,13 @@ def _remote_trange(cls):
     return trange
 
 
+# tqdm modules patched when they are imported rather than by install(): a
+# notebook kernel imports IPython after sitecustomize has run, and tqdm.auto
+# and tqdm.autonotebook decide at import time between a widget and a text bar;
+# tqdm.notebook imports IPython and ipywidgets (0.3 s) that a script may never use.
+_LAZY_MODULES = ("tqdm.auto", "tqdm.autonotebook", "tqdm.asyncio", "tqdm.notebook")
+
+
 def install(server_url=None, **defaults):
     """Make every ``tqdm`` bar made from now on a remote one.
 
@@ -837,12 +846,14 @@ def install(server_url=None, **defaults):
     ``tqdm.autonotebook``, ``tqdm.asyncio`` and ``tqdm.notebook`` (and their
     ``trange`` helpers), then every module attribute anywhere that still
     points at one of the originals (``from tqdm import tqdm`` done earlier).
+    Of these modules, the ones not imported yet are patched when they are, so
+    that ``tqdm.auto`` still picks a widget under a notebook kernel started
+    after the patch, and a plain script never imports IPython.
     ``defaults`` are ``RemoteTqdm`` keywords (``push_every``, ``meta``,
     ``headers``, ``request_timeout``, ``token``, ``group_size``) for bars that
     don't set them.
     Call it from ``sitecustomize.py``; ``uninstall()`` undoes it.
     """
-    import importlib
     _import_tqdm()
     uninstall()
     token = defaults.pop("token", None)
@@ -851,12 +862,19 @@ def install(server_url=None, **defaults):
                                    Authorization="Bearer " + token)
     _install_defaults.clear()
     _install_defaults.update(defaults, server_url=server_url)
+    with _patch_lock:
+        _patch_loaded()
+    if _import_hook not in sys.meta_path:
+        sys.meta_path.insert(0, _import_hook)
+
+
+def _patch_loaded():
+    """Patch the tqdm modules imported so far, and every name bound to their bars."""
     replacements = {}  # id(original) -> (original, replacement)
     for module_name in _PATCH_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except Exception:  # tqdm.notebook without IPython and the like
-            continue
+        module = sys.modules.get(module_name)
+        if module is None or module_name in _import_hook.running:
+            continue  # not imported yet (the import hook will), or half-imported
         for name in _PATCH_CLASS_NAMES:
             original = module.__dict__.get(name)
             if isinstance(original, type) and not issubclass(original, _RemoteMixin):
@@ -905,33 +923,171 @@ def install(server_url=None, **defaults):
                         _patched.append((value, attr, old))
 
 
-def uninstall():
-    """Undo ``install()``: every patched name gets its original back."""
+def _unpatch():
+    """Every patched name gets its original back (the defaults stay)."""
     while _patched:
         module, name, original = _patched.pop()
         try:
             setattr(module, name, original)
         except Exception:
             pass
+
+
+def uninstall():
+    """Undo ``install()``: every patched name gets its original back."""
+    try:
+        sys.meta_path.remove(_import_hook)
+    except ValueError:
+        pass
+    with _patch_lock:
+        _unpatch()
     _install_defaults.clear()
+
+
+_patch_lock = threading.RLock()  # guards _patched
+
+
+class _TqdmImportHook:
+    """Patches ``tqdm.auto`` and its kin when they are imported after install().
+
+    A meta path finder that only wraps the loader of those few modules: the
+    module runs against the unpatched tqdm (so its classes are built on the
+    originals and ``tqdm.auto`` makes the choice it would make without us),
+    then everything loaded is patched again, exactly as install() would have.
+    """
+
+    def __init__(self):
+        self.local = threading.local()  # this thread's depth of wrapped imports
+        self.running = set()  # names of the wrapped modules being executed
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _LAZY_MODULES or getattr(self.local, "finding", False):
+            return None
+        import importlib.util
+        self.local.finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        except Exception:
+            return None
+        finally:
+            self.local.finding = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        spec.loader = _PatchingLoader(spec.loader, self)
+        return spec
+
+
+class _PatchingLoader:
+    """The real loader of a lazily patched tqdm module, patching after it runs."""
+
+    def __init__(self, loader, hook):
+        self.loader, self.hook = loader, hook
+
+    def __getattr__(self, name):  # get_source, is_package... as the real one
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        local = self.hook.local
+        depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
+        self.hook.running.add(module.__name__)
+        try:
+            if depth == 0:
+                with _patch_lock:
+                    _unpatch()
+            self.loader.exec_module(module)
+        finally:
+            self.hook.running.discard(module.__name__)
+            local.depth = depth
+            if depth == 0 and _import_hook in sys.meta_path:  # still installed
+                with _patch_lock:
+                    _unpatch()
+                    _patch_loaded()
+
+
+_import_hook = _TqdmImportHook()
+
+
+# IPython catches the exception that ends a cell, so neither sys.excepthook nor
+# the exit hook ever sees it: a loop left by it would end as completed.  Where
+# IPython runs (a notebook kernel, the ipython shell), a loop closed early in a
+# cell holds its final state until the cell ends, and the cell's error decides.
+
+CELL_HOLD = 10.0  # at most this long, for a cell that carries on after the loop
+_cell_thread = None  # the thread running the current cell, between pre and post_run_cell
+
+
+def _hook_ipython():
+    """Follow IPython's cells, when this process runs them; called once, on the first bar."""
+    global _cell_thread
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+        if shell is None:
+            return
+        shell.events.register("pre_run_cell", _pre_run_cell)
+        shell.events.register("post_run_cell", _post_run_cell)
+    except Exception:  # an IPython too old, or something that only looks like it
+        return
+    _cell_thread = threading.main_thread().ident  # the first bar is made in a cell
+
+
+def _pre_run_cell(info=None):
+    global _cell_thread
+    _cell_thread = threading.get_ident()
+
+
+def _post_run_cell(result=None):
+    """The cell ended: its early-closed loops end ``error`` if it failed, else ``close``."""
+    global _cell_thread
+    thread, _cell_thread = _cell_thread, None
+    sender, error = _sender, getattr(result, "error_in_exec", None)
+    if sender is None or thread is None:
+        return
+    try:
+        summary = _summarize(error) if error is not None else None
+        with sender.lock:
+            for final in sender.finals.values():
+                if final.hold_until and final.thread == thread:
+                    if summary:
+                        final.payload["status"], final.payload["error"] = "error", summary
+                    final.hold_until = 0.0
+        sender.wake.set()
+    except Exception:
+        pass
+
+
+def _early_close_hold():
+    """How long a loop closed by GeneratorExit on this thread waits to learn why."""
+    return CELL_HOLD if _cell_thread == threading.get_ident() else EARLY_CLOSE_HOLD
 
 
 def run(target, args=(), module=False, **options):
     """Run a script (or ``module=True``: a module) as ``__main__``, every bar remote.
 
-    ``sys.argv`` is what the target would see; returns its exit status.  An
-    uncaught exception prints its traceback, marks the open bars ``error``
-    and returns 1.  ``options`` go to ``install()``.
+    ``sys.argv`` is what the target would see, and ``__file__`` is absolute,
+    as under ``python``; returns its exit status.  An uncaught exception
+    prints its traceback, marks the open bars ``error`` and returns 1.
+    ``options`` go to ``install()``, here and in every Python child the
+    target starts (see ``_children_site``).
     """
     import runpy
     import traceback
     install(**options)
     sys.argv = [target] + list(args)  # for a module, runpy swaps in its path
     sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.abspath(target)))
+    site_dir, pythonpath = _children_site(options), os.environ.get("PYTHONPATH")
+    if site_dir:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site_dir, pythonpath]))
     try:
         if module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
-        else:
+        elif os.path.isfile(target) and not target.endswith((".pyc", ".pyo")):
+            _run_file(target)
+        else:  # a directory or zip with __main__.py, or compiled code
             runpy.run_path(target, run_name="__main__")
     except SystemExit as exc:
         code = exc.code
@@ -953,7 +1109,126 @@ def run(target, args=(), module=False, **options):
         if waits:
             _sender.flush(waits)
         return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    finally:
+        if site_dir:
+            if pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = pythonpath
+            import shutil
+            shutil.rmtree(site_dir, ignore_errors=True)
     return 0
+
+
+def _run_file(target):
+    """``runpy.run_path`` for a plain script, with ``__file__`` absolute.
+
+    Python 3.9+ makes a script's ``__file__`` (and so its tracebacks)
+    absolute but leaves ``sys.argv[0]`` as typed; run_path would give the
+    path it is given to both.  Scripts that chdir and then open files next
+    to ``__file__`` (Hydra does) need the absolute one.
+    """
+    import builtins
+    import io
+    import types
+    path = os.path.abspath(target)
+    with io.open_code(path) as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=path, __cached__=None, __loader__=None, __package__=None,
+                         __spec__=None, __builtins__=builtins)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = main
+    try:
+        exec(code, main.__dict__)
+    finally:
+        sys.modules["__main__"] = saved
+
+
+# What the children of ``run`` find first on their PYTHONPATH.  It runs the
+# sitecustomize it hides (Python imports only the first one on the path), then
+# loads this very file and installs the patch with run's options.  Nothing in
+# it may break the child: a Python without tqdm just runs unreported.
+_CHILD_SITECUSTOMIZE = '''\
+"""Written by `progressista run`: every Python child of the job reports its bars."""
+import sys
+
+
+def _progressista_child(name, path, options):
+    import importlib, importlib.machinery, importlib.util, json, os
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if not (p and os.path.abspath(p) == here)]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", sys.path)
+    if spec is not None and spec.loader is not None:  # the one this file hides
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sitecustomize"] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # as site.py reports it, and carry on
+            if sys.flags.verbose:
+                sys.excepthook(*sys.exc_info())
+            else:
+                sys.stderr.write("Error in sitecustomize; set PYTHONVERBOSE for traceback:\\n"
+                                 "%%s: %%s\\n" %% (exc.__class__.__name__, exc))
+    try:
+        module = sys.modules.get(name)
+        if module is None and "." in name:
+            # Vendored (mypkg._vendor.progressista): import it with its packages,
+            # from where the parent found it; by file alone, the child's own
+            # import of the package would break later.
+            root = path
+            for _ in name.split("."):
+                root = os.path.dirname(root)
+            sys.path.insert(0, root)
+            try:
+                module = importlib.import_module(name)
+            finally:
+                sys.path.remove(root)
+        elif module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        module.install(**json.loads(options))
+    except Exception:
+        pass
+
+
+try:
+    _progressista_child(%r, %r, %r)
+except Exception:  # an odd interpreter runs unreported, never broken
+    pass
+del _progressista_child
+'''
+
+
+def _children_site(options):
+    """A new directory holding ``sitecustomize.py`` for run's children, or None.
+
+    ``run`` puts it first on its children's ``PYTHONPATH``, so that a Python
+    child started fresh (``multiprocessing`` with ``spawn`` or ``forkserver``,
+    ``subprocess.run([sys.executable, ...])``) reports with the same server,
+    token and meta as the target; forked children inherit the patch anyway.
+    """
+    import tempfile
+    try:
+        text = json.dumps(options, default=str)
+        site_dir = tempfile.mkdtemp(prefix="progressista-run-")  # 0700: the token is in it
+    except (TypeError, ValueError, OSError):
+        return None
+    name = "progressista" if __name__ == "__main__" else __name__
+    try:
+        with open(os.path.join(site_dir, "sitecustomize.py"), "w", encoding="utf-8") as f:
+            f.write(_CHILD_SITECUSTOMIZE % (name, os.path.abspath(__file__), text))
+    except OSError:
+        import shutil
+        shutil.rmtree(site_dir, ignore_errors=True)
+        return None
+    return site_dir
 
 
 def _flush_crash(exc):
@@ -1181,6 +1456,7 @@ class TaskStore:
         self.updates_rejected = 0
         self._groups = {}  # group name -> _Group: its tasks and counts, kept as tasks change
         self.group_sizes = {}  # group name -> latest expected size (update field group_size)
+        self.on_status = None  # alerts: on_status(task, old status or None), lock held
 
     def __len__(self):
         return len(self.tasks)
@@ -1213,6 +1489,7 @@ class TaskStore:
     def _apply(self, update, now):
         task_id = update["task_id"]
         task = self.tasks.get(task_id)
+        before = None if task is None else task["status"]
         if task is None:
             task = self.tasks[task_id] = _new_task(task_id, now)
             self._live[task_id] = None
@@ -1275,6 +1552,8 @@ class TaskStore:
         self.dirty.add(task_id)
         if self.persist:
             self.db_dirty.add(task_id)
+        if self.on_status is not None and task["status"] != before:
+            self.on_status(task, before)
 
     def _make_room(self, count, keep=()):
         """Evict for ``count`` new tasks: oldest ended first, then oldest stale.
@@ -1328,6 +1607,8 @@ class TaskStore:
                     self.dirty.add(task_id)
                     if self.persist:
                         self.db_dirty.add(task_id)
+                    if self.on_status is not None:
+                        self.on_status(task, "active")
                     changed = True
             if self.retention_seconds > 0:
                 limit = now - self.retention_seconds
@@ -1728,6 +2009,422 @@ class Database:
                 self.conn = None
 
 
+# -- alerts ------------------------------------------------------------------
+#
+# The server tells people who aren't watching.  The store calls
+# ``Notifier.observe`` (under its lock) whenever a task's status changes; that
+# is one append to a queue.  One thread gathers what came in for a window
+# from the first event, checks then which of the groups that ended are still
+# done, and sends each webhook one digest with everything.
+
+NOTIFY_EVENTS = ("fail", "stall", "finish", "done")
+DEFAULT_NOTIFY_ON = ("fail", "stall", "done")
+_STATUS_EVENT = {"error": "fail", "stale": "stall", "close": "finish"}
+_NOTIFY_PREFIXES = (("slack+", "slack"), ("discord+", "discord"), ("ntfy+", "ntfy"))
+DISCORD_MAX = 2000  # characters of a Discord message
+
+
+def parse_notify_events(text):
+    """``"fail,done"`` to a tuple of events; ValueError names the bad one."""
+    events = tuple(dict.fromkeys(e.strip() for e in str(text).split(",") if e.strip()))
+    for event in events:
+        if event not in NOTIFY_EVENTS:
+            raise ValueError("unknown event %r: use any of %s" % (event, ", ".join(NOTIFY_EVENTS)))
+    if not events:
+        raise ValueError("no events given: use any of %s" % ", ".join(NOTIFY_EVENTS))
+    return events
+
+
+def _url_for_log(url):
+    """Scheme and host of a webhook URL, all a log line may show of it (the path is
+    the secret)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(bad URL)"
+    if ":" in host:
+        host = "[%s]" % host
+    return "%s://%s%s" % (parts.scheme, host, ":%d" % port if port else "")
+
+
+class Webhook:
+    """One ``--notify`` URL: its kind (``json``, ``slack``, ``discord``,
+    ``ntfy``) and the URL it posts to, the kind's prefix removed.
+
+    ``str()`` is the scheme and host only, safe to log.
+    """
+
+    def __init__(self, url):
+        kind, target = "json", str(url)
+        for prefix, name in _NOTIFY_PREFIXES:
+            if target.startswith(prefix):
+                kind, target = name, target[len(prefix):]
+                break
+        try:
+            parts = urllib.parse.urlsplit(target)
+            parts.port  # a bad port raises here, not later on the delivery thread
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            shown = _url_for_log(target) if "://" in target else "a URL without http(s)://"
+            raise ValueError(
+                "not a webhook URL (%s): use http(s)://..., slack+https://..., "
+                "discord+https://... or ntfy+https://host/topic" % shown)
+        if kind == "ntfy" and parts.path.strip("/") == "":
+            raise ValueError("an ntfy URL needs its topic: ntfy+https://host/topic")
+        self.kind = kind
+        self.headers = {}
+        if parts.username is not None:  # user:password@ becomes Basic auth (ntfy's way)
+            auth = "%s:%s" % (urllib.parse.unquote(parts.username),
+                              urllib.parse.unquote(parts.password or ""))
+            self.headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+            netloc = parts.netloc.rpartition("@")[2]
+            target = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        self.url = target
+        self.safe = _url_for_log(target)
+
+    def __str__(self):
+        return self.safe if self.kind == "json" else "%s %s" % (self.kind, self.safe)
+
+    def request(self, text, events=(), title="Progressista"):
+        """The body and headers this kind of receiver takes for one message."""
+        headers = dict(self.headers, **{"User-Agent": "progressista/" + __version__})
+        if self.kind == "ntfy":
+            headers["Content-Type"] = "text/plain; charset=utf-8"
+            headers["Title"] = _header_text(title)
+            if any(e["event"] == "fail" for e in events):
+                headers["Priority"] = "high"
+            return text.encode("utf-8"), headers
+        headers["Content-Type"] = "application/json"
+        if self.kind == "slack":
+            # Slack reads <...> as links and mentions (<!channel>): a task's text must not.
+            text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            body = {"text": text}
+        elif self.kind == "discord":
+            if len(text) > DISCORD_MAX:
+                text = text[:DISCORD_MAX - 1] + "…"
+            body = {"content": text, "allowed_mentions": {"parse": []}}  # no @everyone
+        else:
+            body = {"text": text, "events": list(events)}
+        return _dumps(body).encode("utf-8"), headers
+
+    def send(self, text, events=(), title="Progressista", timeout=5.0):
+        """One attempt: the HTTP status, or None and the reason when nothing answered."""
+        import urllib.error
+        import urllib.request
+        body, headers = self.request(text, events, title)
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with _webhook_opener(self.url.startswith("https:")).open(req, timeout=timeout) \
+                    as resp:
+                resp.read(65536)
+                return resp.status, None
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.code, None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            text = "%s: %s" % (type(exc).__name__, reason) if str(reason) else type(exc).__name__
+            return None, text.replace(self.url, self.safe)[:200]
+
+
+def _webhook_opener(https):
+    """urllib without redirects (a webhook that redirects is answered as it is:
+    a POST must not turn GET), with the shared TLS context for https."""
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    handlers = [NoRedirect()]
+    if https:
+        handlers.append(urllib.request.HTTPSHandler(context=_ssl_context()))
+    return urllib.request.build_opener(*handlers)
+
+
+def _header_text(text):
+    """A header value from any text: RFC 2047 when it is not Latin-1 (ntfy reads both)."""
+    text = " ".join(str(text).split())[:250]
+    try:
+        text.encode("latin-1")
+        return text
+    except UnicodeEncodeError:
+        return "=?utf-8?b?%s?=" % base64.b64encode(text.encode("utf-8")).decode()
+
+
+def _retryable(status):
+    return status is None or status == 429 or status >= 500
+
+
+def deliver(hooks, text, events=(), title="Progressista", attempts=3, timeout=5.0,
+            delays=(1.0, 2.0), wait=time.sleep):
+    """Send one message to every webhook: up to ``attempts`` tries each, with
+    ``delays`` between rounds, on network errors, 5xx and 429.
+
+    Returns ``{hook: (status, reason)}`` of the last try.  A message given up
+    on is logged once, naming the scheme and host only.
+    """
+    results, pending = {}, list(hooks)
+    for attempt in range(attempts):
+        if attempt and wait(delays[min(attempt - 1, len(delays) - 1)]):
+            for hook in pending:  # told to stop waiting: the server is shutting down
+                log.warning("alert to %s dropped at shutdown: %s", hook,
+                            results[hook][1] or "HTTP %d" % results[hook][0])
+            break
+        retry = []
+        for hook in pending:
+            results[hook] = status, reason = hook.send(text, events, title, timeout)
+            if status is not None and 200 <= status < 300:
+                log.debug("alert delivered to %s (HTTP %d)", hook, status)
+            elif _retryable(status) and attempt + 1 < attempts:
+                retry.append(hook)
+            else:
+                log.warning("alert to %s dropped after %d attempt%s: %s", hook, attempt + 1,
+                            "s" if attempt else "", reason or "HTTP %d" % status)
+        pending = retry
+        if not pending:
+            break
+    return results
+
+
+def _duration(seconds):
+    """``42s``, ``12m05s``, ``1h02m``: short enough for a phone's notification."""
+    seconds = int(round(max(0.0, seconds or 0.0)))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(seconds, 60)
+    return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def _one_line(text, limit=120):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+_AUTO_MEMBER = re.compile(r"[0-9]{10,}-[0-9]+-[0-9]+\Z")  # a bar's default id: host:ms-pid-n
+
+
+def _event_item(task, kind):
+    """How a task is named in a digest line: its member (not a default id's
+    number when there is a description) and, for a failure, its error."""
+    head, colon, member = task["task_id"].partition(":")
+    parts = [member] if colon and not (task.get("desc") and _AUTO_MEMBER.match(member)) else []
+    if task.get("desc"):
+        parts.append('"%s"' % _one_line(task["desc"], 40))
+    parts = [" ".join(parts)] if parts else []
+    if kind == "fail" and task.get("error"):
+        parts.append(_one_line(task["error"]))
+    elif kind == "stall" and task.get("total"):
+        parts.append("at %.0f%%" % (task["n"] / task["total"] * 100))
+    return ": ".join(parts) if kind == "fail" else " ".join(parts)
+
+
+_EVENT_WORDS = (("fail", "failed"), ("stall", "stalled"), ("finish", "finished"))
+
+
+def digest(events, max_groups=10, max_items=3):
+    """``(title, text)`` of one message for a window's events, grouped by group.
+
+    ``run-7: 3 failed (rank-0: RuntimeError: CUDA out of memory; …), done in
+    1h02m: 5 completed, 3 failed``: counts by event, the first few task ids
+    with their error lines.  A task that did the same twice counts once.
+    """
+    groups = {}
+    for event in events:
+        entry = groups.setdefault(event["group"], {})
+        if event["event"] == "done":
+            entry["done"] = event
+        else:
+            entry.setdefault(event["event"], {})[event["task_id"]] = event["task"]
+    totals = dict.fromkeys(NOTIFY_EVENTS, 0)
+    lines, short = [], []
+    for name, entry in groups.items():
+        parts, heads = [], []
+        for kind, word in _EVENT_WORDS:
+            tasks = list(entry.get(kind, {}).values())
+            if not tasks:
+                continue
+            totals[kind] += len(tasks)
+            items = [item for item in (_event_item(t, kind) for t in tasks[:max_items]) if item]
+            if len(tasks) > max_items:
+                items.append("+%d more" % (len(tasks) - max_items))
+            heads.append("%d %s" % (len(tasks), word))
+            parts.append(heads[-1] + (" (%s)" % "; ".join(items) if items else ""))
+        done = entry.get("done")
+        if done is not None and not (len(done["task_ids"]) == 1 and any(
+                done["task_ids"][0] in entry.get(kind, ()) for kind, _ in _EVENT_WORDS)):
+            # (a group of one task whose end is on this line already says nothing new)
+            totals["done"] += 1
+            counts = ", ".join("%d %s" % (done["counts"][s], word) for s, word in
+                               (("close", "completed"), ("error", "failed"))
+                               if done["counts"].get(s))
+            heads.append("done in %s" % _duration(done["elapsed"]))
+            parts.append(heads[-1] + (": " + counts if counts else ""))
+        if len(lines) < max_groups:
+            lines.append("%s: %s" % (name, ", ".join(parts)))
+        short.append("%s: %s" % (name, ", ".join(heads)))
+    if len(groups) > max_groups:
+        lines.append("… and %d more groups" % (len(groups) - max_groups))
+    summary = ", ".join(
+        ["%d %s" % (totals[k], word) for k, word in _EVENT_WORDS if totals[k]]
+        + (["%d group%s done" % (totals["done"], "s" * (totals["done"] > 1))]
+           if totals["done"] else []))
+    if len(groups) == 1:
+        return _one_line(short[0], 250), lines[0]
+    title = "Progressista: %s in %d groups" % (summary, len(groups))
+    return title, "\n".join([title] + lines)
+
+
+def _group_states(store, names):
+    """``{group: summary}`` (``TaskStore.group``'s, plus ``task_ids``) of the
+    ``names`` that still have tasks."""
+    found = {}
+    for name in names:
+        summary = store.group(name)
+        if summary is None:
+            continue
+        with store.lock:
+            group = store._groups.get(name)
+            summary["task_ids"] = list(group.tasks) if group is not None else []
+        found[name] = summary
+    return found
+
+
+class Notifier:
+    """Alerts to webhooks: status changes in (``observe``), digests out.
+
+    ``observe`` is called by the store under its lock and only appends to a
+    queue; one daemon thread does the rest, so ingest never waits on a
+    webhook.  Events are gathered for ``window`` seconds from the first one;
+    then each webhook gets one message for all of them.  A group that ended
+    in the window is ``done`` only if it still is when the window closes.
+    """
+
+    timeout = 5.0          # seconds per HTTP attempt
+    attempts = 3
+    retry_delays = (1.0, 2.0)
+    max_queue = 100000     # events held at once; more are counted, not kept
+
+    def __init__(self, urls, events=DEFAULT_NOTIFY_ON, window=10.0):
+        self.hooks = [url if isinstance(url, Webhook) else Webhook(url) for url in urls]
+        self.events = frozenset(parse_notify_events(
+            events if isinstance(events, str) else ",".join(events)))
+        self.window = max(0.0, float(window))
+        statuses = {s for s, e in _STATUS_EVENT.items() if e in self.events}
+        if "done" in self.events:
+            statuses |= {"close", "error"}
+        self._statuses = frozenset(statuses)  # the task statuses worth queueing
+        self.store = None
+        self.queue = collections.deque()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.stopped = threading.Event()  # cuts a retry's backoff short
+        self.thread = None
+        self.overflow = 0
+        self.reported = {}  # group: its updated_at when reported done
+        self.messages = 0   # digests handed to deliver(), for tests and curiosity
+
+    def __str__(self):
+        return "%s to %s, %g s digest" % (", ".join(e for e in NOTIFY_EVENTS if e in self.events),
+                                          ", ".join(map(str, self.hooks)), self.window)
+
+    def attach(self, store):
+        """Watch ``store`` from now on (after ``--db`` is loaded: restored tasks
+        raise nothing for the state they were saved in)."""
+        self.store = store
+        store.on_status = self.observe
+
+    def observe(self, task, old):
+        """The store's hook: ``task`` changed from status ``old`` (None: new).
+
+        Called with the store's lock held, so it only queues a copy."""
+        if task["status"] in self._statuses:
+            if len(self.queue) < self.max_queue:
+                self.queue.append(dict(task))
+            else:
+                self.overflow += 1
+            if not self.wake.is_set():
+                self.wake.set()
+
+    def start(self):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="progressista-alerts",
+                                           daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self, timeout=None):
+        """Send what is gathered now (one attempt per webhook), then end the thread."""
+        self.stopping = True
+        self.stopped.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(self.timeout * len(self.hooks) + 2 if timeout is None else timeout)
+            self.thread = None
+
+    def _loop(self):
+        events, ended, deadline = [], {}, None
+        while True:
+            self.wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            self.wake.clear()
+            while self.queue:
+                task = self.queue.popleft()
+                task_id, group = task["task_id"], _group_of(task["task_id"])
+                kind = _STATUS_EVENT[task["status"]]
+                if kind in self.events:
+                    events.append({"event": kind, "task_id": task_id, "group": group,
+                                   "task": task})
+                if task["status"] != "stale":
+                    ended[group] = None
+                if deadline is None:
+                    deadline = time.monotonic() + self.window
+            if deadline is not None and (self.stopping or time.monotonic() >= deadline):
+                try:
+                    self._close_window(events, ended)
+                except Exception:  # never lose the thread: the next window tries again
+                    log.exception("alerts: a digest failed; carrying on")
+                events, ended, deadline = [], {}, None
+            if self.stopping:
+                return
+
+    def _close_window(self, events, ended):
+        if "done" in self.events and ended:
+            for group, state in _group_states(self.store, ended).items():
+                if not state["done"] or self.reported.get(group) == state["updated_at"]:
+                    continue
+                self.reported[group] = state["updated_at"]
+                events.append({"event": "done", "group": group,
+                               "counts": {"close": state["counts"]["close"],
+                                          "error": state["counts"]["error"]},
+                               "task_ids": state["task_ids"],
+                               "elapsed": state["updated_at"] - state["created_at"]})
+            if len(self.reported) > 20000:  # forget the oldest half: bounded memory
+                for group in list(self.reported)[:10000]:
+                    del self.reported[group]
+        if self.overflow:
+            log.warning("alerts: %d events over the %d the queue holds were not itemised",
+                        self.overflow, self.max_queue)
+            self.overflow = 0
+        if not events:
+            return
+        title, text = digest(events)
+        self.messages += 1
+        deliver(self.hooks, text, events, title, 1 if self.stopping else self.attempts,
+                self.timeout, self.retry_delays, self.stopped.wait)
+
+
+def notify_test(url, text=None, timeout=5.0):
+    """``progressista notify URL [TEXT]``: one test message; ``(status, reason)``."""
+    hook = url if isinstance(url, Webhook) else Webhook(url)
+    text = text or ("Progressista test alert from %s: this webhook works."
+                    % socket.gethostname())
+    return deliver([hook], text, [], "Progressista test", timeout=timeout)[hook]
+
+
 # -- websocket ---------------------------------------------------------------
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -2105,6 +2802,178 @@ class Hub:
             elif quiet > WS_PING_SECONDS and now - ws.last_ping > WS_PING_SECONDS:
                 ws.last_ping = now
                 ws.send(encode_frame(b"", 0x9))
+
+
+# The client side of the same protocol, for ``watch`` and ``wait``: the frame
+# functions above, with the roles swapped (we mask, the server must not).
+
+MAX_WS_CLIENT_MESSAGE = 1 << 30  # a snapshot of 100,000 tasks is ~40 MB; a guard, not a cap
+
+
+class HandshakeRefused(ConnectionError):
+    """The server answered the WebSocket handshake with an HTTP error
+    (``status`` 401 or 403 for a refused token)."""
+
+    def __init__(self, status, reason):
+        super().__init__("HTTP %d: %s" % (status, reason))
+        self.status, self.reason = status, reason
+
+
+class WebSocketClient:
+    """One client connection to ``/ws``: connect, ``recv`` messages, ``close``.
+
+    ``recv`` answers pings and echoes a close on its own, and reassembles
+    fragmented messages; it is meant for one reading thread, while ``send``
+    and ``close`` may come from another (the send lock keeps frames whole).
+    """
+
+    def __init__(self, sock, rfile, max_message=MAX_WS_CLIENT_MESSAGE):
+        self.sock, self.rfile = sock, rfile
+        self.max_message = max_message
+        self.send_lock = threading.Lock()
+        self.closed = False
+
+    @classmethod
+    def connect(cls, url, headers=None, timeout=10.0):
+        """Open ``url`` (``ws://``, ``wss://``, or ``http(s)://`` meaning the
+        same); raises ``OSError`` when unreachable, ``HandshakeRefused`` for an
+        HTTP answer other than 101, ``ProtocolError`` for a wrong accept key."""
+        parts = urllib.parse.urlsplit(url)
+        secure = parts.scheme in ("wss", "https")
+        if parts.scheme not in ("ws", "wss", "http", "https") or not parts.hostname:
+            raise ValueError("not a WebSocket URL: %r" % url)
+        port = parts.port or (443 if secure else 80)
+        sock = socket.create_connection((parts.hostname, port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if secure:
+                sock = _ssl_context().wrap_socket(sock, server_hostname=parts.hostname)
+            key = base64.b64encode(os.urandom(16)).decode("ascii")
+            host = parts.hostname if ":" not in parts.hostname else "[%s]" % parts.hostname
+            if parts.port:
+                host += ":%d" % parts.port
+            lines = ["GET %s HTTP/1.1" % ((parts.path or "/") + ("?" + parts.query if parts.query
+                                                                 else "")),
+                     "Host: " + host, "Upgrade: websocket", "Connection: Upgrade",
+                     "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13",
+                     "User-Agent: progressista/" + __version__]
+            lines += ["%s: %s" % item for item in (headers or {}).items()]
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+            rfile = sock.makefile("rb")
+            status, fields = cls._read_head(rfile)
+            if status != 101:
+                reason = ""
+                length = fields.get("content-length", "")
+                if length.isdigit() and int(length) <= 65536:
+                    body = rfile.read(int(length))
+                    try:
+                        reason = json.loads(body)["error"]
+                    except (ValueError, KeyError, TypeError):
+                        reason = body.decode("utf-8", "replace").strip()
+                raise HandshakeRefused(status, str(reason)[:200] or "handshake refused")
+            if "websocket" not in fields.get("upgrade", "").lower() or \
+                    fields.get("sec-websocket-accept", "") != accept_key(key):
+                raise ProtocolError(1002, "the server's handshake answer does not match our key")
+            sock.settimeout(None)
+            return cls(sock, rfile)
+        except BaseException:
+            sock.close()
+            raise
+
+    @staticmethod
+    def _read_head(rfile):
+        """Status and lower-cased fields of an HTTP answer, bounded as the server's reads are."""
+        line = rfile.readline(65537)
+        match = re.match(rb"HTTP/1\.[01] (\d{3})", line)
+        if not match:
+            raise ConnectionError("not an HTTP answer: %r" % line[:80])
+        fields = {}
+        for _ in range(100):
+            line = rfile.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                return int(match.group(1)), fields
+            name, _, value = line.decode("latin-1").partition(":")
+            fields[name.strip().lower()] = value.strip()
+        raise ConnectionError("too many header fields in the handshake answer")
+
+    def settimeout(self, seconds):
+        self.sock.settimeout(seconds)
+
+    def send(self, payload, opcode=0x1):
+        """Send one masked frame (RFC 6455 5.3: a fresh random mask each)."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        frame = encode_frame(payload, opcode, mask=os.urandom(4))
+        with self.send_lock:
+            self.sock.sendall(frame)
+
+    def recv(self):
+        """The next text (``str``) or binary (``bytes``) message.
+
+        Raises ``ConnectionError`` when the connection ends (after echoing
+        the server's close), ``ProtocolError`` (after closing with its code)
+        when the server breaks the protocol, ``socket.timeout`` on a timeout.
+        """
+        fragments, opcode, size, decoder = None, 0, 0, None
+        try:
+            while True:
+                fin, op, payload = read_frame(self.rfile, self.max_message, require_mask=False)
+                if op == 0x8:
+                    code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
+                    self.close(code if 1000 <= code < 5000 and code not in (1005, 1006)
+                               else 1000)
+                    raise ConnectionError("the server closed the connection (%d)" % code)
+                if op == 0x9:
+                    self.send(payload, 0xA)
+                    continue
+                if op == 0xA:
+                    continue
+                if op == 0x0:
+                    if fragments is None:
+                        raise ProtocolError(1002, "continuation frame with nothing to continue")
+                else:
+                    if fragments is not None:
+                        raise ProtocolError(1002, "new message before the last one ended")
+                    fragments, opcode, size = [], op, 0
+                    decoder = codecs.getincrementaldecoder("utf-8")() if op == 0x1 else None
+                size += len(payload)
+                if size > self.max_message:
+                    raise ProtocolError(1009, "message larger than %d bytes" % self.max_message)
+                if decoder is not None:
+                    try:
+                        fragments.append(decoder.decode(payload, final=fin))
+                    except UnicodeDecodeError:
+                        raise ProtocolError(1007, "text message is not UTF-8") from None
+                else:
+                    fragments.append(payload)
+                if fin:
+                    return "".join(fragments) if opcode == 0x1 else b"".join(fragments)
+        except ProtocolError as exc:
+            self.close(exc.code, exc.reason)
+            raise
+        except ValueError as exc:  # a read on a socket another thread closed
+            self.abort()
+            raise ConnectionError(str(exc)) from None
+
+    def close(self, code=1000, reason=""):
+        """Send a close frame (once) and drop the connection."""
+        if not self.closed:
+            try:
+                self.sock.settimeout(1.0)
+                self.send(struct.pack("!H", code) + reason.encode()[:120], 0x8)
+            except OSError:
+                pass
+        self.abort()
+
+    def abort(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
 
 
 # -- http --------------------------------------------------------------------
@@ -2926,6 +3795,7 @@ class ProgressServer(ThreadingHTTPServer):
     max_connections = 1024
     max_dashboards = 256
     refusal_log_seconds = 60.0  # one INFO line per client address and reason this often
+    notifier = None  # a Notifier (alerts), started and stopped with the server
 
     def __init__(self, address, store=None, tokens=(), allow_origins=(), db=None,
                  handler=Handler, allow_hosts=(), read_tokens=(), ssl_context=None):
@@ -3042,6 +3912,8 @@ class ProgressServer(ThreadingHTTPServer):
         self.hub.start()
         if self.db is not None:
             self.db.start()
+        if self.notifier is not None:
+            self.notifier.start()
         if not background:
             self.serve_forever()
             return self
@@ -3059,6 +3931,8 @@ class ProgressServer(ThreadingHTTPServer):
         self.hub.stop()
         self.server_close()
         self.close_connections()
+        if self.notifier is not None:
+            self.notifier.stop()
         if self.db is not None:
             self.db.stop()
 
@@ -3205,7 +4079,7 @@ def _metrics_pieces(server):
     store = server.store
     per_task = [
         ("progressista_task_n", "Units done (tqdm's n).", lambda t: t["n"]),
-        ("progressista_task_total", "Units expected (tqdm's total); NaN when unknown.",
+        ("progressista_task_total_units", "Units expected (tqdm's total); NaN when unknown.",
          lambda t: t["total"]),
         ("progressista_task_progress_ratio", "n / total (1 when done); NaN when total is unknown.",
          ratio),
@@ -3336,24 +4210,31 @@ def _server_ssl_context(certfile, keyfile):
 
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,
                 retention_seconds=86400.0, allow_origins=(), max_tasks=100000,
-                clock=time.time, allow_hosts=(), read_tokens=(), certfile=None, keyfile=None):
+                clock=time.time, allow_hosts=(), notify=(), notify_on=DEFAULT_NOTIFY_ON,
+                notify_window=10.0, read_tokens=(), certfile=None, keyfile=None):
     """Build a ready-to-start server (``.start()`` in the background, or ``serve``).
 
+    ``notify`` is a list of webhook URLs (alerts); a bad one raises ValueError.
     ``read_tokens`` may read everything and write nothing; ``certfile`` and
     ``keyfile`` (PEM, both or neither) serve HTTPS and WSS.
     """
     if bool(certfile) != bool(keyfile):
         raise CertificateError("TLS needs both --certfile and --keyfile")
     ssl_context = _server_ssl_context(certfile, keyfile) if certfile else None
+    notifier = Notifier(notify, notify_on, notify_window) if notify else None
     store = TaskStore(stale_seconds, retention_seconds, max_tasks, clock)
     database = None
     if db:
         database = Database(db, store)
         database.open()
+    if notifier is not None:
+        notifier.attach(store)  # after the restore: restored states raise no alert
     try:
-        return ProgressServer((host, port), store, tokens, allow_origins, database,
-                              allow_hosts=allow_hosts, read_tokens=read_tokens,
-                              ssl_context=ssl_context)
+        server = ProgressServer((host, port), store, tokens, allow_origins, database,
+                                allow_hosts=allow_hosts, read_tokens=read_tokens,
+                                ssl_context=ssl_context)
+        server.notifier = notifier
+        return server
     except BaseException:
         if database is not None:
             database.close()
@@ -3384,6 +4265,10 @@ def serve(host="127.0.0.1", port=8000, **options):
     if _is_loopback(host):
         print("Listening on loopback only: other machines can't reach it "
               "(--host 0.0.0.0 --token T opens it up).", flush=True)
+    if server.notifier is not None:
+        print("Alerts: %s.%s" % (server.notifier, " (stall needs --stale-seconds)" if "stall" in
+                                 server.notifier.events and not server.store.stale_seconds
+                                 else ""), flush=True)
     try:
         server.start(background=False)
     except KeyboardInterrupt:
@@ -3394,6 +4279,839 @@ def serve(host="127.0.0.1", port=8000, **options):
         finally:
             signal.signal(signal.SIGTERM, previous)
         print("Progressista stopped.", flush=True)
+
+
+# -- terminal ----------------------------------------------------------------
+# ``watch`` and ``wait``: the dashboard's live view in a terminal, and an exit
+# status for scripts, both fed by the WebSocket client above.
+
+SECTIONS = (("active", "Active"), ("stale", "Needs Attention"),
+            ("error", "Failed"), ("close", "Completed"))
+SECTION_NAMES = dict(SECTIONS)
+WATCH_REDRAW_SECONDS = 0.25   # at most 4 redraws a second
+WATCH_SUMMARY_SECONDS = 10.0  # piped: a summary line at most this often
+WAIT_LOST_SECONDS = 30.0      # wait: a server gone this long after we connected is gone
+WAIT_SETTLE_SECONDS = 1.0     # wait: done must hold this long (a job's next bar may be on its way)
+_PREFIXED_UNITS = ("B", "b", "bit", "Hz")  # units the page scales (k, M, ...) at any size
+# Control characters (C0, DEL, C1) in a task's strings would be escape codes
+# on the user's terminal: they are shown as spaces.
+_CONTROL = dict.fromkeys(itertools.chain(range(0x20), range(0x7F, 0xA0)), " ")
+
+
+class WatchError(Exception):
+    """``watch`` or ``wait`` can't reach the server (``kind`` ``"down"``) or the
+    server refuses the token (``"refused"``); the message is one line for stderr."""
+
+    def __init__(self, message, kind):
+        super().__init__(message)
+        self.message, self.kind = message, kind
+
+
+def _server_base(server_url=None):
+    """``scheme://host:port`` of the server, as the client finds it; the path is ignored."""
+    url = server_url or os.environ.get("PROGRESSISTA_SERVER_URL") or DEFAULT_SERVER_URL
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("the server URL must be http:// or https://, got %r" % url)
+    return "%s://%s" % (parts.scheme, parts.netloc.rpartition("@")[2])
+
+
+def _printable(value):
+    return ("" if value is None else str(value)).translate(_CONTROL)
+
+
+def _filter_terms(words):
+    """The dashboard's filter: every whitespace-separated word, lower-cased."""
+    return " ".join(words or ()).lower().split()
+
+
+def _search_text(task_id, task):
+    """What the filter looks in, as on the page: id, description, host, meta."""
+    parts = [task_id, task.get("desc") or "", task.get("host") or ""]
+    meta = task.get("meta")
+    if isinstance(meta, dict):
+        for key, value in meta.items():
+            parts.append(key)
+            parts.append(value if isinstance(value, str)
+                         else json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    return "\n".join(str(part) for part in parts).lower()
+
+
+def _activity(task):
+    """Newest first: last progress, else last contact, else creation (the page's order)."""
+    return _finite(task.get("updated_at")) or _finite(task.get("seen_at")) \
+        or _finite(task.get("created_at")) or 0
+
+
+class TaskView:
+    """The tasks a terminal shows, kept up to date from ``/ws`` messages.
+
+    Only the tasks passing the filter ``words`` (or the predicate ``keep``)
+    are kept.  ``apply`` returns what changed as ``(task_id, old, new)``
+    triples (``None`` for absent), so a reconnect's fresh snapshot reads as
+    the changes missed meanwhile.
+    """
+
+    def __init__(self, words=(), keep=None):
+        self.terms = _filter_terms(words)
+        self.keep = keep
+        self.tasks = {}
+        self.offset = 0.0  # server clock minus ours
+        self.snapshots = 0
+
+    def matches(self, task_id, task):
+        if self.keep is not None and not self.keep(task_id):
+            return False
+        if not self.terms:
+            return True
+        text = _search_text(task_id, task)
+        return all(term in text for term in self.terms)
+
+    def now(self):
+        return time.time() + self.offset
+
+    def apply(self, message):
+        if not isinstance(message, dict):
+            return []
+        if isinstance(message.get("server_time"), (int, float)):
+            self.offset = message["server_time"] - time.time()
+        incoming = message.get("tasks")
+        incoming = incoming if isinstance(incoming, dict) else {}
+        changes = []
+        tasks = self.tasks
+        if message.get("type") == "snapshot":
+            self.snapshots += 1
+            for task_id in [t for t in tasks if t not in incoming]:
+                changes.append((task_id, tasks.pop(task_id), None))
+        else:
+            for task_id in message.get("removed") or ():
+                old = tasks.pop(task_id, None) if isinstance(task_id, str) else None
+                if old is not None:
+                    changes.append((task_id, old, None))
+        for task_id, task in incoming.items():
+            if not isinstance(task, dict):
+                continue
+            old = tasks.get(task_id)
+            if self.matches(task_id, task):
+                if old != task:
+                    tasks[task_id] = task
+                    changes.append((task_id, old, task))
+            elif old is not None:
+                del tasks[task_id]
+                changes.append((task_id, old, None))
+        return changes
+
+    def counts(self):
+        counts = dict.fromkeys(STATUSES, 0)
+        for task in self.tasks.values():
+            status = task.get("status")
+            counts[status if status in counts else "active"] += 1
+        return counts
+
+
+def _plain_meter(n, total, elapsed, rate, unit, postfix=None):
+    """A tqdm-like meter without tqdm: `` 45% 450/1000 it [01:02<01:15, 7.20it/s]``."""
+    def clock(seconds):
+        seconds = int(max(0, seconds))
+        h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+        return "%d:%02d:%02d" % (h, m, s) if h else "%02d:%02d" % (m, s)
+    rate_text = ("%.2f%s/s" % (rate, unit)) if rate else "?%s/s" % unit
+    if total:
+        left = clock((total - n) / rate) if rate else "?"
+        text = "%3d%% %g/%g %s [%s<%s, %s" % (min(100, 100 * n // total), n, total, unit,
+                                             clock(elapsed), left, rate_text)
+    else:
+        text = "%g%s [%s, %s" % (n, unit, clock(elapsed), rate_text)
+    return text + (", " + postfix if postfix else "") + "]"
+
+
+def _meter(task, width, now, ascii_only=False, format_meter=None):
+    """One task's (or group's) meter in tqdm's own format, ``width`` columns or free."""
+    n = _finite(task.get("n")) or 0
+    total = _finite(task.get("total"))
+    total = total if total and total > 0 else None
+    elapsed = max(0, _finite(task.get("elapsed")) or 0)
+    rate = _finite(task.get("rate"))
+    rate = rate if rate and rate > 0 else None
+    unit = _printable(task.get("unit") or "it")[:20]
+    postfix = _printable(task.get("postfix"))[:200] or None  # tqdm's set_postfix text
+    if task.get("status") == "stale":
+        idle = "no progress for %s" % _age(now - _activity(task))
+        postfix = idle if postfix is None else postfix + ", " + idle
+    if format_meter is not None:
+        big = max(abs(n), total or 0)
+        try:
+            return format_meter(n, total, elapsed, ncols=width, prefix="", unit=unit, rate=rate,
+                                postfix=postfix, ascii=ascii_only or None,
+                                unit_scale=unit in _PREFIXED_UNITS or big >= 1e5)
+        except Exception:  # tqdm's formatting of odd numbers is no reason to stop watching
+            pass
+    return _plain_meter(n, total, elapsed, rate, unit, postfix)
+
+
+def _age(seconds):
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm" % (seconds // 60)
+    if seconds < 86400:
+        return "%dh %dm" % (seconds // 3600, seconds // 60 % 60)
+    return "%dd %dh" % (seconds // 86400, seconds // 3600 % 24)
+
+
+def _tqdm_format_meter():
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm.format_meter
+
+
+def _group_task(name, members, expected, started):
+    """A group's summed pseudo-task (the page's group header): Σn and Σtotal over
+    the members with a total, Σrate, the longest elapsed."""
+    n = total = rate = elapsed = 0
+    with_total, units = 0, set()
+    for task in members:
+        task_total = _finite(task.get("total"))
+        if task_total and task_total > 0:
+            n += _finite(task.get("n")) or 0
+            total += task_total
+            with_total += 1
+        rate += _finite(task.get("rate")) or 0
+        elapsed = max(elapsed, _finite(task.get("elapsed")) or 0)
+        units.add(task.get("unit") or "it")
+    if not with_total:
+        n = sum(_finite(task.get("n")) or 0 for task in members)
+    label = "%s (%d tasks%s)" % (_printable(name), len(members),
+                                 ", %d/%d started" % (started, expected) if expected else "")
+    return label, {"n": n, "total": total or None, "rate": rate or None, "elapsed": elapsed,
+                   "unit": units.pop() if len(units) == 1 else "", "status": "active",
+                   "_group": True}
+
+
+def _layout(view):
+    """Each section's entries, newest first: ``(key, task_id, task)`` for a
+    task, ``(key, name, [(key, task_id, task), ...])`` for a group of 2 or more."""
+    buckets = {status: {} for status in STATUSES}
+    for task_id, task in view.tasks.items():
+        status = task.get("status")
+        bucket = buckets[status if status in buckets else "active"]
+        group = task_id.partition(":")[0] if ":" in task_id else None
+        entry = (_activity(task), task_id, task)
+        if group is None:
+            bucket[task_id] = entry
+        else:
+            found = bucket.get(group)
+            if found is None:
+                bucket[group] = entry
+            elif type(found[2]) is list:
+                found[2].append(entry)
+                if entry[0] > found[0]:
+                    bucket[group] = (entry[0], group, found[2])
+            else:
+                bucket[group] = (max(found[0], entry[0]), group, [found, entry])
+    return {status: sorted(bucket.values(), key=lambda e: e[0], reverse=True)
+            for status, bucket in buckets.items()}
+
+
+def _group_sizes(view, names):
+    """For the groups in ``names``: (members started, expected size or None) over all
+    sections; the expected size is the newest task's ``group_size``."""
+    wanted = set(names)
+    members, expected = {}, {}
+    for task_id, task in view.tasks.items():
+        group = _group_of(task_id)
+        if group not in wanted:
+            continue
+        members.setdefault(group, set()).add(_member_of(task_id))
+        size = task.get("group_size")
+        if isinstance(size, int) and size >= 1:
+            key = _activity(task)
+            if group not in expected or key >= expected[group][0]:
+                expected[group] = (key, size)
+    return {group: (len(members[group]), expected[group][1] if group in expected else None)
+            for group in members}
+
+
+def _fit(text, width):
+    if width is None or len(text) <= width:
+        return text
+    return text[:max(0, width - 1)] + "…"
+
+
+def render(view, width=None, height=None, now=None, header=(), ascii_only=False,
+           format_meter="tqdm"):
+    """The watch screen as lines: the four sections with counts, newest first,
+    group lines with their sums, error lines, cut to ``height`` with ``… N more``.
+
+    Without ``width`` and ``height``, every task is listed and no meter is
+    fitted to a width (``--once`` and piped output).  ``format_meter`` is
+    tqdm's when it can be imported; ``None`` gives a plain meter.
+    """
+    if format_meter == "tqdm":
+        format_meter = _tqdm_format_meter()
+    now = view.now() if now is None else now
+    ellipsis = "..." if ascii_only else "…"
+    layout = _layout(view)
+    counts = {status: sum(len(e[2]) if type(e[2]) is list else 1 for e in entries)
+              for status, entries in layout.items()}
+    lines = [_fit(line, width) for line in header]
+    budget = None if height is None else max(0, height - len(lines) - len(SECTIONS))
+
+    def need(entries):
+        total = 0
+        for entry in entries:
+            if type(entry[2]) is list:
+                total += 1 + len(entry[2]) + sum(1 for e in entry[2] if e[2].get("error")
+                                                 and e[2].get("status") == "error")
+            else:
+                total += 1 + (1 if entry[2].get("error") and entry[2].get("status") == "error"
+                              else 0)
+        return total
+
+    quotas = {}
+    if budget is not None:
+        needs = {status: need(layout[status]) for status, _ in SECTIONS}
+        left, pending = budget, sorted(needs, key=needs.get)
+        while pending:  # water-filling: small sections whole, the rest share what is left
+            status = pending.pop(0)
+            quotas[status] = min(needs[status], -(-left // (len(pending) + 1)))
+            left -= quotas[status]
+        for status, _ in SECTIONS:  # rounding leaves a few rows: to the first in need
+            extra = min(left, needs[status] - quotas[status])
+            quotas[status] += extra
+            left -= extra
+        groups = [entry[1] for entries in layout.values() for entry in entries[:max(quotas.values()
+                                                                                      or [0])]
+                  if type(entry[2]) is list]
+    else:
+        groups = [entry[1] for entries in layout.values() for entry in entries
+                  if type(entry[2]) is list]
+    sizes = _group_sizes(view, groups) if groups else {}
+
+    for status, title in SECTIONS:
+        lines.append(_fit("%s (%d)" % (title, counts[status]), width))
+        quota = quotas.get(status)
+        rows, more = _rows(layout[status], status, quota, sizes), 0
+        if quota is not None and _shown(rows[:quota]) < counts[status]:
+            rows = rows[:quota - 1] if quota else []
+            more = counts[status] - _shown(rows) if quota else 0
+        elif quota is not None:
+            rows = rows[:quota]  # every task fits; only error lines may not
+        label_width = max([len(indent) + len(label) for indent, label, _, error in rows
+                           if error is None] or [0])
+        if width is not None:  # tqdm's meter needs ~45 columns besides its bar
+            label_width = min(label_width, max(16, min(width * 2 // 5, width - 55)))
+        meter_width = None if width is None else max(10, width - label_width - 1)
+        for indent, label, task, error in rows:
+            if error is not None:
+                lines.append(_fit(indent + _printable(error), width))
+            else:
+                lines.append(_fit(_fit(indent + label, label_width).ljust(label_width) + " " +
+                                  _meter(task, meter_width, now, ascii_only, format_meter), width))
+        if more:
+            lines.append(_fit("  %s %d more" % (ellipsis, more), width))
+    if ascii_only:
+        lines = [line.replace("…", "...").replace("·", "-") for line in lines]
+    return lines
+
+
+def _task_label(task_id, task):
+    """What a task line starts with: its description, then its id (as tqdm puts desc first)."""
+    desc = task.get("desc")
+    return _printable(desc) + " · " + _printable(task_id) if desc else _printable(task_id)
+
+
+def _rows(entries, status, quota, sizes):
+    """A section's rows ``(indent, label, task, error)``, a few beyond ``quota`` at most:
+    group lines, their members, lone tasks, and the error line of a failed task."""
+    rows = []
+
+    def add(indent, label, task):
+        rows.append((indent, label, task, None))
+        if status == "error" and task.get("error"):
+            rows.append((indent + "  ", None, None, task["error"]))
+
+    for _, name, item in entries:
+        if quota is not None and len(rows) > quota:
+            break
+        if type(item) is not list:
+            add("  ", _task_label(name, item), item)
+            continue
+        started, expected = sizes.get(name, (len(item), None))
+        rows.append(("  ",) + _group_task(name, [e[2] for e in item], expected, started) + (None,))
+        item.sort(key=lambda e: e[0], reverse=True)
+        cut = len(name) + 1
+        for _, task_id, task in item:
+            if quota is not None and len(rows) > quota:
+                break
+            add("    ", _task_label(task_id[cut:], task), task)
+    return rows
+
+
+def _shown(rows):
+    """How many tasks ``rows`` show (group lines and error lines are not tasks)."""
+    return sum(1 for indent, label, task, error in rows
+               if error is None and not task.get("_group"))
+
+
+class _Feed:
+    """A reader thread on ``/ws`` that reconnects by itself.
+
+    Events go to ``events`` (a queue) as ``(kind, value)``: ``("up", None)``,
+    ``("message", obj)``, ``("down", reason)`` and, when the server refuses the
+    token, ``("refused", reason)`` (it then stops).  ``wake`` is called after
+    each event (a screen's select loop writes to its pipe).
+    """
+
+    def __init__(self, base, token=None, wake=None):
+        import queue
+        self.base = base
+        self.url = base + "/ws"
+        self.headers = {"Authorization": "Bearer " + token} if token else {}
+        self.events = queue.Queue()
+        self.wake = wake
+        self.stopping = threading.Event()
+        self.ws = None
+        self.thread = threading.Thread(target=self._run, name="progressista-watch", daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        ws = self.ws
+        if ws is not None:
+            ws.close(1001)
+        self.thread.join(5)
+
+    def _emit(self, kind, value=None):
+        self.events.put((kind, value))
+        if self.wake is not None:
+            self.wake()
+
+    def _run(self):
+        delay = 0.25
+        while not self.stopping.is_set():
+            try:
+                ws = connect_watch(self.base, self.headers)
+            except WatchError as exc:
+                if exc.kind == "refused":
+                    self._emit("refused", exc.message)
+                    return
+                self._emit("down", exc.message)
+                self.stopping.wait(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            self.ws, delay = ws, 0.25
+            if self.stopping.is_set():
+                ws.close(1001)
+                return
+            self._emit("up")
+            try:
+                while True:
+                    self._emit("message", json.loads(ws.recv()))
+            except (OSError, ProtocolError, ValueError) as exc:
+                ws.abort()
+                self.ws = None
+                if not self.stopping.is_set():
+                    self._emit("down", "connection lost: %s" % (exc.reason if isinstance(
+                        exc, ProtocolError) else exc))
+
+
+def connect_watch(base, headers, timeout=10.0):
+    """``/ws`` of the server at ``base``; ``WatchError(text, "refused"|"down")``
+    with a one-line reason when it can't be had."""
+    try:
+        return WebSocketClient.connect(base + "/ws", headers, timeout)
+    except HandshakeRefused as exc:
+        if exc.status == 401 and "Authorization" not in headers:
+            raise WatchError("%s needs a token: give --token or set $PROGRESSISTA_API_TOKEN"
+                             % base, "refused") from None
+        if exc.status == 401:
+            raise WatchError("%s refused the token (HTTP 401)" % base, "refused") from None
+        if exc.status == 403:
+            raise WatchError("%s refused us (HTTP 403: %s)" % (base, exc.reason),
+                             "refused") from None
+        raise WatchError("%s answered HTTP %d: %s" % (base, exc.status, exc.reason),
+                         "down") from None
+    except ProtocolError as exc:
+        raise WatchError("%s: %s" % (base, exc.reason), "down") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise WatchError("cannot reach %s: %s" % (base, reason), "down") from None
+
+
+def _snapshot(base, headers):
+    """Connect, read the first message (the snapshot), close."""
+    ws = connect_watch(base, headers)
+    try:
+        ws.settimeout(60.0)
+        try:
+            message = json.loads(ws.recv())
+        except (OSError, ProtocolError, ValueError) as exc:
+            raise WatchError("%s: no snapshot: %s" % (base, exc), "down") from None
+    finally:
+        ws.close()
+    return message
+
+
+def _can_encode(stream, text):
+    try:
+        text.encode(getattr(stream, "encoding", None) or "utf-8")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+def _status_line(task_id, task, now, format_meter):
+    """Piped: ``12:03:04 Failed  epoch 3 · run-7:rank-3  37%|███▋ | 37/100 [...]``."""
+    status = task.get("status") if task.get("status") in SECTION_NAMES else "active"
+    line = "%s %-15s %s  %s" % (time.strftime("%H:%M:%S"), SECTION_NAMES[status],
+                                _task_label(task_id, task),
+                                _meter(task, None, now, False, format_meter))
+    if status == "error" and task.get("error"):
+        line += "  " + _printable(task["error"])
+    return line
+
+
+def _summary_line(view):
+    counts = view.counts()
+    return "%s %s" % (time.strftime("%H:%M:%S"), " · ".join(
+        "%d %s" % (counts[status], title.lower()) for status, title in SECTIONS))
+
+
+def watch(words=(), server_url=None, token=None, once=False, json_lines=False,
+          out=None, err=None, screen=None):
+    """``progressista watch``: the live view of a server's tasks in a terminal.
+
+    ``screen`` (default: ``out`` is a terminal) chooses the full-screen view;
+    otherwise plain lines, or JSON lines with ``json_lines``.  Returns the exit
+    status: 0, or 1 when the server can't be reached (``once``) or refuses the
+    token.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    token = token if token is not None else os.environ.get("PROGRESSISTA_API_TOKEN")
+    try:
+        base = _server_base(server_url)
+    except ValueError as exc:
+        print("progressista: %s" % exc, file=err)
+        return 1
+    headers = {"Authorization": "Bearer " + token} if token else {}
+    view = TaskView(words)
+    format_meter = _tqdm_format_meter()
+    if once:
+        try:
+            changes = view.apply(_snapshot(base, headers))
+        except WatchError as exc:
+            print("progressista: %s" % exc.message, file=err)
+            return 1
+        if json_lines:
+            for task_id, _, task in changes:
+                out.write(_dumps({"type": "task", "task": dict(task, task_id=task_id)}) + "\n")
+        else:
+            out.write("".join(line + "\n" for line in render(
+                view, header=(), format_meter=format_meter)))
+        out.flush()
+        return 0
+    if screen is None:
+        screen = not json_lines and hasattr(out, "isatty") and out.isatty()
+    if screen:
+        return _watch_screen(view, base, token, out, err, format_meter)
+    return _watch_lines(view, base, token, out, err, format_meter, json_lines)
+
+
+def _watch_lines(view, base, token, out, err, format_meter, json_lines):
+    """Piped: one line per status change and a summary every 10 s at most; or JSON lines."""
+    import queue
+    feed = _Feed(base, token).start()
+    down_since, changed, last_summary = None, False, 0.0
+    try:
+        while True:
+            try:
+                kind, value = feed.events.get(timeout=1.0)
+            except queue.Empty:
+                kind = None
+            if kind == "refused":
+                print("progressista: %s" % value, file=err, flush=True)
+                return 1
+            if kind == "down" and down_since is None:
+                down_since = time.monotonic()
+                print("progressista: %s; reconnecting" % value, file=err, flush=True)
+            elif kind == "up" and down_since is not None:
+                down_since = None
+                print("progressista: reconnected to %s" % base, file=err, flush=True)
+            elif kind == "message":
+                first = view.snapshots == 0
+                changes = view.apply(value)
+                lines = []
+                if json_lines:
+                    for task_id, _, task in changes:
+                        lines.append(_dumps({"type": "removed", "task_id": task_id}
+                                            if task is None else
+                                            {"type": "task", "task": dict(task, task_id=task_id)}))
+                elif first:
+                    lines.append(_summary_line(view))
+                    last_summary = time.monotonic()
+                else:
+                    now = view.now()
+                    for task_id, old, task in changes:
+                        changed = True
+                        if task is not None and (old is None or old.get("status")
+                                                 != task.get("status")):
+                            lines.append(_status_line(task_id, task, now, format_meter))
+                if lines:
+                    out.write("".join(line + "\n" for line in lines))
+                    out.flush()
+            if not json_lines and changed and \
+                    time.monotonic() - last_summary >= WATCH_SUMMARY_SECONDS:
+                out.write(_summary_line(view) + "\n")
+                out.flush()
+                changed, last_summary = False, time.monotonic()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        feed.stop()
+
+
+def _watch_screen(view, base, token, out, err, format_meter):
+    """The full-screen view: alternate screen, redrawn in place, ``q`` to leave."""
+    import queue
+    import select
+    import signal
+    keys = sys.stdin if sys.stdin is not None and sys.stdin.isatty() else None
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+
+    def wake(*_):
+        try:
+            os.write(wake_w, b".")
+        except OSError:  # full: a wake-up is already pending
+            pass
+
+    saved_tty, handlers = None, {}
+    main_thread = threading.current_thread() is threading.main_thread()
+    feed = _Feed(base, token, wake)
+    ascii_only = not _can_encode(out, "█…·")
+    status, down_since, last_text = "connecting", None, None
+    last_draw, dirty, failure = 0.0, True, None
+    try:
+        if keys is not None:
+            import termios
+            import tty
+            saved_tty = termios.tcgetattr(keys.fileno())
+            tty.setcbreak(keys.fileno())  # keys one at a time, no echo; Ctrl-C still a signal
+        if main_thread:
+            if hasattr(signal, "SIGWINCH"):
+                handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, wake)
+
+            def terminate(signum, frame):
+                raise SystemExit(128 + signum)
+            for signum in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+                if signum is not None:
+                    handlers[signum] = signal.signal(signum, terminate)
+        out.write("\x1b[?1049h\x1b[?25l")  # the alternate screen, no cursor
+        out.flush()
+        feed.start()
+        size = None
+        while True:
+            wait = max(0.0, last_draw + WATCH_REDRAW_SECONDS - time.monotonic()) if dirty \
+                else max(0.0, last_draw + 1.0 - time.monotonic())  # ages tick every second
+            ready = select.select([wake_r] + ([keys] if keys is not None else []), [], [], wait)[0]
+            if wake_r in ready:
+                os.read(wake_r, 4096)
+            if keys is not None and keys in ready:
+                pressed = os.read(keys.fileno(), 64)
+                if not pressed or b"q" in pressed.lower() or b"\x03" in pressed:
+                    return 0
+            while True:
+                try:
+                    kind, value = feed.events.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "message":
+                    if view.apply(value):
+                        dirty = True
+                elif kind == "up":
+                    status, down_since, dirty = "live", None, True
+                elif kind == "down":  # the header says for how long, from down_since
+                    down_since, dirty = down_since or time.time(), True
+                elif kind == "refused":
+                    failure = value
+                    return 1
+            try:
+                current = os.get_terminal_size(out.fileno())
+            except (AttributeError, ValueError, OSError):  # not a terminal after all
+                current = os.terminal_size((80, 24))
+            if current != size:
+                size, dirty = current, True
+            if time.monotonic() - last_draw >= 1.0:
+                dirty = True
+            if not dirty or time.monotonic() - last_draw < WATCH_REDRAW_SECONDS:
+                continue
+            shown = status
+            if down_since is not None:
+                shown = "reconnecting, server away for %s" % _age(time.time() - down_since)
+            header = ["progressista watch · %s · %s%s · q quits" % (
+                base, shown, " · filter: " + " ".join(view.terms) if view.terms else "")]
+            if size.lines >= 15:
+                header.append("")
+            lines = render(view, size.columns, size.lines, header=header,
+                           ascii_only=ascii_only, format_meter=format_meter)
+            text = "\x1b[H" + "\x1b[K\r\n".join(lines[:size.lines]) + "\x1b[K\x1b[J"
+            if text != last_text:
+                out.write(text)
+                out.flush()
+                last_text = text
+            last_draw, dirty = time.monotonic(), False
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        feed.stop()
+        try:
+            out.write("\x1b[?25h\x1b[?1049l")  # the cursor and the screen as they were
+            out.flush()
+        except (OSError, ValueError):
+            pass
+        if saved_tty is not None:
+            import termios
+            termios.tcsetattr(keys.fileno(), termios.TCSADRAIN, saved_tty)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+        if failure is not None:
+            print("progressista: %s" % failure, file=err, flush=True)
+
+
+def _wait_state(tasks, names):
+    """Per NAME: its status counts, members started, expected size, done."""
+    state = {}
+    for name in names:
+        state[name] = {"counts": dict.fromkeys(STATUSES, 0), "members": set(), "expected": None,
+                       "newest": None}
+    groups = {name: name for name in names if ":" not in name}
+    exact = [name for name in names if ":" in name]
+    for task_id, task in tasks.items():
+        matched = []
+        group = groups.get(_group_of(task_id))
+        if group is not None:
+            matched.append(group)
+        for name in exact:
+            if task_id == name or task_id.startswith(name + "/"):
+                matched.append(name)
+        for name in matched:
+            entry = state[name]
+            status = task.get("status")
+            entry["counts"][status if status in STATUSES else "active"] += 1
+            entry["members"].add(_member_of(task_id))
+            size = task.get("group_size")
+            if ":" not in name and isinstance(size, int) and size >= 1:
+                key = _activity(task)
+                if entry["newest"] is None or key >= entry["newest"]:
+                    entry["newest"], entry["expected"] = key, size
+    for entry in state.values():
+        counts = entry["counts"]
+        entry["tasks"] = sum(counts.values())
+        entry["members"] = len(entry["members"])
+        entry["done"] = entry["tasks"] > 0 and not counts["active"] and not counts["stale"] \
+            and (entry["expected"] is None or entry["members"] >= entry["expected"])
+    return state
+
+
+def _wait_line(state):
+    parts = []
+    for name, entry in state.items():
+        if not entry["tasks"]:
+            parts.append("%s: not on the server yet" % name)
+            continue
+        counts = entry["counts"]
+        text = " · ".join("%d %s" % (counts[status], title.lower())
+                          for status, title in SECTIONS if counts[status])
+        if entry["expected"] is not None:
+            text += " · %d/%d started" % (entry["members"], entry["expected"])
+        parts.append("%s: %s%s" % (name, text, " (done)" if entry["done"] else ""))
+    return "progressista wait: " + "; ".join(parts)
+
+
+def wait(names, server_url=None, token=None, timeout=None, err=None):
+    """``progressista wait``: block until every NAME (a group or a task id) is done.
+
+    Returns 0 when all their tasks closed, 1 when any failed, 2 on timeout,
+    3 when the server can't be reached or refuses the token.  A NAME not yet
+    on the server is waited for; one line per change of counts goes to ``err``.
+    """
+    import queue
+    err = sys.stderr if err is None else err
+    names = list(dict.fromkeys(names))
+    token = token if token is not None else os.environ.get("PROGRESSISTA_API_TOKEN")
+    try:
+        base = _server_base(server_url)
+    except ValueError as exc:
+        print("progressista: %s" % exc, file=err)
+        return 3
+    deadline = None if timeout is None else time.monotonic() + timeout
+    groups = {name for name in names if ":" not in name}
+    exact = tuple(name for name in names if ":" in name)
+    view = TaskView(keep=lambda task_id: _group_of(task_id) in groups or (
+        task_id.startswith(exact) and any(task_id == name or task_id.startswith(name + "/")
+                                          for name in exact)))
+    feed = _Feed(base, token).start()
+    connected, down_since, last_line, done_since, state = False, None, None, None, {}
+    try:
+        while True:
+            now = time.monotonic()
+            if done_since is not None and now - done_since >= WAIT_SETTLE_SECONDS \
+                    and feed.events.empty():
+                return 1 if any(entry["counts"]["error"] for entry in state.values()) else 0
+            left = None if deadline is None else deadline - now
+            if left is not None and left <= 0 and done_since is None:
+                print("progressista wait: timed out after %gs" % timeout, file=err, flush=True)
+                return 2
+            pause = 1.0 if done_since is None else done_since + WAIT_SETTLE_SECONDS - now
+            try:
+                kind, value = feed.events.get(timeout=max(0.0, min(pause, left or pause)
+                                                          if done_since is None else pause))
+            except queue.Empty:
+                kind = None
+            if kind == "refused":
+                print("progressista: %s" % value, file=err, flush=True)
+                return 3
+            if kind == "down":
+                if not connected:
+                    print("progressista: %s" % value, file=err, flush=True)
+                    return 3
+                if down_since is None:
+                    down_since = time.monotonic()
+                    print("progressista wait: %s; reconnecting" % value, file=err, flush=True)
+            elif kind == "up":
+                connected, down_since = True, None
+            elif kind == "message":
+                view.apply(value)
+                if not feed.events.empty():
+                    continue  # judge the newest state, not every step to it
+                state = _wait_state(view.tasks, names)
+                line = _wait_line(state)
+                if line != last_line:
+                    print(line, file=err, flush=True)
+                    last_line = line
+                if not all(entry["done"] for entry in state.values()):
+                    done_since = None
+                elif done_since is None:
+                    done_since = time.monotonic()
+            if connected and down_since is not None and \
+                    time.monotonic() - down_since > WAIT_LOST_SECONDS:
+                print("progressista wait: %s is gone (no answer for %gs)"
+                      % (base, WAIT_LOST_SECONDS), file=err, flush=True)
+                return 3
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        feed.stop()
 
 
 # -- dashboard ---------------------------------------------------------------
@@ -4800,9 +6518,8 @@ def _build_parser():
     parser = argparse.ArgumentParser(
         prog="progressista", description="tqdm progress bars from anywhere, live in a browser.")
     parser.add_argument("--version", action="version", version="progressista " + __version__)
-    parser.add_argument("--log-level", default=env("PROGRESSISTA_LOG_LEVEL", "INFO"),
-                        help="DEBUG shows every request (default INFO)")
-    commands = parser.add_subparsers(dest="command", metavar="{serve,run,demo}")
+    parser.add_argument("--log-level", default=None, help=LOG_LEVEL_HELP)
+    commands = parser.add_subparsers(dest="command", metavar="{serve,run,demo,watch,wait,notify}")
     commands.required = True
 
     p = commands.add_parser("serve", help="run the server and dashboard")
@@ -4832,6 +6549,15 @@ def _build_parser():
                    help="PEM certificate (chain): serve HTTPS and WSS ($PROGRESSISTA_CERTFILE)")
     p.add_argument("--keyfile", default=env("PROGRESSISTA_KEYFILE"),
                    help="PEM private key of --certfile, unencrypted ($PROGRESSISTA_KEYFILE)")
+    p.add_argument("--notify", action="append", default=None, metavar="URL",
+                   help="webhook for alerts, repeatable: http(s)://, slack+https://, "
+                        "discord+https://, ntfy+https://host/topic ($PROGRESSISTA_NOTIFY, "
+                        "space separated)")
+    p.add_argument("--notify-on", default=env("PROGRESSISTA_NOTIFY_ON", "fail,stall,done"),
+                   metavar="EVENTS", help="alert on these, comma separated: fail, stall, "
+                   "finish, done (default fail,stall,done)")
+    p.add_argument("--notify-window", default=env("PROGRESSISTA_NOTIFY_WINDOW", "10"),
+                   metavar="S", help="one digest per webhook per this many seconds (default 10)")
 
     p = commands.add_parser("run", help="run a script or module with every tqdm bar remote",
                             usage="progressista run [options] (script.py | -m module) [-- args]")
@@ -4848,7 +6574,37 @@ def _build_parser():
     p.add_argument("--server-url", help="where to POST ($PROGRESSISTA_SERVER_URL)")
     p.add_argument("--duration", type=float, default=20.0,
                    help="seconds to keep the live bars moving (0: until Ctrl-C)")
+
+    p = commands.add_parser("notify", help="send one test alert to a webhook URL")
+    p.add_argument("url", help="as for serve --notify (slack+, discord+, ntfy+ or plain)")
+    p.add_argument("text", nargs="?", help="the message (default: a test line)")
+
+    p = commands.add_parser("watch", help="the live view in a terminal (q quits)")
+    p.add_argument("words", nargs="*", metavar="WORDS",
+                   help="show only tasks whose id, description, host or meta hold every word")
+    p.add_argument("--server-url", help="the server ($PROGRESSISTA_SERVER_URL; path ignored)")
+    p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
+    p.add_argument("--once", action="store_true", help="print the current state and exit")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines: a task per line, then each change")
+
+    p = commands.add_parser("wait", help="wait for groups or tasks to end (exit 0 done, "
+                            "1 failed, 2 timeout, 3 unreachable)")
+    p.add_argument("names", nargs="+", metavar="NAME", help="a group (run-7) or a task id")
+    p.add_argument("--timeout", help="give up after this many seconds (exit 2)")
+    p.add_argument("--server-url", help="the server ($PROGRESSISTA_SERVER_URL; path ignored)")
+    p.add_argument("--token", help="API token ($PROGRESSISTA_API_TOKEN)")
+
+    # --log-level goes before the command or after it, as the README shows it
+    # (``serve --log-level DEBUG``); given after, it wins.  Keep this last.
+    for p in commands.choices.values():
+        p.add_argument("--log-level", default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
     return parser
+
+
+LOG_LEVEL_HELP = ("DEBUG, INFO, WARNING or ERROR ($PROGRESSISTA_LOG_LEVEL; default INFO). "
+                  "For serve, DEBUG logs every request; for run, it sets the level of "
+                  "progressista's own log only, on stderr, never the target's logging")
 
 
 def _number(parser, name, text, kind=float, minimum=0):
@@ -4861,8 +6617,46 @@ def _number(parser, name, text, kind=float, minimum=0):
         parser.error("%s must be a number >= %s, got %r" % (name, minimum, text))
 
 
+def _notify_options(parser, args):
+    """``serve``'s alert options, checked: a bad URL or event is a usage error."""
+    urls = args.notify or os.environ.get("PROGRESSISTA_NOTIFY", "").split()
+    for url in urls:
+        try:
+            Webhook(url)
+        except ValueError as exc:
+            parser.error("--notify: %s" % exc)
+    try:
+        events = parse_notify_events(args.notify_on)
+    except ValueError as exc:
+        parser.error("--notify-on: %s" % exc)
+    window = _number(parser, "--notify-window", args.notify_window)
+    return dict(notify=urls, notify_on=events, notify_window=window)
+
+
+def _notify_command(parser, args):
+    """``notify URL [TEXT]``: print what the receiver answered; 0 on 2xx."""
+    try:
+        hook = Webhook(args.url)
+    except ValueError as exc:
+        parser.error("notify: %s" % exc)
+    status, reason = notify_test(hook, args.text)
+    if status is None:
+        print("%s: no answer (%s)" % (hook, reason), file=sys.stderr)
+        return 1
+    print("%s answered HTTP %d" % (hook, status))
+    return 0 if 200 <= status < 300 else 1
+
+
 _RUN_VALUED = ("-m", "--server-url", "--push-every", "--token", "--meta", "--log-level",
                "--group-size")
+
+
+def _command_at(argv):
+    """Where the command is in ``argv``: after the top-level options, if any."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--log-level" else 1
+    return i
 
 
 def _split_run_args(argv):
@@ -4893,8 +6687,13 @@ def _split_run_args(argv):
     if "--" in rest:
         cut = rest.index("--")
         between, k = rest[:cut], 0
-        while k < len(between) and between[k] in _RUN_VALUED[1:]:
-            k += 2
+        while k < len(between):
+            if between[k] in _RUN_VALUED[1:]:
+                k += 2
+            elif between[k].partition("=")[0] in _RUN_VALUED[1:] and "=" in between[k]:
+                k += 1  # --server-url=URL
+            else:
+                break
         if k == len(between):
             return ours + between, rest[cut + 1:]
     return ours, rest
@@ -4905,14 +6704,26 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     script_args = []
-    if argv[:1] == ["run"]:
-        argv, script_args = _split_run_args(argv)
+    at = _command_at(argv)
+    if argv[at:at + 1] == ["run"]:
+        ours, script_args = _split_run_args(argv[at:])
+        argv = argv[:at] + ours
     args = parser.parse_args(argv)
-    level = getattr(logging, str(args.log_level).upper(), None)
+    level_name = args.log_level or os.environ.get("PROGRESSISTA_LOG_LEVEL") or "INFO"
+    level = getattr(logging, level_name.upper(), None)
     if not isinstance(level, int):
-        parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
-    if args.command != "run":  # a run target configures logging itself, as under python
-        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR, got %r" % level_name)
+    log_format = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    if args.command != "run":
+        logging.basicConfig(level=level, format=log_format)
+    elif args.log_level or os.environ.get("PROGRESSISTA_LOG_LEVEL"):
+        # A run target configures logging itself, as under python: only our
+        # own logger gets a handler, and only when a level was asked for.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(log_format))
+        log.addHandler(handler)
+        log.setLevel(level)
+        log.propagate = False
 
     if args.command == "serve":
         tokens = args.token or _env_list("PROGRESSISTA_API_TOKEN", "PROGRESSISTA_API_TOKENS")
@@ -4933,7 +6744,8 @@ def main(argv=None):
             read_tokens=read_tokens, certfile=args.certfile, keyfile=args.keyfile,
             stale_seconds=_number(parser, "--stale-seconds", args.stale_seconds),
             retention_seconds=_number(parser, "--retention-seconds", args.retention_seconds),
-            max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1))
+            max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1),
+            **_notify_options(parser, args))
         port = _number(parser, "--port", args.port, int)
         if port > 65535:
             parser.error("--port must be 0..65535")
@@ -4951,6 +6763,9 @@ def main(argv=None):
             return 1
         return 0
 
+    if args.command == "notify":
+        return _notify_command(parser, args)
+
     if args.command == "demo":
         url = args.server_url or os.environ.get("PROGRESSISTA_SERVER_URL") or DEFAULT_SERVER_URL
         print("Pushing demo bars to %s%s. The stalled one moves to Needs Attention when "
@@ -4958,6 +6773,18 @@ def main(argv=None):
                   url, " for %g s" % args.duration if args.duration else " until Ctrl-C"),
               flush=True)
         return demo(args.server_url, args.duration)
+
+    if args.command == "watch":
+        try:
+            return watch(args.words, args.server_url, args.token, once=args.once,
+                         json_lines=args.json)
+        except BrokenPipeError:  # watch ... | head: the reader is gone, and that is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+    if args.command == "wait":
+        timeout = None if args.timeout is None else _number(parser, "--timeout", args.timeout)
+        return wait(args.names, args.server_url, args.token, timeout=timeout)
 
     # run
     if args.module and args.target:

@@ -1463,6 +1463,204 @@ def test_tqdm_notebook_bars_report_where_ipywidgets_exist(server):
     assert (found["notebook-trange"]["status"], found["notebook-trange"]["n"]) == ("close", 3)
 
 
+# Patching from sitecustomize under a notebook kernel, run's children,
+# __file__, and what run imports.
+
+NOTEBOOK_CELLS = [
+    "from tqdm.auto import tqdm\nfor i in tqdm(range(5), desc='nb-auto'):\n    pass",
+    "from tqdm.autonotebook import tqdm as tqdm_nb\n"
+    "for i in tqdm_nb(range(4), desc='nb-autonotebook'):\n    pass",
+    "for i in tqdm(range(10), desc='nb-fails'):\n    if i == 3:\n"
+    "        raise ValueError('bad row 3')",
+    "for i in tqdm(range(10), desc='nb-break'):\n    if i == 2:\n        break",
+]
+
+EXECUTE_NOTEBOOK = """
+import sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.v4.new_notebook()
+nb.cells = [nbformat.v4.new_code_cell(source) for source in %r]
+NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
+nbformat.write(nb, sys.argv[1])
+"""
+
+
+def _sitecustomize(tmp_path, srv, extra=""):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from progressista.patch import install\ninstall(server_url=%r)\n%s"
+        % (srv.url + "/progress", extra))
+    return site
+
+
+def test_notebook_kernel_keeps_widget_bars_that_report_and_fail(server, tmp_path):
+    import importlib.util
+    missing = [name for name in ("nbclient", "nbformat", "ipykernel", "ipywidgets")
+               if importlib.util.find_spec(name) is None]  # found, not imported here
+    if missing:
+        pytest.skip("the test extra is not installed: %s" % ", ".join(missing))
+    site = _sitecustomize(tmp_path, server)
+    saved = tmp_path / "out.ipynb"
+    proc = subprocess.run(
+        [sys.executable, "-c", EXECUTE_NOTEBOOK % (NOTEBOOK_CELLS,), str(saved)],
+        capture_output=True, timeout=180,
+        env=_clean_env(PYTHONPATH=os.pathsep.join([str(site), HERE])))
+    ok(proc)
+    cells = json.loads(saved.read_text())["cells"]
+    for cell in cells:  # widgets, never a text bar on stderr
+        kinds = [o["output_type"] for o in cell["outputs"]]
+        assert not [o for o in cell["outputs"] if o.get("name") == "stderr"], cell["outputs"]
+        widgets = [o for o in cell["outputs"] if o["output_type"] == "display_data"
+                   and "application/vnd.jupyter.widget-view+json" in o["data"]]
+        assert len(widgets) == 1, kinds
+    assert [o["ename"] for o in cells[2]["outputs"] if o["output_type"] == "error"] == [
+        "ValueError"]
+    got = {t["desc"]: t for t in tasks(server).values()}
+    assert set(got) == {"nb-auto", "nb-autonotebook", "nb-fails", "nb-break"}, got
+    assert (got["nb-auto"]["status"], got["nb-auto"]["n"]) == ("close", 5)
+    assert (got["nb-autonotebook"]["status"], got["nb-autonotebook"]["n"]) == ("close", 4)
+    assert got["nb-fails"]["status"] == "error", got["nb-fails"]
+    assert (got["nb-fails"]["error"], got["nb-fails"]["n"]) == ("ValueError: bad row 3", 3)
+    assert got["nb-break"]["status"] == "close"
+
+
+CHILDREN_SCRIPT = """
+    import builtins, json, multiprocessing, os, subprocess, sys
+    from tqdm import tqdm
+
+    def work(name):
+        for _ in tqdm(range(4), desc=name):
+            pass
+        return getattr(builtins, "SITE_MARK", None)
+
+    if __name__ == "__main__":
+        marks = {}
+        for method in ("spawn", "forkserver", "fork"):
+            with multiprocessing.get_context(method).Pool(1) as pool:
+                marks[method] = pool.map(work, [method])[0]
+        child = subprocess.run([sys.executable, "-c", (
+            "import builtins, json, sys\\nfrom tqdm import tqdm\\n"
+            "for _ in tqdm(range(3), desc='subprocess'): pass\\n"
+            "print(json.dumps([getattr(builtins, 'SITE_MARK', None), sys.path]))")],
+            check=True, capture_output=True)
+        marks["subprocess"], child_path = json.loads(child.stdout)
+        for _ in tqdm(range(2), desc="parent"):
+            pass
+        site_dir = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+        print(json.dumps({"marks": marks, "child_path": child_path, "site_dir": site_dir}))
+"""
+
+
+def test_run_reaches_children_of_every_start_method(server_factory, tmp_path):
+    srv = server_factory(tokens=["kid-token"])
+    site = tmp_path / "site"
+    site.mkdir()  # a sitecustomize of the user's own: run's children still run it
+    (site / "sitecustomize.py").write_text("import builtins\nbuiltins.SITE_MARK = 'chained'\n")
+    script = tmp_path / "kids.py"
+    script.write_text(textwrap.dedent(CHILDREN_SCRIPT))
+    proc, _ = run_cli("run", "--token", "kid-token", "--meta", '{"run": 7}', str(script),
+                      srv=srv, env={"PYTHONPATH": os.pathsep.join([str(site), HERE])})
+    out = json.loads(ok(proc).stdout)
+    assert proc.stderr == b"" or b"|" in proc.stderr  # tqdm's own bars, nothing else
+    assert out["marks"] == dict.fromkeys(["spawn", "forkserver", "fork", "subprocess"],
+                                         "chained")
+    assert out["site_dir"] not in out["child_path"]  # the child's sys.path is its own
+    assert not os.path.exists(out["site_dir"])  # removed when run ends
+    got = {t["desc"]: t for t in tasks(srv, headers={"Authorization": "Bearer kid-token"})
+           .values()}
+    assert set(got) == {"spawn", "forkserver", "fork", "subprocess", "parent"}, got
+    assert len({t["pid"] for t in got.values()}) == 5
+    for t in got.values():
+        assert (t["status"], t["meta"]) == ("close", {"run": 7}), t
+
+
+def test_run_script_file_is_absolute_as_under_python(server, tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "data.txt").write_text("next to the script")
+    (sub / "job.py").write_text(textwrap.dedent("""
+        import os, sys
+        print(__file__, sys.argv[0])
+        os.chdir("/")  # as Hydra does, then open a file next to the script
+        print(open(os.path.join(os.path.dirname(__file__), "data.txt")).read())
+        raise ValueError("the end")
+    """))
+    plain = subprocess.run([sys.executable, os.path.join("sub", "job.py")], cwd=tmp_path,
+                           capture_output=True, timeout=30, env=_clean_env())
+    proc, _ = run_cli("run", os.path.join("sub", "job.py"), srv=server, cwd=tmp_path)
+    assert plain.stdout == ("%s sub/job.py\nnext to the script\n" % (sub / "job.py")).encode()
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, plain.stdout, plain.stderr)
+
+
+def test_run_does_not_import_notebook_modules_for_a_plain_script(server, tmp_path):
+    script = tmp_path / "plain.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from tqdm import tqdm
+        for _ in tqdm(range(3), desc="plain"):
+            pass
+        heavy = ("IPython", "ipywidgets", "tqdm.notebook", "tqdm.auto", "tqdm.asyncio")
+        print([m for m in heavy if m in sys.modules])
+        import tqdm.auto, tqdm.asyncio, tqdm.notebook  # patched when imported
+        from progressista import _RemoteMixin
+        print([issubclass(c, _RemoteMixin) for c in (
+            tqdm.auto.tqdm, tqdm.asyncio.tqdm, tqdm.notebook.tqdm, tqdm.auto.trange(1, disable=True).__class__)])
+    """))
+    proc, _ = run_cli("run", str(script), srv=server)
+    assert ok(proc).stdout == b"[]\n[True, True, True, True]\n"
+    assert only_task(server)["desc"] == "plain"
+
+
+def test_lazy_patch_builds_on_the_original_classes_and_uninstalls(tmp_path):
+    proc, _ = run_job("""
+        progressista.install(server_url="http://127.0.0.1:9/progress")
+        import tqdm, tqdm.std
+        # in a tuple: install() rebinds any module-level name of the original
+        keep = (progressista._remote_class(tqdm.std.tqdm).__mro__[2],)
+        import tqdm.auto, tqdm.asyncio
+        M = progressista._RemoteMixin
+        assert issubclass(tqdm.auto.tqdm, M) and tqdm.auto.tqdm is tqdm.asyncio.tqdm
+        base = tqdm.asyncio.tqdm.__mro__[2]  # the original tqdm_asyncio...
+        assert not issubclass(base, M) and base.__mro__[1] is keep[0]  # ...on the original
+        progressista.uninstall()
+        assert not issubclass(tqdm.auto.tqdm, M) and tqdm.std.tqdm is keep[0]
+        import tqdm.autonotebook  # imported after uninstall: left alone
+        assert not issubclass(tqdm.autonotebook.tqdm, M)
+        print("ok")
+    """, url="http://127.0.0.1:9/progress")
+    assert ok(proc).stdout == b"ok\n"
+
+
+def test_run_of_a_vendored_copy_reaches_spawned_children(server, tmp_path):
+    vendor = tmp_path / "mypkg" / "_vendor"
+    vendor.mkdir(parents=True)
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(SCRIPT, vendor / "progressista.py")
+    (tmp_path / "job.py").write_text(textwrap.dedent("""
+        import multiprocessing, sys
+        from tqdm import tqdm
+        def work(x):
+            for _ in tqdm(range(3), desc="vendored child"):
+                pass
+            import mypkg._vendor.progressista as vendored  # the child's own import works
+            return sorted(m for m in sys.modules if m.startswith(("progressista", "mypkg.")))
+        if __name__ == "__main__":
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                print(pool.map(work, [0])[0])
+    """))
+    proc, _ = run_job("""
+        from mypkg._vendor.progressista import run
+        sys.exit(run("job.py", server_url=%r))
+    """ % server.url, prelude=False, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+        setup="import sys\n")
+    assert ok(proc).stdout == (b"['mypkg._vendor', 'mypkg._vendor.progressista', "
+                               b"'mypkg._vendor.progressista.client', "
+                               b"'mypkg._vendor.progressista.patch']\n")
+    assert only_task(server)["desc"] == "vendored child"
+
+
 # -- store -------------------------------------------------------------------
 
 def test_store_merge_keeps_missing_fields():
@@ -2587,6 +2785,523 @@ def test_group_index_matches_a_full_recount_after_random_churn():
         assert all(t["group_size"] == store.group_sizes.get(name) for t in members)
     assert set(store.groups()) == {progressista._group_of(k) for k in store.tasks}
 
+# -- alerts ------------------------------------------------------------------
+
+SECRET_PATH = "/hooks/T000/B000/s3cretPathPart"
+SECRET_QUERY = "?key=s3cretQueryPart"
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1:0 that records every request.
+
+    It answers the statuses in ``answers`` first (one each), then 200;
+    ``gate`` cleared holds every answer until it is set again.
+    """
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.requests = []
+        self.answers = []
+        self.always = None  # a status answered to every request
+        self.gate = threading.Event()
+        self.gate.set()
+        self.cond = threading.Condition()
+        receiver = self
+
+        class Handle(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver.cond:
+                    receiver.requests.append({"path": self.path, "body": body,
+                                              "headers": dict(self.headers)})
+                    receiver.cond.notify_all()
+                    status = receiver.always or (receiver.answers.pop(0) if receiver.answers
+                                                 else 200)
+                receiver.gate.wait(10)
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handle)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="receiver")
+        self.thread.start()
+
+    def url(self, path=SECRET_PATH + SECRET_QUERY, kind=""):
+        return "%shttp://127.0.0.1:%d%s" % (kind, self.server.server_address[1], path)
+
+    def wait(self, count, timeout=15):
+        """The first ``count`` requests, once they have come."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.requests) >= count, timeout), \
+                "%d webhook requests, expected %d" % (len(self.requests), count)
+            return list(self.requests)
+
+    def messages(self, count, timeout=15):
+        return [json.loads(r["body"]) for r in self.wait(count, timeout)]
+
+    def stop(self):
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def receiver():
+    made = []
+
+    def make():
+        made.append(Receiver())
+        return made[-1]
+
+    first = make()
+    first.make = make
+    yield first
+    for one in made:
+        one.stop()
+
+
+WINDOW = 0.3
+
+
+def alert_server(server_factory, receiver, **options):
+    options.setdefault("notify", [receiver.url()])
+    options.setdefault("notify_window", WINDOW)
+    return server_factory(**options)
+
+
+def test_store_calls_on_status_only_when_a_status_changes(tmp_path):
+    store, clock = make_store(stale_seconds=10)
+    seen = []
+    store.on_status = lambda task, old: seen.append((task["task_id"], old, task["status"]))
+    store.ingest({"task_id": "a", "n": 1})
+    store.ingest({"task_id": "a", "n": 2})
+    store.ingest({"task_id": "a", "status": "error", "error": "E"})
+    store.ingest({"task_id": "a", "n": 3})  # late update to an ended task: nothing
+    store.ingest({"task_id": "a", "status": "start"})
+    store.ingest({"task_id": "b", "status": "close"})
+    clock.advance(11)
+    store.sweep()
+    store.delete("b")
+    store.delete_where({"stale"})
+    assert seen == [("a", None, "active"), ("a", "active", "error"), ("a", "error", "active"),
+                    ("b", None, "close"), ("a", "active", "stale")]
+    store.on_status = None  # restored tasks: load raises nothing, whatever their state
+    store.load([dict(progressista._new_task("r", clock()), status="error")])
+    assert seen[-1] == ("a", "active", "stale")
+
+
+def test_digest_text_names_group_counts_and_first_errors():
+    events = [{"event": "fail", "task_id": "run-7:rank-%d" % i, "group": "run-7",
+               "task": {"task_id": "run-7:rank-%d" % i, "desc": None,
+                        "error": "RuntimeError: CUDA out of memory\nat line 3"}}
+              for i in range(5)]
+    events.append({"event": "done", "group": "run-7", "counts": {"close": 5, "error": 3},
+                   "task_ids": [], "elapsed": 3725})
+    title, text = progressista.digest(events)
+    assert text == ("run-7: 5 failed (rank-0: RuntimeError: CUDA out of memory at line 3; "
+                    "rank-1: RuntimeError: CUDA out of memory at line 3; rank-2: RuntimeError: "
+                    "CUDA out of memory at line 3; +2 more), done in 1h02m: 5 completed, "
+                    "3 failed")
+    assert title == "run-7: 5 failed, done in 1h02m"
+    events.append({"event": "stall", "task_id": "copy", "group": "copy",
+                   "task": {"task_id": "copy", "desc": "copying", "n": 40, "total": 100}})
+    events.append(dict(events[0]))  # the same task twice counts once
+    title, text = progressista.digest(events)
+    assert title == "Progressista: 5 failed, 1 stalled, 1 group done in 2 groups"
+    assert text.splitlines()[0] == title
+    assert text.splitlines()[2] == 'copy: 1 stalled ("copying" at 40%)'
+    # a bar's default id (host:ms-pid-n) is named by its description; a group of
+    # one task that failed needs no "done" after it
+    auto = {"task_id": "vm:1796606694498-21044-1", "desc": "training", "error": "E: x"}
+    title, text = progressista.digest([
+        {"event": "fail", "task_id": auto["task_id"], "group": "vm", "task": auto},
+        {"event": "done", "group": "vm", "counts": {"close": 0, "error": 1},
+         "task_ids": [auto["task_id"]], "elapsed": 1}])
+    assert (title, text) == ("vm: 1 failed", 'vm: 1 failed ("training": E: x)')
+
+
+def test_webhook_kinds_bodies_and_headers():
+    text = "run-7: 1 failed (rank-0: <!channel> & @everyone)"
+    events = [{"event": "fail", "task_id": "run-7:rank-0", "group": "run-7", "task": {}}]
+    body, headers = progressista.Webhook("https://h.example/x").request(text, events, "T")
+    assert json.loads(body) == {"text": text, "events": events}
+    assert headers["Content-Type"] == "application/json"
+    body, _ = progressista.Webhook("slack+https://h.example/x").request(text, events, "T")
+    assert json.loads(body) == {"text": "run-7: 1 failed (rank-0: &lt;!channel&gt; &amp; @everyone)"}
+    body, _ = progressista.Webhook("discord+https://h.example/x").request("é" * 5000, events)
+    content = json.loads(body)["content"]
+    assert len(content) == 2000 and content.endswith("…")
+    assert json.loads(body)["allowed_mentions"] == {"parse": []}
+    hook = progressista.Webhook("ntfy+https://user:pa%20ss@ntfy.example/alerts")
+    assert hook.url == "https://ntfy.example/alerts" and str(hook) == "ntfy https://ntfy.example"
+    body, headers = hook.request(text, events, "run-7: 1 failed")
+    assert body == text.encode() and headers["Content-Type"].startswith("text/plain")
+    assert headers["Title"] == "run-7: 1 failed" and headers["Priority"] == "high"
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"user:pa ss").decode()
+    _, headers = hook.request("x", [], "Ärger ✓ done")
+    assert headers["Title"] == "=?utf-8?b?%s?=" % base64.b64encode("Ärger ✓ done".encode()).decode()
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://h/x", "hooks.slack.com/services/x", "slack+ftp://h/x", "teams+https://h/x",
+    "https://", "http://h:99999/x", "ntfy+https://ntfy.sh", "ntfy+https://ntfy.sh/", "",
+    "http://[::1/x",
+])
+def test_bad_webhook_urls_are_refused_without_their_secret(url):
+    with pytest.raises(ValueError) as info:
+        progressista.Webhook(url)
+    assert "/x" not in str(info.value)
+    with pytest.raises(ValueError):
+        progressista.make_server("127.0.0.1", 0, notify=[url])
+
+
+def test_alert_generic_json_for_a_failure_and_its_group_done(server_factory, receiver, clock):
+    srv = alert_server(server_factory, receiver, clock=clock)
+    post(srv, [{"task_id": "run-7:rank-0", "n": 3, "total": 10, "desc": "epoch 1"},
+               {"task_id": "run-7:rank-1", "n": 3}])
+    clock.advance(65)
+    post(srv, [{"task_id": "run-7:rank-1", "status": "close"},
+               {"task_id": "run-7:rank-0", "status": "error",
+                "error": "RuntimeError: CUDA out of memory"}])
+    (req,) = receiver.wait(1)
+    assert req["path"] == SECRET_PATH + SECRET_QUERY
+    assert req["headers"]["Content-Type"] == "application/json"
+    body = json.loads(req["body"])
+    assert body["text"] == ('run-7: 1 failed (rank-0 "epoch 1": RuntimeError: CUDA out of '
+                            'memory), done in 1m05s: 1 completed, 1 failed')
+    fail, done = body["events"]
+    assert fail == {"event": "fail", "task_id": "run-7:rank-0", "group": "run-7",
+                    "task": task(srv, "run-7:rank-0")}
+    assert done == {"event": "done", "group": "run-7", "counts": {"close": 1, "error": 1},
+                    "task_ids": ["run-7:rank-0", "run-7:rank-1"], "elapsed": 65.0}
+
+
+def test_alert_each_kind_gets_its_body_two_urls_one_message_each(server_factory, receiver):
+    srv = alert_server(server_factory, receiver, notify=[
+        receiver.url("/slack/s"), receiver.url("/discord/d", "discord+"),
+        receiver.url("/ntfy/topic", "ntfy+"), receiver.url("/plain")])
+    srv.notifier.hooks[0] = progressista.Webhook(receiver.url("/slack/s", "slack+"))
+    post(srv, [{"task_id": "job:%d" % i, "status": "error", "error": "ValueError: row %d" % i}
+               for i in range(4)])
+    got = {r["path"]: r for r in receiver.wait(4)}
+    assert set(got) == {"/slack/s", "/discord/d", "/ntfy/topic", "/plain"}
+    text = ("job: 4 failed (0: ValueError: row 0; 1: ValueError: row 1; 2: ValueError: row 2; "
+            "+1 more), done in 0s: 4 failed")
+    assert json.loads(got["/slack/s"]["body"]) == {"text": text}
+    assert json.loads(got["/discord/d"]["body"]) == {"content": text,
+                                                     "allowed_mentions": {"parse": []}}
+    assert got["/ntfy/topic"]["body"].decode() == text
+    assert got["/ntfy/topic"]["headers"]["Content-Type"].startswith("text/plain")
+    assert got["/ntfy/topic"]["headers"]["Title"] == "job: 4 failed, done in 0s"
+    plain = json.loads(got["/plain"]["body"])
+    assert plain["text"] == text and len(plain["events"]) == 5
+    time.sleep(WINDOW * 3)
+    assert len(receiver.requests) == 4  # one message per URL for the window
+
+
+def test_alert_event_selection(server_factory, receiver):
+    srv = alert_server(server_factory, receiver, notify_on="finish")
+    post(srv, [{"task_id": "a", "status": "error", "error": "E"},
+               {"task_id": "g:b", "status": "close"}, {"task_id": "g:c", "n": 1}])
+    (body,) = receiver.messages(1)
+    assert [(e["event"], e["task_id"]) for e in body["events"]] == [("finish", "g:b")]
+    assert body["text"] == "g: 1 finished (b)"
+
+    other = receiver.make()
+    srv = alert_server(server_factory, other)  # the default: fail, stall, done
+    post(srv, [{"task_id": "g:b", "status": "close"}, {"task_id": "g:c", "n": 1}])
+    post(srv, {"task_id": "x:y", "status": "error"})
+    (body,) = other.messages(1)
+    assert [(e["event"], e.get("task_id")) for e in body["events"]] == [
+        ("fail", "x:y"), ("done", None)]
+    assert body["text"] == "x: 1 failed (y)"  # a group of one: its done adds nothing
+
+
+def test_alert_stall_from_the_servers_own_sweep(server_factory, receiver, clock):
+    srv = alert_server(server_factory, receiver, clock=clock, stale_seconds=10)
+    post(srv, [{"task_id": "train:rank-1", "n": 40, "total": 100},
+               {"task_id": "train:rank-2", "n": 10, "total": 100}])
+    clock.advance(5)
+    post(srv, {"task_id": "train:rank-2", "n": 11})
+    clock.advance(6)
+    srv.store.sweep()
+    (body,) = receiver.messages(1)
+    assert body["text"] == "train: 1 stalled (rank-1 at 40%)"
+    (event,) = body["events"]
+    assert event["event"] == "stall" and event["task"]["status"] == "stale"
+
+
+def test_alert_group_done_only_when_still_done_at_window_close(server_factory, receiver):
+    srv = alert_server(server_factory, receiver, notify_window=1.0)
+    # rank-1 closes one bar and opens the next in the same window: not done
+    post(srv, [{"task_id": "g:rank-0", "status": "close"}, {"task_id": "g:rank-1", "n": 1}])
+    post(srv, [{"task_id": "g:rank-1", "status": "close"},
+               {"task_id": "g:rank-1", "status": "start", "desc": "epoch 2"}])
+    time.sleep(2.5)
+    assert receiver.requests == []
+    post(srv, {"task_id": "g:rank-1", "status": "close"})
+    (body,) = receiver.messages(1)
+    (done,) = body["events"]
+    assert done["event"] == "done" and done["counts"] == {"close": 2, "error": 0}
+    assert sorted(done["task_ids"]) == ["g:rank-0", "g:rank-1"]
+    assert body["text"].startswith("g: done in ") and body["text"].endswith(": 2 completed")
+    # reopened and ended again: done again
+    post(srv, {"task_id": "g:rank-0", "status": "start"})
+    post(srv, {"task_id": "g:rank-0", "status": "close"})
+    assert receiver.messages(2)[1]["events"][0]["event"] == "done"
+
+
+def test_alert_done_waits_for_the_expected_group_size(server_factory, receiver):
+    srv = alert_server(server_factory, receiver)
+    post(srv, [{"task_id": "arr:0", "status": "close", "group_size": 3},
+               {"task_id": "arr:1", "status": "close", "group_size": 3}])
+    time.sleep(WINDOW * 4)
+    assert receiver.requests == []  # 2 of 3 members: not done
+    post(srv, {"task_id": "arr:2", "status": "error", "error": "E", "group_size": 3})
+    (body,) = receiver.messages(1)
+    assert body["events"][-1]["counts"] == {"close": 2, "error": 1}
+
+
+def test_alert_digest_of_200_failures_is_one_message(server_factory, receiver):
+    srv = alert_server(server_factory, receiver, notify_window=3.0)
+    for start in range(0, 200, 50):
+        post(srv, [{"task_id": "run-9:rank-%d" % i, "status": "error",
+                    "error": "RuntimeError: NCCL timeout"} for i in range(start, start + 50)])
+    (body,) = receiver.messages(1)
+    assert len(body["events"]) == 201
+    assert body["text"].startswith("run-9: 200 failed (rank-0: RuntimeError: NCCL timeout; ")
+    assert "+197 more), done in " in body["text"]
+    time.sleep(1)
+    assert len(receiver.requests) == 1
+
+
+def test_alert_retries_after_5xx_and_429_then_succeeds(server_factory, receiver, monkeypatch,
+                                                       caplog):
+    monkeypatch.setattr(progressista.Notifier, "retry_delays", (0.05, 0.05))
+    receiver.answers = [503, 429]
+    srv = alert_server(server_factory, receiver)
+    with caplog.at_level(logging.DEBUG, logger="progressista"):
+        post(srv, {"task_id": "r", "status": "error", "error": "E"})
+        reqs = receiver.wait(3)
+        wait_for(lambda: "delivered" in caplog.text)
+    assert reqs[0]["body"] == reqs[1]["body"] == reqs[2]["body"]
+    assert "dropped" not in caplog.text
+    time.sleep(0.3)
+    assert len(receiver.requests) == 3
+
+
+def test_alert_a_4xx_is_not_retried(server_factory, receiver, caplog):
+    receiver.answers = [404]
+    srv = alert_server(server_factory, receiver)
+    post(srv, {"task_id": "r", "status": "error"})
+    receiver.wait(1)
+    wait_for(lambda: "dropped after 1 attempt: HTTP 404" in caplog.text)
+    time.sleep(0.5)
+    assert len(receiver.requests) == 1
+
+
+def test_alert_receiver_stuck_then_failing_never_holds_ingest(server_factory, receiver,
+                                                             monkeypatch, caplog):
+    monkeypatch.setattr(progressista.Notifier, "retry_delays", (0.05, 0.05))
+    receiver.always = 500
+    receiver.gate.clear()  # the receiver holds its answer
+    srv = alert_server(server_factory, receiver, notify_window=0)
+    post(srv, {"task_id": "first", "status": "error"})
+    receiver.wait(1)  # a delivery is in flight, stuck
+    for i in range(20):  # ingest goes on meanwhile, failures included
+        status, _, _ = post(srv, [{"task_id": "t%d-%d" % (i, k), "n": k,
+                                   "status": "error" if k % 10 == 0 else "update"}
+                                  for k in range(50)])
+        assert status == 200
+    assert len(receiver.requests) == 1 and len(tasks(srv)) == 1001
+    receiver.gate.set()
+    wait_for(lambda: "dropped after 3 attempts: HTTP 500" in caplog.text, timeout=20)
+    drops = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(drops) >= 1 and all(r.levelno == logging.WARNING for r in drops)
+
+
+def test_alert_window_in_progress_is_sent_at_shutdown(receiver):
+    srv = progressista.make_server("127.0.0.1", 0, notify=[receiver.url()],
+                                   notify_window=600).start()
+    try:
+        post(srv, {"task_id": "late:0", "status": "error", "error": "E"})
+    finally:
+        srv.stop()
+    (body,) = receiver.messages(1, timeout=1)
+    assert body["text"] == "late: 1 failed (0: E)"
+
+
+def notify_cli(*args, env=None, timeout=60):
+    """``python3 progressista.py ARGS`` with a clean environment; text output."""
+    return subprocess.run([sys.executable, SCRIPT, *args], env=_clean_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _stop_cli(proc):
+    """SIGTERM a ``start_cli_server`` process; all it printed after its URL line."""
+    proc.send_signal(signal.SIGTERM)
+    timer = threading.Timer(20, proc.kill)
+    timer.start()
+    try:
+        out = proc.stdout.read()  # the buffered reader: what start_cli_server read ahead too
+    finally:
+        timer.cancel()
+        proc.stdout.close()
+        proc.wait(5)
+    return out.decode("utf-8", "replace")
+
+
+def test_alert_logs_show_scheme_and_host_only_even_at_debug(receiver, tmp_path):
+    receiver.always = 500
+    good = receiver.make()
+    proc, url = start_cli_server("--notify", receiver.url(), "--notify", good.url(
+        "/other" + SECRET_QUERY, "slack+"), "--notify-window", "0.3", env={
+            "PROGRESSISTA_LOG_LEVEL": "DEBUG"})
+    try:
+        assert request(url + "/progress", "POST", {"task_id": "a", "status": "error",
+                                                   "error": "E"})[0] == 200
+        receiver.wait(3, timeout=30)
+        good.wait(1)
+    finally:
+        out = _stop_cli(proc)
+    bad_host = "http://127.0.0.1:%d" % receiver.server.server_address[1]
+    good_host = "http://127.0.0.1:%d" % good.server.server_address[1]
+    assert "Alerts: fail, stall, done to %s, slack %s, 0.3 s digest." % (
+        bad_host, good_host) in out
+    assert "alert to %s dropped after 3 attempts: HTTP 500" % bad_host in out
+    assert "alert delivered to slack %s (HTTP 200)" % good_host in out
+    for secret in ("s3cret", "/hooks", "/other", "key="):
+        assert secret not in out, out
+
+
+def test_alert_none_for_restored_tasks_after_a_restart(receiver, tmp_path, clock):
+    path = str(tmp_path / "alerts.db")
+    options = dict(db=path, notify=[receiver.url()], notify_window=WINDOW, stale_seconds=30,
+                   clock=clock)
+    srv = progressista.make_server("127.0.0.1", 0, **options).start()
+    try:
+        post(srv, [{"task_id": "run-7:rank-0", "status": "error", "error": "E"},
+                   {"task_id": "run-7:rank-1", "n": 1}, {"task_id": "solo", "status": "close"}])
+        assert len(receiver.messages(1)[0]["events"]) == 2  # rank-0 failed, solo done
+        clock.advance(31)
+        srv.store.sweep()
+        assert receiver.messages(2)[1]["text"] == "run-7: 1 stalled (rank-1)"
+    finally:
+        srv.stop()
+    srv = progressista.make_server("127.0.0.1", 0, **options).start()
+    try:  # restored: an error, a close, and a stale that the restart judges stale again
+        assert srv.store.counts() == {"active": 0, "stale": 1, "close": 1, "error": 1}
+        post(srv, {"task_id": "run-8:rank-0", "status": "error", "error": "F"})
+        third = receiver.messages(3)[2]
+        assert {e.get("task_id") for e in third["events"]} == {"run-8:rank-0", None}
+        time.sleep(WINDOW * 3)
+        assert len(receiver.requests) == 3
+    finally:
+        srv.stop()
+
+
+def test_notify_command_exit_codes(receiver):
+    done = notify_cli("notify", receiver.url(kind="slack+"), "hello from the test")
+    host = "http://127.0.0.1:%d" % receiver.server.server_address[1]
+    assert done.returncode == 0 and done.stdout.strip() == "slack %s answered HTTP 200" % host
+    (req,) = receiver.wait(1)
+    assert json.loads(req["body"]) == {"text": "hello from the test"}
+    assert req["path"] == SECRET_PATH + SECRET_QUERY
+    receiver.answers = [404]
+    done = notify_cli("notify", receiver.url())
+    assert done.returncode == 1 and "HTTP 404" in done.stdout
+    assert json.loads(receiver.wait(2)[1]["body"])["text"].startswith("Progressista test alert")
+    done = notify_cli("notify", "http://127.0.0.1:%d/x" % free_port(),
+                   env={"PROGRESSISTA_LOG_LEVEL": "ERROR"})
+    assert done.returncode == 1 and "no answer" in done.stderr
+    done = notify_cli("notify", "ftp://example.com/s3cret")
+    assert done.returncode == 2 and "not a webhook URL" in done.stderr
+    assert "s3cret" not in done.stderr
+
+
+@pytest.mark.parametrize("args,env", [
+    (("--notify", "ftp://example.com/s3cret"), {}),
+    (("--notify", "http://ok.example/s3cret", "--notify", "slack+nope"), {}),
+    ((), {"PROGRESSISTA_NOTIFY": "http://ok.example/s3cret discord+ftp://h/s3cret"}),
+    (("--notify", "http://ok.example/s3cret", "--notify-on", "fail,boom"), {}),
+    (("--notify", "http://ok.example/s3cret", "--notify-window", "-1"), {}),
+])
+def test_serve_bad_notify_options_are_usage_errors(args, env):
+    done = notify_cli("serve", "--port", "0", *args, env=env, timeout=20)
+    assert done.returncode == 2, done
+    assert "--notify" in done.stderr and "s3cret" not in done.stderr
+
+
+def test_serve_notify_env_fallbacks_two_urls(receiver):
+    other = receiver.make()
+    proc, url = start_cli_server(env={
+        "PROGRESSISTA_NOTIFY": "%s  %s" % (receiver.url(), other.url("/b", "ntfy+")),
+        "PROGRESSISTA_NOTIFY_ON": "finish", "PROGRESSISTA_NOTIFY_WINDOW": "0.2"})
+    try:
+        request(url + "/progress", "POST", [{"task_id": "a:1", "status": "close"},
+                                            {"task_id": "a:2", "status": "error"}])
+        (first,) = receiver.messages(1)
+        (second,) = other.wait(1)
+    finally:
+        out = _stop_cli(proc)
+    assert "Alerts: finish to " in out and "0.2 s digest" in out
+    assert first["text"] == "a: 1 finished (1)" and second["body"] == b"a: 1 finished (1)"
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+def need_promtool():
+    """Skip without promtool; fail instead under PROGRESSISTA_REQUIRE_PROMTOOL=1 (CI)."""
+    if PROMTOOL:
+        return PROMTOOL
+    if os.environ.get("PROGRESSISTA_REQUIRE_PROMTOOL", "") not in ("", "0"):
+        pytest.fail("PROGRESSISTA_REQUIRE_PROMTOOL is set but promtool is missing: "
+                    "apt-get install -y prometheus", pytrace=False)
+    pytest.skip("promtool is missing: apt-get install -y prometheus (Debian) to run this test")
+
+
+def test_metrics_pass_promtool_check_metrics(server_factory, clock):
+    promtool = need_promtool()
+    srv = server_factory(clock=clock, stale_seconds=10)
+    post(srv, [{"task_id": 'we"ird\\id\nx', "n": 1}, {"task_id": "run:rank-0", "n": 5,
+                                                      "total": 10, "group_size": 4},
+               {"task_id": "run:rank-1", "status": "error", "error": "E"},
+               {"task_id": "u", "n": 3}, {"task_id": "done", "status": "close"}])
+    clock.advance(11)
+    srv.store.sweep()
+    text = _metrics(srv.url)
+    assert "progressista_task_total_units{" in text and "progressista_group_tasks{" in text
+    done = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done
+
+
+def test_prometheus_alert_rules_pass_their_promtool_tests():
+    promtool = need_promtool()
+    rules = os.path.join(HERE, "docs", "prometheus-alerts.yml")
+    done = subprocess.run([promtool, "check", "rules", rules], capture_output=True, timeout=60)
+    assert done.returncode == 0, done
+    done = subprocess.run([promtool, "test", "rules",
+                           os.path.join(HERE, "docs", "prometheus-alerts.test.yml")],
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
+def test_promtool_tests_skip_or_fail_as_ci_says(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "PROMTOOL", None)
+    monkeypatch.delenv("PROGRESSISTA_REQUIRE_PROMTOOL", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y prometheus"):
+        need_promtool()
+    monkeypatch.setenv("PROGRESSISTA_REQUIRE_PROMTOOL", "1")
+    with pytest.raises(pytest.fail.Exception, match="promtool is missing"):
+        need_promtool()
+
 
 # -- websocket ---------------------------------------------------------------
 
@@ -3006,6 +3721,183 @@ def test_ws_allowed_origin(server_factory, raw_ws):
     assert raw_ws(srv, headers={"Origin": "http://ok.example"}).status == 101
     assert raw_ws(srv, headers={"Origin": "http://evil.example"}).status == 403
     assert raw_ws(srv, headers={"Origin": "null"}).status == 403
+
+
+# The WebSocket client (watch and wait use it).
+
+class FakeWsServer:
+    """A one-connection server that runs ``script(sock, rfile, key)`` after
+    reading a handshake; ``answer`` chooses the handshake's reply."""
+
+    def __init__(self, script, answer=None, tls=None):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.script, self.answer, self.tls = script, answer, tls
+        self.keys, self.requests, self.error = [], [], None
+        self.thread = threading.Thread(target=self._run, name="fake-ws", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            conn, _ = self.listener.accept()
+            conn.settimeout(10)
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            with conn:
+                rfile = conn.makefile("rb")
+                head = []
+                while True:
+                    line = rfile.readline()
+                    if line in (b"\r\n", b""):
+                        break
+                    head.append(line.decode("latin-1").rstrip("\r\n"))
+                self.requests.append(head)
+                key = [h.split(":", 1)[1].strip() for h in head
+                       if h.lower().startswith("sec-websocket-key:")][0]
+                self.keys.append(key)
+                if self.answer is not None:
+                    conn.sendall(self.answer(key))
+                else:
+                    conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                                  % progressista.accept_key(key)).encode())
+                if self.script is not None:
+                    self.script(conn, rfile)
+        except Exception as exc:  # reported by close()
+            self.error = exc
+        finally:
+            self.listener.close()
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d/ws" % ("wss" if self.tls else "ws", self.port)
+
+    def close(self):
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def test_ws_client_against_the_server(server):
+    post(server, {"task_id": "a", "n": 1, "total": 10})
+    ws = progressista.WebSocketClient.connect(server.url + "/ws")
+    try:
+        first = json.loads(ws.recv())
+        assert first["type"] == "snapshot" and first["tasks"]["a"]["n"] == 1
+        wait_for(lambda: server.ws_count == 1)
+        post(server, {"task_id": "a", "n": 7})
+        delta = json.loads(ws.recv())
+        assert delta["type"] == "delta" and delta["tasks"]["a"]["n"] == 7
+        ws.send('{"hello": 1}')  # the server reads (and ignores) what we send, masked
+    finally:
+        ws.close()
+    wait_for(lambda: server.ws_count == 0)
+
+
+def test_ws_client_masks_reassembles_answers_pings_and_echoes_close():
+    seen = {}
+
+    def script(conn, rfile):
+        text = "ünïcode ✓ " * 20
+        data = text.encode()
+        conn.sendall(progressista.encode_frame(data[:7], 0x1, fin=False)    # cut mid-character
+                     + progressista.encode_frame(b"are you there", 0x9)      # a ping between
+                     + progressista.encode_frame(data[7:100], 0x0, fin=False)
+                     + progressista.encode_frame(data[100:], 0x0, fin=True))
+        seen["pong"] = progressista.read_frame(rfile)   # require_mask: ours must be masked
+        conn.sendall(progressista.encode_frame(struct.pack("!H", 1001) + b"bye", 0x8))
+        seen["close"] = progressista.read_frame(rfile)
+        seen["text"] = text
+
+    fake = FakeWsServer(script)
+    ws = progressista.WebSocketClient.connect(fake.url)
+    assert ws.recv() == "ünïcode ✓ " * 20
+    with pytest.raises(ConnectionError):
+        ws.recv()
+    fake.close()
+    assert seen["pong"] == (True, 0xA, b"are you there")
+    fin, opcode, payload = seen["close"]
+    assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == 1001
+    assert ws.closed
+
+
+def test_ws_client_keys_are_random_and_the_accept_is_checked():
+    good = FakeWsServer(lambda conn, rfile: conn.sendall(progressista.encode_frame(b"hi")))
+    ws = progressista.WebSocketClient.connect(good.url)
+    assert ws.recv() == "hi"
+    ws.close()
+    good.close()
+    bad = FakeWsServer(None, answer=lambda key: (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Accept: %s\r\n\r\n" % progressista.accept_key("x" + key)).encode())
+    with pytest.raises(ProtocolError):
+        progressista.WebSocketClient.connect(bad.url)
+    bad.close()
+    keys = good.keys + bad.keys
+    assert keys[0] != keys[1]
+    assert all(len(base64.b64decode(key)) == 16 for key in keys)
+    head = good.requests[0]
+    assert head[0] == "GET /ws HTTP/1.1"
+    assert "Host: 127.0.0.1:%d" % good.port in head and "Sec-WebSocket-Version: 13" in head
+
+
+def test_ws_client_refused_and_protocol_errors(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    with pytest.raises(progressista.HandshakeRefused) as refused:
+        progressista.WebSocketClient.connect(srv.url + "/ws")
+    assert refused.value.status == 401 and "unauthorized" in refused.value.reason
+    ws = progressista.WebSocketClient.connect(srv.url + "/ws",
+                                              {"Authorization": "Bearer s3cret"})
+    assert json.loads(ws.recv())["type"] == "snapshot"
+    ws.close()
+    # A continuation with nothing to continue: the client closes with 1002.
+    seen = {}
+
+    def script(conn, rfile):
+        conn.sendall(progressista.encode_frame(b"stray", 0x0))
+        seen["close"] = progressista.read_frame(rfile)
+
+    fake = FakeWsServer(script)
+    ws = progressista.WebSocketClient.connect(fake.url)
+    with pytest.raises(ProtocolError):
+        ws.recv()
+    fake.close()
+    assert struct.unpack("!H", seen["close"][2][:2])[0] == 1002
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    """A self-signed certificate for 127.0.0.1 (openssl); its PEM is the CA bundle."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_ws_client_wss_verifies_against_the_ca_bundle(tls_files, monkeypatch):
+    import ssl
+    cert, key = tls_files
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    fake = FakeWsServer(lambda conn, rfile: conn.sendall(progressista.encode_frame(b"secure")),
+                        tls=context)
+    monkeypatch.setenv("PROGRESSISTA_CA_BUNDLE", cert)
+    ws = progressista.WebSocketClient.connect("https://127.0.0.1:%d/ws" % fake.port)
+    assert ws.recv() == "secure"
+    ws.close()
+    fake.close()
+    # Without the bundle the self-signed certificate is refused.
+    monkeypatch.delenv("PROGRESSISTA_CA_BUNDLE")
+    fake = FakeWsServer(None, tls=context)
+    with pytest.raises(ssl.SSLError):
+        progressista.WebSocketClient.connect(fake.url)
+    fake.thread.join(10)
 
 
 # -- http --------------------------------------------------------------------
@@ -3639,7 +4531,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 TRICKY_IDS = ['plain', 'say "hi"', 'back\\slash', 'two\nlines', '\\"\n\\n mix',
               'ünïcødé ✓', 'trailing\\', '{brace}=,']
 
-PER_TASK = ("progressista_task_n", "progressista_task_total",
+PER_TASK = ("progressista_task_n", "progressista_task_total_units",
             "progressista_task_progress_ratio", "progressista_task_rate",
             "progressista_task_updated_timestamp_seconds")
 
@@ -3698,11 +4590,11 @@ def test_metrics_parse_with_prometheus_client_and_values_are_right(server_factor
     for i, task_id in enumerate(TRICKY_IDS):
         key = (task_id, "active")
         assert samples["progressista_task_n"][key] == i * 10
-        assert samples["progressista_task_total"][key] == 100
+        assert samples["progressista_task_total_units"][key] == 100
         assert samples["progressista_task_progress_ratio"][key] == pytest.approx(i / 10)
         assert samples["progressista_task_rate"][key] == i + 0.5
         assert samples["progressista_task_updated_timestamp_seconds"][key] == 1_000_000.0
-    assert math.isnan(samples["progressista_task_total"][("unknown-total", "active")])
+    assert math.isnan(samples["progressista_task_total_units"][("unknown-total", "active")])
     assert math.isnan(samples["progressista_task_progress_ratio"][("unknown-total", "active")])
     assert math.isnan(samples["progressista_task_rate"][("unknown-total", "active")])
     assert math.isnan(samples["progressista_task_progress_ratio"][("zero-total", "active")])
@@ -3767,7 +4659,7 @@ def test_metrics_survive_integers_beyond_float(tmp_path):
         srv.stop()
     assert samples["progressista_task_n"][("huge", "active")] == float("inf")
     assert samples["progressista_task_progress_ratio"][("huge", "active")] == float("inf")
-    assert samples["progressista_task_total"][("huge-total", "active")] == float("inf")
+    assert samples["progressista_task_total_units"][("huge-total", "active")] == float("inf")
     assert samples["progressista_task_progress_ratio"][("huge-total", "active")] == 0.0
 
 
@@ -4880,6 +5772,475 @@ def test_group_metrics_pass_promtool(server):
     result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
                             capture_output=True, timeout=60)
     assert "group" not in (result.stdout + result.stderr).decode(), result
+# -- terminal ----------------------------------------------------------------
+
+def _task(task_id, status="active", n=1, total=10, at=1000.0, **fields):
+    return dict(dict(task_id=task_id, status=status, n=n, total=total, unit="it", rate=2.0,
+                     elapsed=5.0, desc=None, error=None, meta=None, host="h",
+                     created_at=at, updated_at=at, seen_at=at), **fields)
+
+
+def _view(*tasks, words=()):
+    view = progressista.TaskView(words)
+    view.apply({"type": "snapshot", "server_time": 2000.0,
+                "tasks": {t["task_id"]: t for t in tasks}})
+    return view
+
+
+def test_task_view_applies_snapshots_deltas_and_a_fresh_snapshot():
+    view = progressista.TaskView()
+    changes = view.apply({"type": "snapshot", "tasks": {"a": _task("a"), "b": _task("b")},
+                          "server_time": time.time() + 100})
+    assert sorted(c[0] for c in changes) == ["a", "b"] and all(c[1] is None for c in changes)
+    assert 99 < view.offset < 101
+    changes = view.apply({"type": "delta", "tasks": {"a": _task("a", "close")},
+                          "removed": ["b", "never-seen"]})
+    assert [(c[0], c[1]["status"], c[2] and c[2]["status"]) for c in changes] == \
+        [("b", "active", None), ("a", "active", "close")]
+    # After a reconnect: what vanished meanwhile is removed, what is unchanged is no change.
+    changes = view.apply({"type": "snapshot", "tasks": {"a": _task("a", "close"),
+                                                        "c": _task("c")}})
+    assert [c[0] for c in changes] == ["c"]
+    changes = view.apply({"type": "snapshot", "tasks": {"c": _task("c")}})
+    assert [(c[0], c[2]) for c in changes] == [("a", None)]
+    assert view.counts() == {"active": 1, "stale": 0, "close": 0, "error": 0}
+
+
+def test_task_view_filters_like_the_dashboard():
+    tasks = [_task("run-7:rank-0", desc="Epoch 3", meta={"model": "ResNet50", "gpu": 0}),
+             _task("run-8:rank-0", desc="epoch 1", host="node-12"),
+             _task("other", desc="copy", meta={"cfg": {"lr": 0.5}})]
+    shown = lambda *words: sorted(_view(*tasks, words=words).tasks)
+    assert shown() == ["other", "run-7:rank-0", "run-8:rank-0"]
+    assert shown("EPOCH") == ["run-7:rank-0", "run-8:rank-0"]       # case-insensitive
+    assert shown("epoch", "resnet") == ["run-7:rank-0"]             # every word must match
+    assert shown("epoch resnet") == ["run-7:rank-0"]                # words split on spaces
+    assert shown("gpu") == ["run-7:rank-0"]                         # a meta key
+    assert shown('{"lr":0.5}') == ["other"]                         # a meta value, as JSON
+    assert shown("node-12") == ["run-8:rank-0"]                     # the host
+    assert shown("nothing") == []
+    view = _view(*tasks, words=["resnet"])                          # stops matching: removed
+    changes = view.apply({"type": "delta", "tasks": {"run-7:rank-0": _task("run-7:rank-0")},
+                          "removed": []})
+    assert [(c[0], c[2]) for c in changes] == [("run-7:rank-0", None)] and not view.tasks
+
+
+def test_render_sections_newest_first_groups_errors():
+    from tqdm import tqdm
+    view = _view(_task("old", at=1000.0, desc="the old one"),
+                 _task("new", at=1500.0, desc="the new one"),
+                 _task("job:a", n=10, total=100, at=1200.0, rate=1.0),
+                 _task("job:b", n=30, total=100, at=1300.0, rate=2.0),
+                 _task("bad", "error", at=1100.0, error="ValueError: bad row 17"),
+                 _task("done", "close", n=10, total=10),
+                 _task("idle", "stale", at=1900.0))
+    lines = progressista.render(view, format_meter=tqdm.format_meter)
+    text = "\n".join(lines)
+    assert [line for line in lines if not line.startswith(" ")] == [
+        "Active (4)", "Needs Attention (1)", "Failed (1)", "Completed (1)"]
+    order = [line.split()[0] for line in lines[1:6]]
+    assert order == ["the", "job", "b", "a", "the"]  # newest first, a group's members too
+    assert "the new one · new" in lines[1] and "the old one · old" in lines[5]
+    group = lines[2]
+    assert "2 tasks" in group and "40/200" in group and "20%" in group
+    assert re.search(r"the new one · new +\d+%\|.*\| 1/10 \[00:05<00:04,  2\.00it/s\]", text)
+    assert "  bad" in text and "    ValueError: bad row 17" in text
+    assert "no progress for 1m" in text  # a stale task says for how long (server time 2000)
+    assert "\x1b" not in text
+
+
+def test_render_cuts_to_the_height_and_width():
+    view = _view(*[_task("t%03d" % i, at=1000.0 + i, desc="x" * 200) for i in range(100)],
+                 *[_task("f%d" % i, "error", at=1000.0 + i, error="E") for i in range(10)])
+    header = ["title", ""]
+    lines = progressista.render(view, width=80, height=20, header=header)
+    assert len(lines) == 20 and all(len(line) <= 80 for line in lines)
+    assert lines[:2] == header
+    for heading in ("Active (100)", "Needs Attention (0)", "Failed (10)", "Completed (0)"):
+        assert heading in lines
+    active = lines[lines.index("Active (100)") + 1:lines.index("Needs Attention (0)")]
+    assert active[0].startswith("  xxxxx") and active[0].endswith("]")
+    assert active[-1] == "  … %d more" % (100 - (len(active) - 1))
+    failed = lines[lines.index("Failed (10)") + 1:lines.index("Completed (0)")]
+    assert failed[-1].startswith("  … ") and len(failed) >= 3
+    # No room for a failed task's error line: the task line itself, not "… 1 more".
+    small = _view(_task("boom", "error", error="E: x"), _task("ok", "close"))
+    lines = progressista.render(small, width=80, height=6)
+    assert lines[3].startswith("  boom ") and lines[4:5] == ["Completed (1)"] and len(lines) == 6
+    # A terminal too small for anything but the headings still shows them.
+    assert progressista.render(view, width=30, height=4)[:1] == ["Active (100)"]
+
+
+def test_render_is_safe_and_works_without_tqdm():
+    view = _view(_task("evil\x1b[2J", desc="\x1b]0;pwned\x07\r\nline", n=450, total=1000,
+                       unit="\x1b[31mrow", rate=7.2, elapsed=62))
+    lines = progressista.render(view, width=100, height=20, format_meter=None)
+    text = "\n".join(lines)
+    assert not any(re.search(r"[\x00-\x1f\x7f-\x9f]", line) for line in lines)
+    assert " 45% 450/1000  [31mrow [01:02<01:16, 7.20 [31mrow/s]" in text
+    assert "…" not in "\n".join(progressista.render(view, width=30, height=20, ascii_only=True))
+
+
+def test_wait_state_groups_members_and_expected_size():
+    tasks = {t["task_id"]: t for t in [
+        _task("run-7:rank-0", "close", group_size=4, at=1.0),
+        _task("run-7:rank-0/2", "close", at=2.0),
+        _task("run-7:rank-1", "close", group_size=3, at=3.0),  # the newest size wins
+        _task("run-70:rank-1", "active"),
+        _task("solo", "error")]}
+    state = progressista._wait_state(tasks, ["run-7", "solo", "run-7:rank-0", "later"])
+    assert state["run-7"]["members"] == 2 and state["run-7"]["expected"] == 3
+    assert state["run-7"]["counts"]["close"] == 3 and not state["run-7"]["done"]
+    tasks["run-7:rank-2"] = _task("run-7:rank-2", "close")
+    state = progressista._wait_state(tasks, ["run-7", "solo", "run-7:rank-0", "later"])
+    assert state["run-7"]["done"] and state["solo"]["done"] and state["solo"]["counts"]["error"]
+    assert state["run-7:rank-0"]["tasks"] == 2 and state["run-7:rank-0"]["expected"] is None
+    assert state["later"]["tasks"] == 0 and not state["later"]["done"]
+    line = progressista._wait_line(state)
+    assert "run-7: 4 completed · 3/3 started (done)" in line
+    assert "later: not on the server yet" in line
+    del tasks["run-7:rank-0"]["group_size"], tasks["run-7:rank-1"]["group_size"]
+    assert progressista._wait_state(tasks, ["run-7"])["run-7"]["done"]  # no size: all ended
+
+
+def watch_lines(srv, *args, env=None):
+    """``progressista watch`` piped, as a subprocess; returns (proc, lines, stderr lines)."""
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "watch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", PROGRESSISTA_SERVER_URL=srv.url,
+                 **(env or {})))
+    out, err = [], []
+    readers = [threading.Thread(target=lambda f=f, into=into: into.extend(
+        line.decode("utf-8") for line in iter(f.readline, b"")), name="watch-reader")
+        for f, into in ((proc.stdout, out), (proc.stderr, err))]
+    for reader in readers:
+        reader.start()
+    proc.readers = readers
+    return proc, out, err
+
+
+def stop_watch(proc, sig=signal.SIGINT):
+    proc.send_signal(sig)
+    try:
+        status = proc.wait(10)
+    finally:
+        proc.kill()
+        for reader in proc.readers:
+            reader.join(10)
+    return status
+
+
+def test_watch_once_prints_sections_and_task_lines(server):
+    post(server, [{"task_id": "job:a", "n": 5, "total": 10, "desc": "first"},
+                  {"task_id": "job:b", "n": 1, "total": 4, "status": "error",
+                   "error": "KeyError: 'x'"},
+                  {"task_id": "lone", "n": 3, "status": "close"}])
+    out, err = io.StringIO(), io.StringIO()
+    assert progressista.watch(server_url=server.url + "/progress", once=True,
+                              out=out, err=err) == 0
+    text = out.getvalue()
+    assert text.splitlines()[0] == "Active (1)"
+    assert re.search(r"^  first · job:a +50%\|█████     \| 5/10 \[", text, re.M)
+    assert "  job:b" in text and "    KeyError: 'x'" in text
+    assert re.search(r"^  lone +3it \[", text, re.M)
+    assert "\x1b" not in text and err.getvalue() == ""
+    out = io.StringIO()
+    assert progressista.watch(["lone"], server_url=server.url, once=True, out=out) == 0
+    assert "job:a" not in out.getvalue() and "lone" in out.getvalue()
+
+
+def test_watch_once_json_and_env_url_and_token(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    post(srv, [{"task_id": "t%d" % i, "n": i} for i in range(5)],
+         headers={"Authorization": "Bearer s3cret"})
+    env = dict(os.environ, PROGRESSISTA_SERVER_URL=srv.url + "/some/path",
+               PROGRESSISTA_API_TOKEN="s3cret")
+    done = subprocess.run([sys.executable, SCRIPT, "watch", "--once", "--json"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(line["task"]["task_id"] for line in lines) == ["t%d" % i for i in range(5)]
+    assert all(line["type"] == "task" and "n" in line["task"] for line in lines)
+    done = subprocess.run([sys.executable, SCRIPT, "watch", "--once", "t3"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "  t3 " in done.stdout and "t4" not in done.stdout
+
+
+@pytest.mark.parametrize("args", [["--once"], ["--once", "--json"], []])
+def test_watch_refused_token_is_one_line_and_exit_1(server_factory, args):
+    srv = server_factory(tokens=["s3cret"])
+    done = subprocess.run([sys.executable, SCRIPT, "watch", "--server-url", srv.url,
+                           "--token", "wrong-token", *args],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and "refused the token" in done.stderr
+    assert "wrong-token" not in done.stderr
+
+
+def test_watch_without_a_token_says_how_to_give_one(server_factory, monkeypatch):
+    srv = server_factory(tokens=["s3cret"])
+    err = io.StringIO()
+    monkeypatch.delenv("PROGRESSISTA_API_TOKEN", raising=False)
+    assert progressista.watch(server_url=srv.url, once=True, out=io.StringIO(), err=err) == 1
+    assert err.getvalue() == ("progressista: %s needs a token: give --token or set "
+                              "$PROGRESSISTA_API_TOKEN\n" % srv.url)
+
+
+@pytest.mark.parametrize("args", [["--once"], ["--once", "--json"]])
+def test_watch_unreachable_is_one_line_and_exit_1(args):
+    url = "http://127.0.0.1:%d" % free_port()
+    done = subprocess.run([sys.executable, SCRIPT, "watch", "--server-url", url, *args],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == ["progressista: cannot reach %s: Connection refused" % url]
+
+
+def test_watch_piped_prints_status_changes_and_no_escape_codes(server):
+    post(server, {"task_id": "before", "n": 1, "status": "close"})
+    proc, out, err = watch_lines(server)
+    try:
+        wait_for(lambda: out, timeout=20)
+        assert re.fullmatch(r"\d\d:\d\d:\d\d 0 active · 0 needs attention · 0 failed · "
+                            r"1 completed\n", out[0])
+        post(server, {"task_id": "job:a", "n": 1, "total": 10, "desc": "step"})
+        wait_for(lambda: any("job:a" in line for line in out), timeout=20)
+        for n in range(2, 6):  # progress alone prints nothing
+            post(server, {"task_id": "job:a", "n": n})
+            time.sleep(0.15)
+        post(server, {"task_id": "job:a", "status": "error", "error": "OSError: disk full"})
+        wait_for(lambda: any("Failed" in line for line in out), timeout=20)
+    finally:
+        assert stop_watch(proc) == 0
+    lines = [line.rstrip("\n") for line in out]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d Active +step · job:a +10%\|█ +\| 1/10 \[.*", lines[1])
+    assert re.fullmatch(r"\d\d:\d\d:\d\d Failed +step · job:a +50%\|.*\]  OSError: disk full",
+                        lines[2])
+    assert len(lines) == 3  # one summary (the next is 10 s away at least), two changes
+    assert not any("\x1b" in line for line in out + err)
+
+
+def test_watch_json_lines_stream_changes_and_removals(server):
+    post(server, [{"task_id": "a", "n": 1}, {"task_id": "b", "n": 2}])
+    proc, out, err = watch_lines(server, "--json")
+    try:
+        wait_for(lambda: len(out) >= 2, timeout=20)
+        post(server, {"task_id": "c", "n": 3})
+        wait_for(lambda: len(out) >= 3, timeout=20)
+        request(server.url + "/tasks/a", "DELETE")
+        wait_for(lambda: len(out) >= 4, timeout=20)
+    finally:
+        assert stop_watch(proc) == 0
+    lines = [json.loads(line) for line in out]
+    assert sorted(line["task"]["task_id"] for line in lines[:2]) == ["a", "b"]
+    assert lines[2] == {"type": "task", "task": dict(lines[2]["task"], task_id="c", n=3)}
+    assert lines[3] == {"type": "removed", "task_id": "a"}
+
+
+def test_watch_live_refused_token_exits_1(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    err = io.StringIO()
+    assert progressista.watch(server_url=srv.url, token="nope", out=io.StringIO(), err=err,
+                              screen=False) == 1
+    assert err.getvalue().count("\n") == 1 and "refused the token" in err.getvalue()
+
+
+class Tmux:
+    """A private tmux server (``tmux -L``) for one test; only it is killed afterwards."""
+
+    def __init__(self):
+        self.name = "progressista-test-%d-%d" % (os.getpid(), time.monotonic_ns())
+
+    def run(self, *args):
+        return subprocess.run(["tmux", "-L", self.name, "-f", "/dev/null", *args],
+                              capture_output=True, text=True, timeout=20)
+
+    def start(self, command, width=120, height=40):
+        done = self.run("new-session", "-d", "-x", str(width), "-y", str(height), command)
+        assert done.returncode == 0, done.stderr
+
+    def screen(self):
+        return self.run("capture-pane", "-p").stdout
+
+    def lines(self):
+        return self.screen().rstrip("\n").split("\n")
+
+    def alternate(self):
+        return self.run("display-message", "-p", "#{alternate_on}").stdout.strip() == "1"
+
+    def kill(self):
+        self.run("kill-server")
+
+
+@pytest.fixture
+def tmux():
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (.ci/run installs it)")
+    session = Tmux()
+    yield session
+    session.kill()
+
+
+def _watch_command(url, *extra):
+    import shlex
+    return ("printf 'BEFORE WATCH\\n'; PROGRESSISTA_SERVER_URL=%s %s %s watch %s; "
+            "echo EXIT=$?; stty -a | tr ' ;' '\\n\\n' | grep -E -x -e '-?(icanon|echo)'; "
+            "echo END; sleep 600" % (shlex.quote(url), shlex.quote(sys.executable), shlex.quote(SCRIPT),
+                           " ".join(map(shlex.quote, extra))))
+
+
+def test_watch_in_a_terminal_resizes_and_q_restores_it(server, tmux):
+    post(server, [{"task_id": "run-1:rank-%d" % i, "n": i, "total": 100, "desc": "training"}
+                  for i in range(50)]
+         + [{"task_id": "bad-%d" % i, "status": "error", "error": "ValueError: bad row %d" % i}
+            for i in range(3)])
+    tmux.start(_watch_command(server.url))
+    wait_for(lambda: "Active (50)" in tmux.screen(), timeout=20)
+    assert tmux.alternate()
+    lines = tmux.lines()
+    assert lines[0].startswith("progressista watch · %s · live" % server.url)
+    assert len(lines) <= 40 and all(len(line) <= 120 for line in lines)
+    assert "Active (50)" in lines and "Failed (3)" in lines
+    assert any(re.fullmatch(r"  run-1 \(50 tasks\) +\d+%\|.*\| 1225/5000 \[.*\]", line)
+               for line in lines)
+    assert any(re.fullmatch(r"  … \d+ more", line) for line in lines)
+    assert "    ValueError: bad row 2" in lines
+    post(server, {"task_id": "bad-0", "status": "close"})
+    wait_for(lambda: "Completed (1)" in tmux.screen(), timeout=20)
+    for width, height in ((70, 15), (100, 30)):
+        tmux.run("resize-window", "-x", str(width), "-y", str(height))
+
+        def redrawn():
+            lines = tmux.lines()
+            return lines[0].startswith("progressista watch") and "Completed (1)" in lines \
+                and len(lines) > height - 3 and lines
+        lines = wait_for(redrawn, timeout=20)
+        assert len(lines) <= height and all(len(line) <= width for line in lines)
+        assert "Active (50)" in lines and any(line.startswith("  … ") for line in lines)
+    tmux.run("send-keys", "q")
+    wait_for(lambda: "END" in tmux.screen(), timeout=20)
+    screen = tmux.screen()
+    assert "EXIT=0" in screen
+    assert not tmux.alternate() and "BEFORE WATCH" in screen and "Active (" not in screen
+    assert "icanon" in screen.split() and "echo" in screen.split()  # not -icanon, -echo
+
+
+def test_watch_in_a_terminal_ctrl_c_and_reconnect(tmux):
+    port = free_port()
+    proc, url = start_cli_server("--port", str(port))
+    try:
+        request(url + "/progress", "POST", {"task_id": "first", "n": 1})
+        tmux.start(_watch_command(url, "--server-url", url), width=100, height=20)
+        wait_for(lambda: "  first " in tmux.screen(), timeout=20)
+        proc.kill()
+        proc.wait(10)
+        wait_for(lambda: "reconnecting" in tmux.lines()[0], timeout=20)
+        assert "  first " in tmux.screen()  # the last state stays on screen meanwhile
+        proc, url = start_cli_server("--port", str(port))
+        request(url + "/progress", "POST", {"task_id": "second", "n": 2})
+        wait_for(lambda: "  second " in tmux.screen() and " · live" in tmux.lines()[0],
+                 timeout=30)
+        assert "  first " not in tmux.screen()  # the new server's state, not a mix
+        tmux.run("send-keys", "C-c")
+        wait_for(lambda: "EXIT=0" in tmux.screen(), timeout=20)
+        assert not tmux.alternate()
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _wait_in_thread(server, names, **kw):
+    result, err = {}, io.StringIO()
+    thread = threading.Thread(target=lambda: result.setdefault("status", progressista.wait(
+        names, server_url=server.url, err=err, **kw)), name="wait-test")
+    thread.start()
+    return thread, result, err
+
+
+def test_wait_exit_0_when_all_closed_and_names_not_yet_there(server):
+    post(server, {"task_id": "run-7:rank-0", "n": 1})
+    thread, result, err = _wait_in_thread(server, ["run-7", "later:x"], timeout=60)
+    wait_for(lambda: "later:x: not on the server yet" in err.getvalue(), timeout=20)
+    post(server, {"task_id": "run-7:rank-0", "status": "close"})
+    post(server, {"task_id": "later:x", "n": 1})
+    wait_for(lambda: "later:x: 1 active" in err.getvalue(), timeout=20)
+    assert thread.is_alive()
+    post(server, {"task_id": "later:x", "status": "close"})
+    thread.join(20)
+    assert result["status"] == 0
+    lines = err.getvalue().splitlines()
+    assert lines[-1] == ("progressista wait: run-7: 1 completed (done); "
+                         "later:x: 1 completed (done)")
+    assert len(lines) == len(set(lines))  # a line per change of counts, not per message
+
+
+def test_wait_done_must_hold_a_moment_while_the_next_bar_starts(server):
+    post(server, {"task_id": "job:a", "n": 1})
+    thread, result, err = _wait_in_thread(server, ["job"], timeout=60)
+    wait_for(lambda: "job: 1 active" in err.getvalue(), timeout=20)
+    post(server, {"task_id": "job:a", "status": "close"})
+    time.sleep(0.3)  # so the close and the next bar's start come in two deltas
+    post(server, {"task_id": "job:b", "n": 1})
+    wait_for(lambda: "job: 1 active · 1 completed" in err.getvalue(), timeout=20)
+    assert thread.is_alive() and "job: 1 completed (done)" in err.getvalue()
+    post(server, {"task_id": "job:b", "status": "close"})
+    thread.join(20)
+    assert result["status"] == 0
+
+
+def test_wait_exit_1_when_any_failed(server):
+    post(server, [{"task_id": "job:a", "status": "close"},
+                  {"task_id": "job:b", "status": "error", "error": "E"}])
+    err = io.StringIO()
+    assert progressista.wait(["job"], server_url=server.url, err=err) == 1
+    assert "job: 1 failed · 1 completed (done)" in err.getvalue()
+
+
+def test_wait_exit_2_on_timeout(server):
+    post(server, {"task_id": "job:a", "n": 1})
+    err = io.StringIO()
+    assert progressista.wait(["job"], server_url=server.url, err=err, timeout=0.5) == 2
+    assert err.getvalue().splitlines()[-1] == "progressista wait: timed out after 0.5s"
+
+
+def test_wait_exit_3_unreachable_or_refused(server_factory):
+    err = io.StringIO()
+    url = "http://127.0.0.1:%d" % free_port()
+    assert progressista.wait(["job"], server_url=url, err=err) == 3
+    assert err.getvalue() == "progressista: cannot reach %s: Connection refused\n" % url
+    srv = server_factory(tokens=["s3cret"])
+    err = io.StringIO()
+    assert progressista.wait(["job"], server_url=srv.url, token="bad", err=err) == 3
+    assert "refused the token" in err.getvalue() and "bad" not in err.getvalue().split()
+
+
+def test_wait_exit_3_when_the_server_goes_for_good(server_factory, monkeypatch):
+    monkeypatch.setattr(progressista, "WAIT_LOST_SECONDS", 0.5)
+    srv = server_factory()
+    post(srv, {"task_id": "job:a", "n": 1})
+    thread, result, err = _wait_in_thread(srv, ["job"], timeout=60)
+    wait_for(lambda: "job: 1 active" in err.getvalue(), timeout=20)
+    srv.stop()
+    thread.join(30)
+    assert result["status"] == 3
+    lines = err.getvalue().splitlines()
+    assert "reconnecting" in lines[-2] and lines[-1].endswith("is gone (no answer for 0.5s)")
+
+
+def test_wait_in_a_shell_pipeline(server_factory):
+    srv = server_factory(tokens=["s3cret"])
+    post(srv, {"task_id": "run-7:rank-0", "status": "close"},
+         headers={"Authorization": "Bearer s3cret"})
+    env = dict(os.environ, PROGRESSISTA_SERVER_URL=srv.url + "/progress",
+               PROGRESSISTA_API_TOKEN="s3cret")
+    shell = "%s %s wait run-7 --timeout 30 && echo next-step" % (sys.executable, SCRIPT)
+    done = subprocess.run(["sh", "-c", shell], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout == "next-step\n", done.stderr
+    done = subprocess.run([sys.executable, SCRIPT, "wait", "run-8", "--timeout", "0.3"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["progressista wait: run-8: not on the server yet",
+                                        "progressista wait: timed out after 0.3s"]
 
 
 # -- dashboard ---------------------------------------------------------------
@@ -5062,22 +6423,28 @@ class Tab:
         return self.js("() => window.__csp")
 
 
+@pytest.fixture(scope="class")
+def browser():
+    """One Chromium for the class that uses it (TestDashboard).
+
+    A module-level function: pytest 9.1+ deprecates class-scoped fixtures
+    written as instance methods, and a classmethod fixture fails on Python 3.9.
+    """
+    need_browser()
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 @pytest.mark.usefixtures("browser")
 class TestDashboard:
     """The live page in Chromium."""
 
     # fixtures
-
-    @pytest.fixture(scope="class")
-    def browser(self):
-        need_browser()
-        from playwright.sync_api import sync_playwright
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                yield browser
-            finally:
-                browser.close()
 
     @pytest.fixture
     def open_tab(self, browser):
@@ -5726,7 +7093,6 @@ JOB_JS = """(prefix) => [...document.querySelectorAll('.group')]
 class TestDashboardJobs:
     """The group header's job line (SPEC section 8) in Chromium."""
 
-    browser = TestDashboard.browser
     open_tab = TestDashboard.open_tab
 
     def job(self, tab, prefix):
@@ -6218,3 +7584,58 @@ def test_run_reports_over_https_with_the_ca_bundle(tmp_path, tls_server, tls_cer
     assert ok(proc).stdout.strip() == b"done ['-x']"
     got = [json.loads(t) for t in map(srv.store.get_json, srv.store.select())]
     assert [(t["desc"], t["n"], t["status"]) for t in got] == [("secure job", 40, "close")]
+
+
+def test_log_level_works_wherever_the_help_shows_it(server, tmp_path):
+    script = _write(tmp_path / "t.py", """
+        import json, logging, sys
+        print(json.dumps([sys.argv[1:], logging.getLogger().level,
+                          logging.getLogger("progressista").level]))
+    """)
+    placements = [
+        ("--log-level", "DEBUG", "run", script, "--", "--lr", "3"),
+        ("--log-level=DEBUG", "run", script, "--", "--lr", "3"),
+        ("run", "--log-level", "DEBUG", script, "--", "--lr", "3"),
+        ("run", script, "--log-level", "DEBUG", "--", "--lr", "3"),
+        ("run", script, "--log-level=DEBUG", "--server-url=%s" % server.url, "--", "--lr", "3"),
+        ("--log-level", "WARNING", "run", "--log-level", "DEBUG", script, "--", "--lr", "3"),
+    ]
+    for argv in placements:
+        proc, _ = run_cli(*argv, srv=server)
+        # the target's own logging is untouched; progressista's logger is at DEBUG
+        assert json.loads(ok(proc).stdout) == [["--lr", "3"], logging.WARNING, logging.DEBUG], argv
+    proc, _ = run_cli("run", script, "--", "--lr", "3", srv=server)  # none given: as before
+    assert json.loads(ok(proc).stdout) == [["--lr", "3"], logging.WARNING, logging.NOTSET]
+    proc, _ = run_cli("run", "--log-level", "LOUD", script, srv=server)
+    assert proc.returncode == 2 and b"--log-level must be" in proc.stderr
+    for sub in ("serve", "run", "demo"):
+        assert b"--log-level" in ok(run_cli(sub, "--help")[0]).stdout, sub
+    # serve --log-level DEBUG logs every request; before the command too
+    for args, env in ((("--log-level", "DEBUG"), None), ((), {"PROGRESSISTA_LOG_LEVEL": "DEBUG"})):
+        proc, url = start_cli_server(*args, env=env)
+        try:
+            assert request(url + "/health")[0] == 200
+            line = b""
+            while b'"GET /health"' not in line:
+                line = proc.stdout.readline()
+                assert line, "no request line in the DEBUG log"
+            assert b"DEBUG" in line
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+            proc.stdout.close()
+
+
+def test_readme_quick_start_runs_as_written(server, tmp_path):
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    quick = readme[readme.index("## Quick start"):readme.index("## Tests")]
+    commands = re.findall(r"^python3 progressista\.py (.+)$", quick, re.M)
+    assert commands == ["serve", "demo --duration 10", "run count.py"], commands
+    script = re.search(r"cat > count\.py <<'EOF'\n(.*?)\nEOF\n", quick, re.S).group(1)
+    (tmp_path / "count.py").write_text(script + "\n")
+    proc, _ = run_cli(*commands[2].split(), srv=server, cwd=tmp_path)
+    assert b"counting: 100%" in ok(proc).stderr
+    t = only_task(server)
+    assert (t["desc"], t["n"], t["total"], t["status"]) == ("counting", 100, 100, "close")
+    proc, _ = run_cli("demo", "--duration", "0.2", srv=server)  # demo takes --duration
+    ok(proc)
