@@ -7020,6 +7020,13 @@ class TestDashboard:
         tab.wait_card("secure", percent="75%")
         assert tab.js(self.CONTROLS_JS)["read_only"]
         assert tab.errors == [] and tab.csp_violations() == []
+        # with the full token, Discard works over HTTPS (the Origin check sees https://)
+        full = open_tab(srv.url + "/?token=" + FULL, ignore_https_errors=True)
+        full.wait_card("secure", percent="75%")
+        full.page.click('article.card[data-task-id="secure"] .discard')
+        full.wait_gone("secure")
+        wait_for(lambda: srv.store.get_json("secure") is None)
+        assert full.errors == []
 
 
 def populate_demo(srv, clock):
