@@ -23,6 +23,7 @@ import atexit
 import base64
 import codecs
 import collections
+import errno
 import hashlib
 import hmac
 import http.client
@@ -1912,6 +1913,16 @@ _TIMEOUTS = (socket.timeout, TimeoutError)  # two classes until Python 3.10
 LEVELS = ("none", "read", "write")  # what a caller may do; a route needs one of them
 
 
+_NETWORK_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
+                   errno.ESHUTDOWN, errno.EBADF, errno.ETIMEDOUT}
+
+
+def _network_error(exc):
+    """True for an OSError of the connection itself (gone, reset, timed out)."""
+    return isinstance(exc, _TIMEOUTS + (ConnectionError,)) or exc.errno in _NETWORK_ERRNOS \
+        or type(exc).__module__ == "ssl"
+
+
 class _RequestTimeout(Exception):
     """The request's head and body did not arrive within its deadline."""
 
@@ -2049,15 +2060,19 @@ class _Protocol(BaseHTTPRequestHandler):
             try:
                 self.dispatch()
             except BadRequest as exc:
+                if self._started:
+                    raise
                 self._error(exc.status, str(exc))
         except _RequestTimeout:
             self._fail(408, "request not received in time (%g s)" % self.request_seconds)
-        except OSError:  # the socket timed out, or the peer went: nobody to answer
-            self.close_connection = True
-            log.debug("connection from %s ended", self.address_string(), exc_info=True)
-        except Exception:
-            log.error("%s %s failed", self.command, self._path_for_log(), exc_info=True)
-            self._fail(500, "internal server error (logged on the server)")
+        except Exception as exc:
+            if isinstance(exc, OSError) and _network_error(exc):
+                # The socket timed out, or the peer went: nobody to answer.
+                self.close_connection = True
+                log.debug("connection from %s ended", self.address_string(), exc_info=True)
+            else:
+                log.error("%s %s failed", self.command, self._path_for_log(), exc_info=True)
+                self._fail(500, "internal server error (logged on the server)")
         finally:
             if self.close_connection:
                 with server.ws_lock:

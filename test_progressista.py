@@ -3597,6 +3597,10 @@ def test_any_exception_becomes_a_json_500_and_one_error_line(server, caplog, mon
     assert len(errors) == 1 and errors[0].exc_info and "GET /tasks" in errors[0].getMessage()
     assert "boom in select" in caplog.text and "s3cret" not in caplog.text
     assert request(server.url + "/health")[0] == 200
+    # an OSError that is not the connection's own (a file, say) is a 500 too
+    monkeypatch.setattr(server.store, "get_json", lambda task_id: open("/nonexistent/x"))
+    answer = exchange(server, b"GET /tasks/a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert first_status(answer) == 500
 
 
 def _nested_meta(depth):
