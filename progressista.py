@@ -2356,9 +2356,10 @@ class Handler(_Protocol):
         self._split()
         server = self.server
         if server.loopback and not self._host_allowed():
+            host = self._host_for_check()
             return self._refuse(403, "Host %r is not this server's name (DNS rebinding?); "
-                                "allow it with --allow-host" % self._host_for_check(),
-                                "Host not allowed")
+                                "allow it with --allow-host" % host,
+                                "Host not allowed", detail=" (Host %r)" % host[:100])
         methods, params = server.router.match(self.route)
         if methods is None:
             return self._error(404, "not found: %s" % self.route)
@@ -2377,7 +2378,8 @@ class Handler(_Protocol):
             if level == "none":
                 return self._refuse(
                     401, "unauthorized: send Authorization: Bearer <token> or ?token=",
-                    "no valid token", [("WWW-Authenticate", "Bearer")])
+                    "token not accepted" if self._given_token() else "no token sent",
+                    headers=[("WWW-Authenticate", "Bearer")])
             if LEVELS.index(level) < LEVELS.index(route.access):
                 return self._refuse(403, "%s token" % ("read-only" if level == "read" else level),
                                     "read-only token")
@@ -2436,11 +2438,11 @@ class Handler(_Protocol):
     def _authorized(self):
         return self.access() != "none"
 
-    def _refuse(self, status, message, reason, headers=()):
+    def _refuse(self, status, message, reason, headers=(), detail=""):
         """Answer a refusal, and say so in the log (at most once a minute per
         address and reason; never the token)."""
-        self.server.note_refused(self.client_address[0], reason,
-                                 "%s %s" % (self.command, self._path_for_log()))
+        self.server.note_refused(self.client_address[0], reason, "%s %s%s" % (
+            self.command, self._path_for_log(), detail))
         self._error(status, message, headers)
 
     def _host_for_check(self):

@@ -3889,11 +3889,14 @@ def test_refused_requests_are_logged_once_a_minute_per_client_and_reason(server_
             post(srv, {"task_id": "x"}, headers={"Authorization": "Bearer s3cretX"})
         for _ in range(3):
             exchange(srv, b"GET /tasks?token=s3cret HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+        request(srv.url + "/tasks")  # no token at all: another reason
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert len(lines) == 2, lines
+    assert len(lines) == 3, lines
     assert all(r.levelno == logging.INFO for r in caplog.records if "refused" in r.getMessage())
-    assert "127.0.0.1" in lines[0] and "token" in lines[0] and "GET /tasks" in lines[0]
-    assert "Host" in lines[1]
+    assert "127.0.0.1" in lines[0] and "token not accepted" in lines[0]
+    assert "GET /tasks" in lines[0]
+    assert "Host" in lines[1] and "evil.example" in lines[1]
+    assert "no token sent" in lines[2]
     assert "s3cret" not in caplog.text
 
 
