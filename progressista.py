@@ -23,6 +23,7 @@ import atexit
 import base64
 import codecs
 import collections
+import errno
 import hashlib
 import hmac
 import http.client
@@ -3065,6 +3066,16 @@ _TIMEOUTS = (socket.timeout, TimeoutError)  # two classes until Python 3.10
 LEVELS = ("none", "read", "write")  # what a caller may do; a route needs one of them
 
 
+_NETWORK_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
+                   errno.ESHUTDOWN, errno.EBADF, errno.ETIMEDOUT}
+
+
+def _network_error(exc):
+    """True for an OSError of the connection itself (gone, reset, timed out)."""
+    return isinstance(exc, _TIMEOUTS + (ConnectionError,)) or exc.errno in _NETWORK_ERRNOS \
+        or type(exc).__module__ == "ssl"
+
+
 class _RequestTimeout(Exception):
     """The request's head and body did not arrive within its deadline."""
 
@@ -3202,15 +3213,19 @@ class _Protocol(BaseHTTPRequestHandler):
             try:
                 self.dispatch()
             except BadRequest as exc:
+                if self._started:
+                    raise
                 self._error(exc.status, str(exc))
         except _RequestTimeout:
             self._fail(408, "request not received in time (%g s)" % self.request_seconds)
-        except OSError:  # the socket timed out, or the peer went: nobody to answer
-            self.close_connection = True
-            log.debug("connection from %s ended", self.address_string(), exc_info=True)
-        except Exception:
-            log.error("%s %s failed", self.command, self._path_for_log(), exc_info=True)
-            self._fail(500, "internal server error (logged on the server)")
+        except Exception as exc:
+            if isinstance(exc, OSError) and _network_error(exc):
+                # The socket timed out, or the peer went: nobody to answer.
+                self.close_connection = True
+                log.debug("connection from %s ended", self.address_string(), exc_info=True)
+            else:
+                log.error("%s %s failed", self.command, self._path_for_log(), exc_info=True)
+                self._fail(500, "internal server error (logged on the server)")
         finally:
             if self.close_connection:
                 with server.ws_lock:
@@ -3494,9 +3509,10 @@ class Handler(_Protocol):
         self._split()
         server = self.server
         if server.loopback and not self._host_allowed():
+            host = self._host_for_check()
             return self._refuse(403, "Host %r is not this server's name (DNS rebinding?); "
-                                "allow it with --allow-host" % self._host_for_check(),
-                                "Host not allowed")
+                                "allow it with --allow-host" % host,
+                                "Host not allowed", detail=" (Host %r)" % host[:100])
         methods, params = server.router.match(self.route)
         if methods is None:
             return self._error(404, "not found: %s" % self.route)
@@ -3515,7 +3531,8 @@ class Handler(_Protocol):
             if level == "none":
                 return self._refuse(
                     401, "unauthorized: send Authorization: Bearer <token> or ?token=",
-                    "no valid token", [("WWW-Authenticate", "Bearer")])
+                    "token not accepted" if self._given_token() else "no token sent",
+                    headers=[("WWW-Authenticate", "Bearer")])
             if LEVELS.index(level) < LEVELS.index(route.access):
                 return self._refuse(403, "%s token" % ("read-only" if level == "read" else level),
                                     "read-only token")
@@ -3574,11 +3591,11 @@ class Handler(_Protocol):
     def _authorized(self):
         return self.access() != "none"
 
-    def _refuse(self, status, message, reason, headers=()):
+    def _refuse(self, status, message, reason, headers=(), detail=""):
         """Answer a refusal, and say so in the log (at most once a minute per
         address and reason; never the token)."""
-        self.server.note_refused(self.client_address[0], reason,
-                                 "%s %s" % (self.command, self._path_for_log()))
+        self.server.note_refused(self.client_address[0], reason, "%s %s%s" % (
+            self.command, self._path_for_log(), detail))
         self._error(status, message, headers)
 
     def _host_for_check(self):
