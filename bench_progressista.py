@@ -495,6 +495,191 @@ def load_only(url, seconds, mode="single"):
             d.close()
 
 
+# -- ingest over TLS -------------------------------------------------------------
+#
+# The same single-update load over HTTPS and over plain HTTP, alternating, and
+# what a new connection costs (connect + handshake + one POST).  Clients keep
+# their connection alive, so the handshake is paid once per worker process.
+
+def tls_sender(port, cafile, count, seed):
+    """One TLS or plain load process (``cafile`` None: plain HTTP), as role_sender."""
+    import ssl
+    if cafile:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                           context=ssl.create_default_context(cafile=cafile))
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Content-Type": "application/json"}
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    n, k = 1000 + seed, 0
+
+    def one():
+        nonlocal n, k
+        data = dumps(make_update((seed * 7919 + k) % count, n)).encode()
+        k += 1
+        if k % count == 0:
+            n += 1
+        conn.request("POST", "/progress", data, headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+
+    one()  # connect, handshake and warm up
+    print("ready", flush=True)
+    start_at, duration = map(float, sys.stdin.readline().split())
+    while time.time() < start_at:
+        time.sleep(min(0.01, max(0.0, start_at - time.time())))
+    updates = errors = 0
+    while time.time() < start_at + duration:
+        if one() == 200:
+            updates += 1
+        else:
+            errors += 1
+    conn.close()
+    print(json.dumps({"updates": updates, "errors": errors}), flush=True)
+
+
+class _TLSBenchServer:
+    """``progressista.py serve`` with or without --certfile, as a subprocess."""
+
+    def __init__(self, extra=()):
+        self.proc = spawn([sys.executable, PROGRESSISTA, "serve", "--host", "127.0.0.1",
+                           "--port", "0"] + list(extra))
+        line = read_line(self.proc, 20.0) or ""
+        match = re.search(r"(https?)://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            stop(self.proc)
+            raise RuntimeError("server did not start: %r" % line)
+        self.port, self.pid = int(match.group(2)), self.proc.pid
+        self.url = "%s://127.0.0.1:%d" % (match.group(1), self.port)
+        drain(self.proc)
+
+    def stop(self):
+        stop(self.proc)
+
+
+def _tls_load(server, cafile, seconds):
+    code = ("import sys; sys.path.insert(0, %r); import bench_progressista as b; "
+            "b.tls_sender(%d, %r, 1000, int(sys.argv[1]))" % (HERE, server.port, cafile))
+    procs = [spawn([sys.executable, "-c", code, str(s)], stdin=subprocess.PIPE)
+             for s in range(SENDERS)]
+    try:
+        for p in procs:
+            if (read_line(p, 30.0) or "").strip() != "ready":
+                raise RuntimeError("a TLS bench sender did not get ready")
+        start_at = time.time() + 0.3
+        for p in procs:
+            p.stdin.write(("%.6f %.3f\n" % (start_at, seconds)).encode())
+            p.stdin.flush()
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = cpu_seconds(server.pid)
+        t0 = time.perf_counter()
+        time.sleep(max(0.0, start_at + seconds - time.time()))
+        cpu1 = cpu_seconds(server.pid)
+        wall = time.perf_counter() - t0
+        results = [json.loads(read_line(p, 30.0) or "{}") for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
+    updates = sum(r.get("updates", 0) for r in results)
+    return {"updates_per_s": updates / wall, "errors": sum(r.get("errors", 0) for r in results),
+            "cpu_us_per_update": (cpu1 - cpu0) / max(1, updates) * 1e6}
+
+
+def _new_connection_ms(server, cafile, count):
+    """Median ms for connect (+ TLS handshake) + one POST + close, one at a time."""
+    import ssl
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
+    body = json.dumps(make_update(0, 1)).encode()
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        if context is not None:
+            conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=10,
+                                               context=context)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/progress", body, {"Content-Type": "application/json"})
+        conn.getresponse().read()
+        conn.close()
+        times.append((time.perf_counter() - t0) * 1000)
+    return median(times)
+
+
+def bench_tls(report, cfg, raw):
+    """Ingest over HTTPS beside plain HTTP, same load, same run, alternating."""
+    import shutil
+    if shutil.which("openssl") is None:
+        report.add("ingest over TLS", "openssl not found", "", None)
+        return
+    folder = tempfile.mkdtemp(prefix="progressista-tls-")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    servers = {}
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                        "2", "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=120)
+        servers["http"] = _TLSBenchServer()
+        servers["https"] = _TLSBenchServer(["--certfile", cert, "--keyfile", key])
+        cafiles = {"http": None, "https": cert}
+        for name, server in servers.items():
+            for lo in range(0, 1000, BATCH):
+                _tls_post(server, cafiles[name], [make_update(i, 1) for i in range(lo, lo + BATCH)])
+        runs = {"http": [], "https": []}
+        for r in range(cfg["rounds"]):
+            for name in (("http", "https") if r % 2 == 0 else ("https", "http")):
+                res = _tls_load(servers[name], cafiles[name], cfg["load_seconds"])
+                runs[name].append(res)
+                print("    round %d %-5s %8.0f updates/s  %.1f us CPU/update%s" % (
+                    r + 1, name, res["updates_per_s"], res["cpu_us_per_update"],
+                    "  errors %d" % res["errors"] if res["errors"] else ""), flush=True)
+        fresh = {name: _new_connection_ms(servers[name], cafiles[name], 3 * cfg["close_runs"])
+                 for name in servers}
+        raw["tls"] = {"runs": runs, "new_connection_ms": fresh}
+        ratio = [t["updates_per_s"] / h["updates_per_s"] for t, h in zip(runs["https"],
+                                                                         runs["http"])]
+        cpu = [t["cpu_us_per_update"] / h["cpu_us_per_update"] for t, h in zip(runs["https"],
+                                                                                runs["http"])]
+        report.add("ingest over TLS: single-update POSTs, 1k tasks, keep-alive",
+                   "%.0f/s vs plain HTTP %.0f/s = %.2fx" % (
+                       median([t["updates_per_s"] for t in runs["https"]]),
+                       median([h["updates_per_s"] for h in runs["http"]]), median(ratio)),
+                   "", None, median(ratio))
+        report.add("ingest over TLS: server CPU per update TLS/plain",
+                   "%.2fx (%.1f vs %.1f us)" % (
+                       median(cpu), median([t["cpu_us_per_update"] for t in runs["https"]]),
+                       median([h["cpu_us_per_update"] for h in runs["http"]])),
+                   "", None, median(cpu))
+        report.add("a new connection + one POST (TLS handshake once per worker)",
+                   "%.2f ms with TLS vs %.2f ms plain" % (fresh["https"], fresh["http"]),
+                   "", None, fresh["https"])
+    finally:
+        for server in servers.values():
+            server.stop()
+        for name in os.listdir(folder):
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
+
+
+def _tls_post(server, cafile, obj):
+    import ssl
+    if cafile:
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=30,
+                                           context=ssl.create_default_context(cafile=cafile))
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("POST", "/progress", json.dumps(obj).encode(),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError("POST: HTTP %d" % resp.status)
+    finally:
+        conn.close()
+
+
 # -- the figures ---------------------------------------------------------------
 
 class Report:
@@ -1808,6 +1993,10 @@ def main():
             runs, task_json_bytes, servers, dashboards, dbdir = bench_ingest(
                 report, cfg, report.raw)
             report_ingest(report, runs, task_json_bytes)
+        if "ingest" in sections:
+            print("\n[ingest over TLS beside plain HTTP: %d sender processes, %.0f s runs]"
+                  % (SENDERS, cfg["load_seconds"]), flush=True)
+            bench_tls(report, cfg, report.raw)
         if "latency" in sections:
             print("\n[update -> dashboard latency]", flush=True)
             bench_latency(report, cfg, servers["ours"], task_json_bytes, report.raw)

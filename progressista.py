@@ -23,6 +23,7 @@ import atexit
 import base64
 import codecs
 import collections
+import errno
 import hashlib
 import hmac
 import http.client
@@ -2039,6 +2040,9 @@ class Database:
             self.thread.join(5)
         try:
             self.flush()
+        except sqlite3.Error as exc:  # flush logged it, rate-limited: say what it cost
+            log.error("could not write the last updates to %s at shutdown (%s): they are "
+                      "lost", self.path, exc)
         finally:
             self.close()
 
@@ -2559,6 +2563,23 @@ def read_frame(stream, max_payload=MAX_WS_MESSAGE, require_mask=True):
     return fin, opcode, (_mask(payload, mask) if mask else payload)
 
 
+def _send_nowait(sock, data):
+    """Send what the socket takes now, without blocking: the count sent.
+
+    A TLS socket refuses ``MSG_DONTWAIT``: it sends once there is room (a
+    control frame is one small record)."""
+    if hasattr(sock, "do_handshake"):  # ssl.SSLSocket
+        import select
+        if hasattr(select, "poll"):  # any fd number, unlike select()
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            room = poller.poll(0)
+        else:
+            room = select.select([], [sock], [], 0)[1]
+        return sock.send(data) if room else 0
+    return sock.send(data, getattr(socket, "MSG_DONTWAIT", 0))
+
+
 class WebSocket:
     """One dashboard connection: its socket, its send lock, its backlog.
 
@@ -2649,7 +2670,7 @@ class WebSocket:
         try:
             if wait is None:
                 self.sock.sendall(frame)
-            elif self.sock.send(frame, getattr(socket, "MSG_DONTWAIT", 0)) < len(frame):
+            elif _send_nowait(self.sock, frame) < len(frame):
                 raise BlockingIOError("peer is not reading")
         except OSError:
             self.abort()
@@ -3190,6 +3211,16 @@ _TIMEOUTS = (socket.timeout, TimeoutError)  # two classes until Python 3.10
 LEVELS = ("none", "read", "write")  # what a caller may do; a route needs one of them
 
 
+_NETWORK_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
+                   errno.ESHUTDOWN, errno.EBADF, errno.ETIMEDOUT}
+
+
+def _network_error(exc):
+    """True for an OSError of the connection itself (gone, reset, timed out)."""
+    return isinstance(exc, _TIMEOUTS + (ConnectionError,)) or exc.errno in _NETWORK_ERRNOS \
+        or type(exc).__module__ == "ssl"
+
+
 class _RequestTimeout(Exception):
     """The request's head and body did not arrive within its deadline."""
 
@@ -3327,15 +3358,19 @@ class _Protocol(BaseHTTPRequestHandler):
             try:
                 self.dispatch()
             except BadRequest as exc:
+                if self._started:
+                    raise
                 self._error(exc.status, str(exc))
         except _RequestTimeout:
             self._fail(408, "request not received in time (%g s)" % self.request_seconds)
-        except OSError:  # the socket timed out, or the peer went: nobody to answer
-            self.close_connection = True
-            log.debug("connection from %s ended", self.address_string(), exc_info=True)
-        except Exception:
-            log.error("%s %s failed", self.command, self._path_for_log(), exc_info=True)
-            self._fail(500, "internal server error (logged on the server)")
+        except Exception as exc:
+            if isinstance(exc, OSError) and _network_error(exc):
+                # The socket timed out, or the peer went: nobody to answer.
+                self.close_connection = True
+                log.debug("connection from %s ended", self.address_string(), exc_info=True)
+            else:
+                log.error("%s %s failed", self.command, self._path_for_log(), exc_info=True)
+                self._fail(500, "internal server error (logged on the server)")
         finally:
             if self.close_connection:
                 with server.ws_lock:
@@ -3382,11 +3417,12 @@ class _Protocol(BaseHTTPRequestHandler):
             self.requestline = line.decode("latin-1")
             self._parse_request_line(line)
             self._parse_fields()
+            self._check_head()
         except BadRequest as exc:
-            self._error(exc.status, str(exc))
             self.close_connection = True
+            self._error(exc.status, str(exc))
             return False
-        return self._after_head()
+        return True
 
     def _parse_request_line(self, line):
         parts = line.split(b" ")
@@ -3440,33 +3476,23 @@ class _Protocol(BaseHTTPRequestHandler):
                 headers[key] = text
         raise BadRequest("too many headers", 431)
 
-    def _after_head(self):
+    def _check_head(self):
         headers = self.headers
         if "transfer-encoding" in headers:
-            codings = _tokens_of(headers["transfer-encoding"])
-            if any(c != "chunked" for c in codings):
-                raise_status, message = 501, "transfer coding not supported"
-            else:
-                raise_status, message = 400, "chunked request bodies are not accepted: " \
-                                             "send Content-Length"
-            self._error(raise_status, message)
-            self.close_connection = True
-            return False
+            if any(c != "chunked" for c in _tokens_of(headers["transfer-encoding"])):
+                raise BadRequest("transfer coding not supported", 501)
+            raise BadRequest("chunked request bodies are not accepted: send Content-Length")
         length = headers.get("content-length")
         self.content_length = None
         if length is not None:
             if not (length.isdigit() and length.isascii()) or len(length) > 18:
-                self._error(400, "invalid Content-Length")
-                self.close_connection = True
-                return False
+                raise BadRequest("invalid Content-Length")
             self.content_length = int(length)
         # A body nobody reads would be taken for the next request: a response
         # to such a request closes the connection (read_body clears this).
         self._unread_body = bool(self.content_length)
         if "host" not in headers and self.request_version == "HTTP/1.1":
-            self._error(400, "Host header required")
-            self.close_connection = True
-            return False
+            raise BadRequest("Host header required")
         connection = _tokens_of(headers.get("connection", ""))
         if "close" in connection:
             self.close_connection = True
@@ -3475,7 +3501,6 @@ class _Protocol(BaseHTTPRequestHandler):
         if headers.get("expect", "").lower() == "100-continue" \
                 and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
 
     def read_body(self, limit=MAX_BODY):
         """The request body (at most ``limit`` bytes), within the request's deadline."""
@@ -3629,9 +3654,10 @@ class Handler(_Protocol):
         self._split()
         server = self.server
         if server.loopback and not self._host_allowed():
+            host = self._host_for_check()
             return self._refuse(403, "Host %r is not this server's name (DNS rebinding?); "
-                                "allow it with --allow-host" % self._host_for_check(),
-                                "Host not allowed")
+                                "allow it with --allow-host" % host,
+                                "Host not allowed", detail=" (Host %r)" % host[:100])
         methods, params = server.router.match(self.route)
         if methods is None:
             return self._error(404, "not found: %s" % self.route)
@@ -3650,7 +3676,8 @@ class Handler(_Protocol):
             if level == "none":
                 return self._refuse(
                     401, "unauthorized: send Authorization: Bearer <token> or ?token=",
-                    "no valid token", [("WWW-Authenticate", "Bearer")])
+                    "token not accepted" if self._given_token() else "no token sent",
+                    headers=[("WWW-Authenticate", "Bearer")])
             if LEVELS.index(level) < LEVELS.index(route.access):
                 return self._refuse(403, "%s token" % ("read-only" if level == "read" else level),
                                     "read-only token")
@@ -3709,11 +3736,11 @@ class Handler(_Protocol):
     def _authorized(self):
         return self.access() != "none"
 
-    def _refuse(self, status, message, reason, headers=()):
+    def _refuse(self, status, message, reason, headers=(), detail=""):
         """Answer a refusal, and say so in the log (at most once a minute per
         address and reason; never the token)."""
-        self.server.note_refused(self.client_address[0], reason,
-                                 "%s %s" % (self.command, self._path_for_log()))
+        self.server.note_refused(self.client_address[0], reason, "%s %s%s" % (
+            self.command, self._path_for_log(), detail))
         self._error(status, message, headers)
 
     def _host_for_check(self):
@@ -3772,7 +3799,7 @@ class Handler(_Protocol):
         server = self.server
         body = {"status": "ok", "tasks": len(server.store),
                 "auth_required": bool(server.token_levels),
-                "authorized": self._authorized(),
+                "authorized": self._authorized(), "access": self.access(),
                 "version": __version__}
         trouble = server.db.trouble if server.db is not None else None
         if trouble:
@@ -3933,7 +3960,7 @@ class ProgressServer(ThreadingHTTPServer):
     notifier = None  # a Notifier (alerts), started and stopped with the server
 
     def __init__(self, address, store=None, tokens=(), allow_origins=(), db=None,
-                 handler=Handler, allow_hosts=()):
+                 handler=Handler, allow_hosts=(), read_tokens=(), ssl_context=None):
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -3945,6 +3972,13 @@ class ProgressServer(ThreadingHTTPServer):
         self.tokens = tokens
         # What each token may do, by its UTF-8 bytes (see Handler.access).
         self.token_levels = {t.encode("utf-8"): "write" for t in tokens}
+        read_tokens = [t.strip(" \t") for t in read_tokens]
+        if not all(read_tokens):
+            raise ValueError("an empty read token: give a real token")
+        self.read_tokens = read_tokens
+        for token in read_tokens:  # a token given as both keeps full access
+            self.token_levels.setdefault(token.encode("utf-8"), "read")
+        self.ssl_context = ssl_context  # server side: HTTPS and WSS (see _tls_accept)
         self.allow_origins = list(allow_origins)
         self.allow_hosts = {h.strip().lower().rstrip(".") for h in allow_hosts if h.strip()}
         self.db = db
@@ -3967,7 +4001,7 @@ class ProgressServer(ThreadingHTTPServer):
             host = "[%s]" % host
         elif host in ("0.0.0.0", ""):
             host = "127.0.0.1"
-        return "http://%s:%d" % (host, port)
+        return "%s://%s:%d" % ("https" if self.ssl_context else "http", host, port)
 
     def note_refused(self, address, reason, what):
         """Log a refused request at INFO, once a minute per address and reason."""
@@ -4073,6 +4107,109 @@ class ProgressServer(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    # TLS.  The accept loop only accepts; the handshake happens here, on the
+    # connection's own thread and within ``handshake_seconds`` however slowly
+    # the bytes come, so a peer that never says hello, or speaks plain HTTP to
+    # this port, costs one connection and never a stuck thread.
+
+    handshake_seconds = 10.0
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is None:
+            return super().finish_request(request, client_address)
+        tls = self._tls_accept(request, client_address)
+        if tls is None:
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            with self.ws_lock:
+                self.sockets.discard(tls)
+                self.idle.pop(tls, None)
+            self.shutdown_request(tls)
+
+    def _tls_accept(self, sock, client_address):
+        """The TLS socket after a finished handshake, or None (connection closed)."""
+        import ssl
+        with self.ws_lock:  # silent until the handshake ends: first to go when full
+            if sock not in self.sockets:
+                return None
+            self.idle[sock] = None
+        tls = None
+        deadline = time.monotonic() + self.handshake_seconds
+        try:
+            sock.settimeout(self.handshake_seconds)
+            first = sock.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None
+            if first != b"\x16":  # not a TLS handshake record
+                if first.isupper():
+                    self._answer_plain_http(sock)
+                self.note_refused(client_address[0], "plain HTTP to the HTTPS port",
+                                  "a connection")
+                return None
+            tls = self.ssl_context.wrap_socket(sock, server_side=True,
+                                               do_handshake_on_connect=False)
+            with self.ws_lock:  # the plain socket object is spent: track the TLS one
+                closing = self.idle.pop(sock, False) is False  # taken to make room
+                self.sockets.discard(sock)
+                if not closing:
+                    self.sockets.add(tls)
+                    self.idle[tls] = None
+            if closing:
+                tls.close()
+                return None
+            # One deadline for the whole handshake: the ssl module counts the
+            # socket's timeout from the start of do_handshake, not per recv.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("no TLS handshake within %g s" % self.handshake_seconds)
+            tls.settimeout(left)
+            tls.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            if isinstance(exc, ssl.SSLError):
+                reason = str(exc.reason or exc)
+                if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason:
+                    reason += ": the client does not trust this certificate (give it the " \
+                              "CA, e.g. with $PROGRESSISTA_CA_BUNDLE)"
+                self.note_refused(client_address[0], "TLS handshake failed (%s)" % reason,
+                                  "a connection")
+            else:
+                log.debug("TLS handshake with %s ended: %r", client_address[0], exc)
+            if tls is not None:
+                with self.ws_lock:
+                    self.sockets.discard(tls)
+                    self.idle.pop(tls, None)
+                tls.close()
+            return None
+        finally:
+            with self.ws_lock:
+                self.idle.pop(sock, None)
+        with self.ws_lock:
+            taken = self.idle.pop(tls, False) is False  # closed to make room meanwhile
+            if taken:
+                self.sockets.discard(tls)
+        if taken:
+            tls.close()
+            return None
+        return tls
+
+    @staticmethod
+    def _answer_plain_http(sock):
+        """Tell a plain HTTP client (curl http://...) to use https, then close."""
+        body = b'{"error":"this server speaks HTTPS: use an https:// URL"}'
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (len(body), body))
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 1.0  # read what it sent, so no RST eats the answer
+            while time.monotonic() < deadline and sock.recv(65536):
+                pass
+        except OSError:
+            pass
 
 
 def _metrics_text(server):
@@ -4183,14 +4320,69 @@ def _group_ratio(entry):
         return float("inf")
 
 
+class CertificateError(ValueError):
+    """The ``--certfile`` / ``--keyfile`` pair can't be used (the message says why)."""
+
+
+_tls_socket_class = []
+
+
+def _server_ssl_context(certfile, keyfile):
+    """The server side's TLS context, from a PEM certificate (chain) and its key."""
+    try:
+        import ssl
+    except ImportError:  # a Python built without OpenSSL
+        raise CertificateError("this Python has no ssl module: TLS is unavailable") from None
+    for option, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise CertificateError("cannot read %s %s: %s"
+                                   % (option, path, exc.strerror or exc)) from None
+    if not _tls_socket_class:
+        class _TLSSocket(ssl.SSLSocket):
+            """An SSL socket whose shutdown() another thread may call at any time.
+
+            ``SSLSocket.shutdown`` forgets its TLS state first, so a reader in
+            another thread may then fail with ValueError or read raw bytes;
+            here shutdown only ends the TCP stream, and the reader sees EOF.
+            """
+
+            def shutdown(self, how):
+                socket.socket.shutdown(self, how)
+
+        _tls_socket_class.append(_TLSSocket)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.sslsocket_class = _tls_socket_class[0]
+
+    def no_passphrase():
+        raise CertificateError("--keyfile %s is encrypted: give an unencrypted key (openssl "
+                               "req ... -noenc, or openssl pkey -in KEY -out PLAIN)" % keyfile)
+    try:
+        context.load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except ssl.SSLError as exc:
+        raise CertificateError(
+            "cannot use --certfile %s with --keyfile %s (%s): both must be PEM files, the "
+            "certificate first, then its unencrypted private key" % (certfile, keyfile, exc)
+        ) from None
+    return context
+
+
 def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0.0,
                 retention_seconds=86400.0, allow_origins=(), max_tasks=100000,
                 clock=time.time, allow_hosts=(), notify=(), notify_on=DEFAULT_NOTIFY_ON,
-                notify_window=10.0):
+                notify_window=10.0, read_tokens=(), certfile=None, keyfile=None):
     """Build a ready-to-start server (``.start()`` in the background, or ``serve``).
 
     ``notify`` is a list of webhook URLs (alerts); a bad one raises ValueError.
+    ``read_tokens`` may read everything and write nothing; ``certfile`` and
+    ``keyfile`` (PEM, both or neither) serve HTTPS and WSS.
     """
+    if bool(certfile) != bool(keyfile):
+        raise CertificateError("TLS needs both --certfile and --keyfile")
+    ssl_context = _server_ssl_context(certfile, keyfile) if certfile else None
     notifier = Notifier(notify, notify_on, notify_window) if notify else None
     store = TaskStore(stale_seconds, retention_seconds, max_tasks, clock)
     database = None
@@ -4201,7 +4393,8 @@ def make_server(host="127.0.0.1", port=8000, tokens=(), db=None, stale_seconds=0
         notifier.attach(store)  # after the restore: restored states raise no alert
     try:
         server = ProgressServer((host, port), store, tokens, allow_origins, database,
-                                allow_hosts=allow_hosts)
+                                allow_hosts=allow_hosts, read_tokens=read_tokens,
+                                ssl_context=ssl_context)
         server.notifier = notifier
         return server
     except BaseException:
@@ -4215,9 +4408,15 @@ def serve(host="127.0.0.1", port=8000, **options):
     import signal
     server = make_server(host, port, **options)
     sys.setswitchinterval(SERVER_SWITCH_INTERVAL)  # this process is the server's alone
-    if not _is_loopback(host) and not server.tokens:
+    if not _is_loopback(host) and not server.token_levels:
         log.warning("binding %s without a token: anyone who can reach this port can read "
                     "and write progress (use --token)", host)
+    if not _is_loopback(host) and server.token_levels and server.ssl_context is None:
+        log.warning("binding %s with tokens over plain HTTP: tokens travel in clear text "
+                    "(serve HTTPS with --certfile and --keyfile)", host)
+    if server.read_tokens and not server.tokens:
+        log.warning("only read-only tokens: nobody can send progress or delete tasks "
+                    "(give workers a --token)")
 
     def on_term(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -6609,6 +6808,22 @@ def _env_list(*names):
     return values
 
 
+def _read_tokens(parser, given):
+    """``--read-token`` values, else ``$PROGRESSISTA_READ_TOKENS``; an empty one
+    (an unset variable) is a usage error, as for ``--token``."""
+    if given is None:
+        text = os.environ.get("PROGRESSISTA_READ_TOKENS")
+        if text is None:
+            return []
+        given = text.split(",")
+        if len(given) > 1 and not given[-1].strip(" \t"):
+            given.pop()  # a trailing comma
+    if not all(t.strip(" \t") for t in given):
+        parser.error("an empty read-only token (--read-token or $PROGRESSISTA_READ_TOKENS; "
+                     "an unset variable?): give a real token, or none")
+    return [t.strip(" \t") for t in given]
+
+
 def _build_parser():
     import argparse
     env = os.environ.get
@@ -6639,6 +6854,13 @@ def _build_parser():
     p.add_argument("--allow-host", action="append", default=None,
                    help="a name this server may be reached by besides loopback ones, "
                         "repeatable ($PROGRESSISTA_ALLOW_HOSTS)")
+    p.add_argument("--read-token", action="append", default=None,
+                   help="a token that may read everything and change nothing, for sharing "
+                        "a view; repeatable ($PROGRESSISTA_READ_TOKENS, a comma list)")
+    p.add_argument("--certfile", default=env("PROGRESSISTA_CERTFILE"),
+                   help="PEM certificate (chain): serve HTTPS and WSS ($PROGRESSISTA_CERTFILE)")
+    p.add_argument("--keyfile", default=env("PROGRESSISTA_KEYFILE"),
+                   help="PEM private key of --certfile, unencrypted ($PROGRESSISTA_KEYFILE)")
     p.add_argument("--notify", action="append", default=None, metavar="URL",
                    help="webhook for alerts, repeatable: http(s)://, slack+https://, "
                         "discord+https://, ntfy+https://host/topic ($PROGRESSISTA_NOTIFY, "
@@ -6821,9 +7043,17 @@ def main(argv=None):
             parser.error("--token is empty (an unset variable?): give a real token, "
                          "or leave --token out for no authentication")
         hosts = args.allow_host or _env_list("PROGRESSISTA_ALLOW_HOSTS")
+        read_tokens = _read_tokens(parser, args.read_token)
+        if args.certfile == "" or args.keyfile == "":
+            parser.error("--certfile or --keyfile is empty (an unset variable?): give both "
+                         "PEM files, or neither for plain HTTP")
+        if bool(args.certfile) != bool(args.keyfile):
+            parser.error("TLS needs both --certfile and --keyfile ($PROGRESSISTA_CERTFILE, "
+                         "$PROGRESSISTA_KEYFILE)")
         origins = args.allow_origin or _env_list("PROGRESSISTA_ALLOW_ORIGINS")
         options = dict(
             tokens=tokens, db=args.db, allow_origins=origins, allow_hosts=hosts,
+            read_tokens=read_tokens, certfile=args.certfile, keyfile=args.keyfile,
             stale_seconds=_number(parser, "--stale-seconds", args.stale_seconds),
             retention_seconds=_number(parser, "--retention-seconds", args.retention_seconds),
             max_tasks=_number(parser, "--max-tasks", args.max_tasks, int, 1),
@@ -6836,6 +7066,9 @@ def main(argv=None):
         except DatabaseError as exc:
             print("progressista: error: %s" % exc, file=sys.stderr)
             return 1
+        except CertificateError as exc:
+            print("progressista: error: %s" % exc, file=sys.stderr)
+            return 2
         except OSError as exc:
             print("progressista: error: cannot listen on %s:%s: %s"
                   % (args.host, port, exc.strerror or exc), file=sys.stderr)

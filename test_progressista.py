@@ -4,6 +4,7 @@ Servers bind 127.0.0.1 on a free port and are stopped by the test that made
 them; the ``no_leaks`` fixture fails a test that leaves threads behind.
 """
 import base64
+import collections
 import http.client
 import io
 import json
@@ -1107,7 +1108,6 @@ def test_trange_pandas_auto_asyncio_under_install(server):
     expected = {"trange": 7, "auto": 8, "pandas": 9, "async": 6}
     for task_id, n in expected.items():
         assert got[task_id]["status"] == "close" and got[task_id]["n"] == n, got[task_id]
-
 
 
 # Ids and group sizes from the scheduler's environment (SPEC section 8).
@@ -2600,6 +2600,37 @@ def test_restored_tasks_respect_a_smaller_task_cap(tmp_path):
     finally:
         srv.stop()
 
+
+def test_db_full_disk_is_reported_then_writes_resume(tmp_path, caplog):
+    # issue 9 finding 9: with the disk full, POSTs answered 200 and /health said
+    # ok while nothing was saved, and a traceback was logged every 0.5 s.  A
+    # page cap makes SQLite fail exactly as a full disk does (SQLITE_FULL).
+    path = str(tmp_path / "full.db")
+    srv = progressista.make_server("127.0.0.1", 0, db=path).start()
+    db = srv.db
+    try:
+        with db.lock:
+            pages = db.conn.execute("PRAGMA page_count").fetchone()[0]
+            db.conn.execute("PRAGMA max_page_count=%d" % pages)
+        with caplog.at_level(logging.INFO, logger="progressista"):
+            assert post(srv, [{"task_id": "t%d" % i, "desc": "d" * 500}
+                              for i in range(300)])[0] == 200
+            wait_for(lambda: db.write_errors >= 4, timeout=15)
+            status, body, _ = request(srv.url + "/health")
+            assert status == 200 and body["status"] == "degraded"
+            assert "full" in body["reason"]
+            samples, _ = _samples(_metrics(srv.url))
+            assert samples["progressista_db_write_errors_total"][()] >= 4
+            failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(failures) == 1 and "full" in failures[0].getMessage()
+            assert not failures[0].exc_info  # one line, not a traceback
+            with db.lock:  # the disk has room again
+                db.conn.execute("PRAGMA max_page_count=1073741823")
+            wait_for(lambda: request(srv.url + "/health")[1]["status"] == "ok", timeout=15)
+        assert "works again" in caplog.text
+    finally:
+        srv.stop()
+    assert len(_rows(path)) == 300  # everything accepted meanwhile is saved
 
 
 # Groups (SPEC section 8) in the store.
@@ -4910,6 +4941,972 @@ def test_metrics_show_restored_tasks(tmp_path):
         srv.stop()
 
 
+# Access: read-only tokens, on every endpoint of the routing table.
+
+FULL, VIEW = "full-access-token", "view-only-token"
+ROLE_HEADERS = {"none": {}, "read": {"Authorization": "Bearer " + VIEW},
+                "write": {"Authorization": "Bearer " + FULL}}
+AS_WRITER = ROLE_HEADERS["write"]
+
+
+def _route_call(srv, route, headers, query=""):
+    """Call one route as the table declares it, with a harmless valid request."""
+    path = re.sub(r"\{\w+\}", "seed", route.pattern)
+    raw = None
+    if route.method == "POST":
+        raw = json.dumps({"task_id": "posted"}).encode()
+    elif route.method == "DELETE" and "{" not in route.pattern:
+        query = "status=close" + ("&" + query if query else "")
+    url = srv.url + path + ("?" + query if query else "")
+    return request(url, route.method, raw=raw, headers=headers)
+
+
+ROUTES = [r for r in progressista.Handler.routes]
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=["%s %s" % (r.method, r.pattern) for r in ROUTES])
+def test_each_role_on_each_endpoint(server_factory, route):
+    srv = server_factory(tokens=[FULL], read_tokens=[VIEW])
+    for role, headers in ROLE_HEADERS.items():
+        assert post(srv, {"task_id": "seed", "status": "close"}, headers=AS_WRITER)[0] == 200
+        status, body, hdrs = _route_call(srv, route, headers)
+        needed = route.access
+        if needed == "none" or role == "write" or (role == "read" and needed == "read"):
+            assert status not in (401, 403) and status < 500, (role, status, body)
+        elif role == "none":
+            assert_json_error(status, body, hdrs, 401)
+            assert hdrs["WWW-Authenticate"] == "Bearer"
+        else:  # a read-only token on a write endpoint
+            assert (status, body) == (403, {"error": "read-only token"}), (role, status, body)
+        if role != "write":  # refused or read: nothing changed
+            assert set(srv.store.select()) == {"seed"}, (role, srv.store.select())
+    # the token may come as ?token= as well, with the same rights
+    status, body, _ = _route_call(srv, route, {}, "token=" + VIEW)
+    if route.access == "write":
+        assert (status, body) == (403, {"error": "read-only token"})
+    else:
+        assert status not in (401, 403) and status < 500, (status, body)
+
+
+def test_every_route_declares_an_access_level():
+    levels = {(r.method, r.pattern): r.access for r in progressista.Handler.routes}
+    assert all(level in ("none", "read", "write") for level in levels.values())
+    # writes are writes, reads are reads, only the page and /health are open
+    for (method, pattern), level in levels.items():
+        if method in ("POST", "DELETE", "PUT", "PATCH"):
+            assert level == "write", (method, pattern)
+        elif pattern not in ("/", "/index.html", "/static/index.html", "/health"):
+            assert level == "read", (method, pattern)
+
+
+def test_health_says_the_callers_access(server_factory):
+    srv = server_factory(tokens=[FULL], read_tokens=[VIEW])
+    for role, headers in ROLE_HEADERS.items():
+        status, body, _ = request(srv.url + "/health", headers=headers)
+        assert status == 200 and body["access"] == role, (role, body)
+        assert body["auth_required"] is True and body["authorized"] is (role != "none")
+    assert request(srv.url + "/health?token=" + VIEW)[1]["access"] == "read"
+    assert request(srv.url + "/health?token=" + FULL)[1]["access"] == "write"
+    assert request(srv.url + "/health?token=wrong")[1]["access"] == "none"
+    open_server = server_factory()
+    body = request(open_server.url + "/health")[1]
+    assert body["access"] == "write" and body["auth_required"] is False
+
+
+def test_read_only_token_refusals_change_nothing(server_factory):
+    srv = server_factory(tokens=[FULL], read_tokens=[VIEW, "second-viewer"])
+    post(srv, [{"task_id": "a", "n": 1}, {"task_id": "b", "status": "close"}],
+         headers=AS_WRITER)
+    before = tasks(srv, headers=AS_WRITER)
+    for viewer in (VIEW, "second-viewer"):
+        auth = {"Authorization": "Bearer " + viewer}
+        for method, path, data in (("POST", "/progress", {"task_id": "c"}),
+                                   ("POST", "/progress", [{"task_id": "a", "n": 9}]),
+                                   ("DELETE", "/tasks/a", None),
+                                   ("DELETE", "/tasks?status=close", None)):
+            status, body, hdrs = request(srv.url + path, method, data, headers=auth)
+            assert (status, body) == (403, {"error": "read-only token"}), (method, path)
+            assert "json" in hdrs["Content-Type"]
+        assert tasks(srv, headers=auth) == before  # and it may read them all
+        assert request(srv.url + "/tasks/a", headers=auth)[1]["n"] == 1
+        assert request(srv.url + "/metrics", headers=auth)[0] == 200
+    assert tasks(srv, headers=AS_WRITER) == before
+
+
+def test_read_token_opens_the_websocket_and_the_page(server_factory, raw_ws):
+    srv = server_factory(tokens=[FULL], read_tokens=[VIEW])
+    post(srv, {"task_id": "x", "n": 1}, headers=AS_WRITER)
+    assert raw_ws(srv).status == 401
+    with ws_connect(srv, "/ws?token=" + VIEW) as ws:
+        first = json.loads(ws.recv(timeout=5))
+        assert first["type"] == "snapshot" and list(first["tasks"]) == ["x"]
+        post(srv, {"task_id": "x", "n": 2}, headers=AS_WRITER)
+        assert json.loads(ws.recv(timeout=5))["tasks"]["x"]["n"] == 2
+    status, page, _ = request(srv.url + "/?token=" + VIEW)
+    assert status == 200 and "<html" in page.lower()
+
+
+def test_only_read_tokens_means_nobody_writes(server_factory):
+    # A careful default: any token turns authentication on, and writing needs
+    # a full token; with none given (a read-only archive of a --db), nobody writes.
+    srv = server_factory(read_tokens=[VIEW])
+    assert request(srv.url + "/health")[1]["auth_required"] is True
+    assert_json_error(*request(srv.url + "/tasks"), 401)
+    assert_json_error(*post(srv, {"task_id": "a"}), 401)
+    assert post(srv, {"task_id": "a"}, headers=ROLE_HEADERS["read"])[0] == 403
+    assert tasks(srv, headers=ROLE_HEADERS["read"]) == {}
+
+
+def test_a_token_given_as_full_and_read_keeps_full_access(server_factory):
+    srv = server_factory(tokens=[FULL], read_tokens=[FULL, VIEW])
+    assert post(srv, {"task_id": "a"}, headers=AS_WRITER)[0] == 200
+    assert request(srv.url + "/health", headers=AS_WRITER)[1]["access"] == "write"
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "\t"])
+def test_an_empty_read_token_is_refused(bad):
+    with pytest.raises(ValueError, match="empty"):
+        progressista.make_server("127.0.0.1", 0, read_tokens=[VIEW, bad])
+
+
+# TLS: a certificate made here by openssl, with the README's own command.
+
+def _readme_openssl_commands():
+    """The ``openssl`` lines of the README's "Serving beyond one machine"."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Serving beyond one machine", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```(?:sh|bash|console)?\n(.*?)```", section, re.S):
+        joined = block.replace("\\\n", " ")
+        commands += [line.strip() for line in joined.splitlines()
+                     if line.strip().startswith("openssl ")]
+    return commands
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    """(certfile, keyfile) for localhost and 127.0.0.1, made as the README says."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the TLS tests make a certificate with openssl: apt-get install -y openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    commands = _readme_openssl_commands()
+    assert commands, "the README shows no openssl command"
+    for command in commands:
+        proc = subprocess.run(["bash", "-c", command], cwd=str(folder), capture_output=True,
+                              timeout=120)
+        assert proc.returncode == 0, (command, proc.stderr)
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    assert os.path.isfile(cert) and os.path.isfile(key)
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(server_factory, tls_cert):
+    def start(**options):
+        return server_factory(certfile=tls_cert[0], keyfile=tls_cert[1], **options)
+    return start
+
+
+def _client_context(cafile):
+    import ssl
+    return ssl.create_default_context(cafile=cafile)
+
+
+def https_request(url, cafile, method="GET", data=None, headers=None, timeout=10):
+    """One HTTPS request trusting ``cafile``; returns (status, parsed JSON or text)."""
+    body = None if data is None else json.dumps(data).encode()
+    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=_client_context(cafile)) as r:
+            status, text, ctype = r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        status, text, ctype = exc.code, exc.read(), exc.headers.get("Content-Type", "")
+    return status, (json.loads(text) if "json" in ctype else text.decode())
+
+
+def _client_hello():
+    """The first bytes a TLS client sends."""
+    import ssl
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_tls_https_post_and_get(tls_server, tls_cert):
+    srv = tls_server(tokens=[FULL], read_tokens=[VIEW])
+    assert srv.url.startswith("https://127.0.0.1:")
+    cafile = tls_cert[0]
+    assert https_request(srv.url + "/progress", cafile, "POST", {"task_id": "tls", "n": 3},
+                         headers=AS_WRITER) == (200, {"ok": True, "accepted": 1})
+    status, body = https_request(srv.url + "/tasks", cafile, headers=ROLE_HEADERS["read"])
+    assert status == 200 and body["tasks"]["tls"]["n"] == 3
+    assert https_request(srv.url + "/progress", cafile, "POST", {"task_id": "no"},
+                         headers=ROLE_HEADERS["read"]) == (403, {"error": "read-only token"})
+    assert https_request(srv.url + "/health?token=" + VIEW, cafile)[1]["access"] == "read"
+    status, page = https_request(srv.url + "/", cafile)
+    assert status == 200 and "<html" in page.lower()
+    # by name too (the certificate names localhost), on one kept-alive connection
+    conn = http.client.HTTPSConnection("localhost", port_of(srv), timeout=10,
+                                       context=_client_context(cafile))
+    try:
+        for n in range(3):
+            conn.request("POST", "/progress", json.dumps({"task_id": "tls", "n": n}),
+                         {"Authorization": "Bearer " + FULL})
+            response = conn.getresponse()
+            assert response.status == 200 and not response.will_close
+            response.read()
+    finally:
+        conn.close()
+    # a client that doesn't trust the certificate gets no answer at all
+    import ssl
+    with pytest.raises(urllib.error.URLError) as caught:
+        urllib.request.urlopen(srv.url + "/health", timeout=10)
+    assert isinstance(caught.value.reason, ssl.SSLCertVerificationError)
+
+
+def test_tls_wss_with_the_websockets_package(tls_server, tls_cert):
+    from websockets.sync.client import connect
+    srv = tls_server(tokens=[FULL], read_tokens=[VIEW])
+    https_request(srv.url + "/progress", tls_cert[0], "POST", {"task_id": "w", "n": 1},
+                  headers=AS_WRITER)
+    url = "wss://127.0.0.1:%d/ws?token=%s" % (port_of(srv), VIEW)
+    with connect(url, ssl=_client_context(tls_cert[0]), proxy=None, open_timeout=10,
+                 close_timeout=5) as ws:
+        first = json.loads(ws.recv(timeout=10))
+        assert first["type"] == "snapshot" and first["tasks"]["w"]["n"] == 1
+        https_request(srv.url + "/progress", tls_cert[0], "POST", {"task_id": "w", "n": 2},
+                      headers=AS_WRITER)
+        assert json.loads(ws.recv(timeout=10))["tasks"]["w"]["n"] == 2
+        ws.ping(b"tls").wait(5)
+        ws.close()
+        assert ws.close_code == 1000  # the server's close frame went out over TLS
+    wait_for(lambda: srv.ws_count == 0)
+
+
+def test_tls_twenty_silent_connections_do_not_delay_a_request(tls_server, tls_cert):
+    srv = tls_server()
+    srv.handshake_seconds = 120  # the silent ones would hold anything that waited on them
+    silent = [socket.create_connection(("127.0.0.1", port_of(srv)), timeout=5)
+              for _ in range(20)]
+    try:
+        wait_for(lambda: srv.open_connections >= 20)
+        status, body = https_request(srv.url + "/health", tls_cert[0], timeout=5)
+        assert status == 200 and body["status"] == "ok"
+        # and a half-sent hello is no worse than silence
+        half = socket.create_connection(("127.0.0.1", port_of(srv)), timeout=5)
+        silent.append(half)
+        half.sendall(_client_hello()[:20])
+        assert https_request(srv.url + "/health", tls_cert[0], timeout=5)[0] == 200
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_for(lambda: srv.open_connections == 0, timeout=10)
+
+
+def test_tls_plain_http_to_the_port_costs_one_connection(tls_server, tls_cert, caplog):
+    caplog.set_level(logging.INFO, logger="progressista")
+    srv = tls_server()
+    status, headers, body = raw_http(srv, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert status == 400 and headers["connection"] == "close"
+    assert "https://" in json.loads(body)["error"]
+    # bytes that are neither TLS nor HTTP: the connection just closes
+    with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=10) as sock:
+        sock.sendall(b"\x00\x01\x02 garbage\r\n\r\n")
+        assert sock.recv(100) == b""
+    wait_for(lambda: srv.open_connections == 0, timeout=10)
+    assert https_request(srv.url + "/health", tls_cert[0])[0] == 200
+    assert "plain HTTP to the HTTPS port" in caplog.text
+
+
+def test_tls_handshake_deadline_holds_however_slowly_the_hello_drips(tls_server):
+    srv = tls_server()
+    srv.handshake_seconds = 1.0
+    hello = _client_hello()
+    assert len(hello) > 100
+    with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=10) as sock:
+        closed_after = None
+        for i in range(60):  # a byte each 0.2 s, each well within the deadline
+            try:
+                sock.sendall(hello[i:i + 1])
+            except OSError:
+                closed_after = i
+                break
+            if select.select([sock], [], [], 0.2)[0]:
+                try:
+                    if sock.recv(100) == b"":
+                        closed_after = i
+                        break
+                except OSError:
+                    closed_after = i
+                    break
+        assert closed_after is not None, "the server kept a dripping handshake 12 s"
+    wait_for(lambda: srv.open_connections == 0, timeout=10)
+
+
+def test_tls_stop_ends_kept_alive_connections_and_dashboards(tls_cert):
+    from websockets.sync.client import connect
+    srv = progressista.make_server("127.0.0.1", 0, certfile=tls_cert[0],
+                                   keyfile=tls_cert[1]).start()
+    context = _client_context(tls_cert[0])
+    conn = http.client.HTTPSConnection("127.0.0.1", port_of(srv), timeout=10, context=context)
+    try:
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        with connect("wss://127.0.0.1:%d/ws" % port_of(srv), ssl=context, proxy=None,
+                     open_timeout=10, close_timeout=2) as ws:
+            ws.recv(timeout=10)
+            wait_for(lambda: srv.ws_count == 1 and srv.open_connections == 2)
+            srv.stop()  # no_leaks: no handler thread outlives it
+            srv = None
+            with pytest.raises(Exception):  # the dashboard was closed
+                ws.recv(timeout=10)
+    finally:
+        if srv is not None:
+            srv.stop()
+        conn.close()
+
+
+def test_tls_certificate_problems_are_clear(tmp_path, tls_cert):
+    missing = str(tmp_path / "nope.pem")
+    with pytest.raises(progressista.CertificateError, match="cannot read --certfile .*nope"):
+        progressista.make_server("127.0.0.1", 0, certfile=missing, keyfile=tls_cert[1])
+    with pytest.raises(progressista.CertificateError, match="both --certfile and --keyfile"):
+        progressista.make_server("127.0.0.1", 0, certfile=tls_cert[0])
+    with pytest.raises(progressista.CertificateError, match="PEM"):  # swapped
+        progressista.make_server("127.0.0.1", 0, certfile=tls_cert[1], keyfile=tls_cert[0])
+    encrypted = str(tmp_path / "encrypted.pem")
+    subprocess.run(["openssl", "pkey", "-in", tls_cert[1], "-out", encrypted, "-aes256",
+                    "-passout", "pass:hunter2"], check=True, capture_output=True)
+    with pytest.raises(progressista.CertificateError, match="encrypted"):
+        progressista.make_server("127.0.0.1", 0, certfile=tls_cert[0], keyfile=encrypted)
+
+
+def test_tls_client_reports_through_remote_tqdm_with_the_ca_bundle(tls_server, tls_cert):
+    srv = tls_server(tokens=[FULL])
+    code = """
+        for _ in RemoteTqdm(range(7), task_id="tls:job", desc="over https"):
+            pass
+    """
+    proc, _ = run_job(code, url=srv.url + "/progress",
+                      env={"PROGRESSISTA_CA_BUNDLE": tls_cert[0],
+                           "PROGRESSISTA_API_TOKEN": FULL})
+    ok(proc)
+    got = json.loads(srv.store.get_json("tls:job"))
+    assert (got["n"], got["status"], got["desc"]) == (7, "close", "over https")
+    # without the bundle the certificate is not trusted: nothing is sent, the job is fine
+    proc, _ = run_job(code.replace("tls:job", "tls:untrusted"), url=srv.url + "/progress",
+                      env={"PROGRESSISTA_API_TOKEN": FULL})
+    ok(proc)
+    assert srv.store.get_json("tls:untrusted") is None
+    assert b"Traceback" not in proc.stderr
+
+
+def test_no_token_in_a_debug_log(tls_server, tls_cert, caplog):
+    from websockets.sync.client import connect
+    caplog.set_level(logging.DEBUG, logger="progressista")
+    srv = tls_server(tokens=[FULL], read_tokens=[VIEW])
+    cafile = tls_cert[0]
+    for token in (FULL, VIEW, "wrong-token"):
+        https_request(srv.url + "/tasks?token=" + token, cafile)
+        https_request(srv.url + "/progress?token=" + token, cafile, "POST", {"task_id": "a"})
+        https_request(srv.url + "/tasks/a", cafile, "DELETE",
+                      headers={"Authorization": "Bearer " + token})
+        https_request(srv.url + "/nope?token=" + token, cafile)
+        https_request(srv.url + "/health?token=" + token, cafile)
+        raw_http(srv, b"GET /tasks?token=%s HTTP/1.1\r\n\r\n" % token.encode())
+    url = "wss://127.0.0.1:%d/ws?token=%s" % (port_of(srv), VIEW)
+    with connect(url, ssl=_client_context(cafile), proxy=None, open_timeout=10) as ws:
+        ws.recv(timeout=10)
+    with pytest.raises(Exception):  # an untrusting client: a failed handshake, logged
+        urllib.request.urlopen(srv.url + "/tasks?token=" + FULL, timeout=10)
+    wait_for(lambda: "TLS handshake failed" in caplog.text)
+    assert "/tasks" in caplog.text and "/ws" in caplog.text and "read-only token" in caplog.text
+    for token in (FULL, VIEW, "wrong-token"):
+        assert token not in caplog.text
+
+
+# Hardening (issue 9): each finding as the attack was made, through a socket.
+
+def exchange(srv, data, timeout=10, host="127.0.0.1"):
+    """Send raw bytes, half-close, and read everything the server sends until it hangs up."""
+    with socket.create_connection((host, port_of(srv)), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        answer = b""
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            answer += data
+    return answer
+
+
+def parse_responses(answer):
+    """Every response in ``answer``: [(status, headers, body)]; lengths must be exact."""
+    rfile, out = io.BytesIO(answer), []
+    while rfile.tell() < len(answer):
+        status, headers, body = read_response(rfile)
+        if "content-length" in headers:
+            assert len(body) == int(headers["content-length"]), (answer, headers)
+        elif headers.get("transfer-encoding") != "chunked":
+            body += rfile.read()
+        else:
+            break
+        out.append((status, headers, body))
+    return out
+
+
+def first_status(answer):
+    assert answer.startswith(b"HTTP/1.1 "), answer
+    return int(answer.split(b" ", 2)[1])
+
+
+def strict_json(data):
+    """JSON as a browser reads it: no NaN or Infinity."""
+    def refuse(name):
+        raise ValueError("not JSON: " + name)
+    return json.loads(data, parse_constant=refuse)
+
+
+def test_dns_rebinding_foreign_host_is_refused_everywhere(server, raw_ws):
+    # finding 1: a page at evil.example rebinds its name to 127.0.0.1
+    post(server, {"task_id": "victim", "n": 1})
+    port = port_of(server)
+    evil = b"Host: evil.example:%d\r\nOrigin: http://evil.example:%d\r\n" % (port, port)
+    for head, body in [(b"GET /tasks HTTP/1.1\r\n", b""),
+                       (b"GET /tasks/victim HTTP/1.1\r\n", b""),
+                       (b"GET /metrics HTTP/1.1\r\n", b""),
+                       (b"DELETE /tasks/victim HTTP/1.1\r\n", b""),
+                       (b"DELETE /tasks?status=active HTTP/1.1\r\n", b""),
+                       (b"POST /progress HTTP/1.1\r\nContent-Type: application/json\r\n",
+                        b'{"task_id": "forged"}')]:
+        answer = exchange(server, head + evil + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        status, headers, text = parse_responses(answer)[0]
+        assert status == 403, answer
+        assert "allow-host" in json.loads(text)["error"]
+    ws = raw_ws(server, headers={"Host": "evil.example:%d" % port,
+                                 "Origin": "http://evil.example:%d" % port})
+    assert ws.status == 403 and server.ws_count == 0
+    # absolute-form carries the host too (RFC 9112 3.2.2)
+    answer = exchange(server, b"GET http://evil.example:%d/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"\r\n" % port)
+    assert first_status(answer) == 403
+    assert set(tasks(server)) == {"victim"} and tasks(server)["victim"]["n"] == 1
+    # every loopback name is fine, with any port
+    for host in (b"localhost", b"localhost:%d" % port, b"127.0.0.1", b"127.3.4.5:1",
+                 b"[::1]:%d" % port, b"app.localhost:%d" % port, b"LOCALHOST"):
+        answer = exchange(server, b"GET /tasks HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert first_status(answer) == 200, host
+    for host in (b"localhost.evil.example", b"127.0.0.1.nip.io", b"[::2]", b"", b"a b",
+                 b"127.0.0.1:80:80"):
+        answer = exchange(server, b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert first_status(answer) in (400, 403), host
+
+
+def test_allow_host_admits_a_name(server_factory, raw_ws):
+    srv = server_factory(allow_hosts=["dash.example"])
+    port = port_of(srv)
+    answer = exchange(srv, b"POST /progress HTTP/1.1\r\nHost: Dash.Example:%d\r\nOrigin: "
+                           b"http://dash.example:%d\r\nContent-Length: 15\r\n\r\n"
+                           b'{"task_id":"a"}' % (port, port))
+    assert first_status(answer) == 200
+    ws = raw_ws(srv, headers={"Host": "dash.example", "Origin": "http://dash.example"})
+    assert ws.status == 101 and ws.recv_json()["tasks"]["a"]
+    answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    assert first_status(answer) == 403
+
+
+def test_cli_allow_host_option_and_env(tmp_path):
+    for args, env in ((("--allow-host", "dash.example"), None),
+                      ((), {"PROGRESSISTA_ALLOW_HOSTS": "x.example, dash.example"})):
+        proc, url = start_cli_server(*args, env=env)
+        try:
+            port = int(url.rsplit(":", 1)[1])
+            srv = type("S", (), {"server_address": ("127.0.0.1", port)})
+            answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: dash.example:1\r\n\r\n")
+            assert first_status(answer) == 200
+            answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+            assert first_status(answer) == 403
+        finally:
+            _stop(proc)
+
+
+def test_malformed_origin_is_answered_not_dropped(server, raw_ws):
+    # finding 2: urlsplit("http://[") raised, and the connection was dropped
+    answer = exchange(server, b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://[\r\n"
+                              b"Content-Length: 15\r\n\r\n{\"task_id\":\"a\"}")
+    assert first_status(answer) == 403
+    ws = raw_ws(server, headers={"Origin": "http://["})
+    assert ws.status == 403 and json.loads(ws.body)["error"]
+    assert tasks(server) == {}
+
+
+def test_any_exception_becomes_a_json_500_and_one_error_line(server, caplog, monkeypatch):
+    # finding 2: whatever breaks inside an endpoint, the client gets an answer
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in select")
+    monkeypatch.setattr(server.store, "select", broken)
+    with caplog.at_level(logging.DEBUG, logger="progressista"):
+        answer = exchange(server, b"GET /tasks?token=s3cret HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                                  b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    (status, headers, body), = parse_responses(answer)  # and the connection closed
+    assert status == 500 and headers["connection"] == "close"
+    assert "error" in json.loads(body)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info and "GET /tasks" in errors[0].getMessage()
+    assert "boom in select" in caplog.text and "s3cret" not in caplog.text
+    assert request(server.url + "/health")[0] == 200
+    # an OSError that is not the connection's own (a file, say) is a 500 too
+    monkeypatch.setattr(server.store, "get_json", lambda task_id: open("/nonexistent/x"))
+    answer = exchange(server, b"GET /tasks/a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert first_status(answer) == 500
+
+
+def _nested_meta(depth):
+    return b'{"task_id": "deep", "meta": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+
+
+@pytest.mark.parametrize("depth", [33, 981, 982])
+def test_deeply_nested_meta_is_refused_and_reads_keep_working(server, depth):
+    # finding 3: 981 levels were stored and broke GET /tasks for everyone; 982
+    # dropped the POST itself (and the client retried it forever)
+    body = _nested_meta(depth)
+    answer = exchange(server, b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert first_status(answer) == 400, answer[:200]
+    assert tasks(server) == {}
+    body = _nested_meta(32)
+    assert request(server.url + "/progress", "POST", raw=body)[0] == 200
+    assert request(server.url + "/tasks")[0] == 200
+    assert request(server.url + "/metrics")[0] == 200
+
+
+@pytest.mark.parametrize("body", [
+    b'{"task_id": "\\udc80x"}',
+    b'{"task_id": "ok", "desc": "\\ud800"}',
+    b'{"task_id": "ok", "meta": {"\\udfff": 1}}',
+    b'{"task_id": "ok", "meta": {"k": ["\\ud83d"]}}',
+    b'[{"task_id": "ok"}, {"task_id": "x", "unit": "\\udc80"}]',
+    b'{"task_id": "ok", "\\udc80": 1}',
+    b'{"task_id": "ok", "meta": {"big": 1e999}}',
+    b'{"task_id": "ok", "meta": {"big": -1e400}}',
+])
+def test_lone_surrogates_and_infinities_are_refused(server, body):
+    # finding 3: "\udc80x" (what os.listdir gives for a non-UTF-8 name) was
+    # stored and then cut /metrics off for every scraper
+    answer = exchange(server, b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert first_status(answer) == 400
+    assert tasks(server) == {}
+    status, text, _ = request(server.url + "/metrics")
+    assert status == 200
+    # a surrogate pair is a real character, and stays one everywhere
+    assert post(server, {"task_id": "emoji-\U0001F600", "meta": {"k": "\U0001F600"}})[0] == 200
+    status, text, _ = request(server.url + "/metrics")
+    assert status == 200 and "emoji-\U0001F600" in text
+    assert strict_json(exchange(server, b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                       .split(b"\r\n\r\n", 1)[1])["tasks"]["emoji-\U0001F600"]
+
+
+def test_task_ids_in_paths_are_strictly_percent_decoded(server):
+    # finding 3: %ED%B2%80 (a UTF-8-encoded surrogate) decoded to U+FFFD, so it
+    # named another task; ids are UTF-8, strictly
+    post(server, [{"task_id": "\ufffd"}, {"task_id": "a+b"}, {"task_id": "\u00e9t\u00e9"}])
+    for method in (b"GET", b"DELETE"):
+        for bad in (b"%ED%B2%80", b"%FF", b"%zz", b"50%", b"%C3"):
+            answer = exchange(server, method + b" /tasks/" + bad + b" HTTP/1.1\r\n"
+                                                                    b"Host: 127.0.0.1\r\n\r\n")
+            assert first_status(answer) == 400, (method, bad)
+    assert set(tasks(server)) == {"\ufffd", "a+b", "\u00e9t\u00e9"}
+    for good, task_id in ((b"%EF%BF%BD", "\ufffd"), (b"a+b", "a+b"), (b"a%2Bb", "a+b"),
+                          (b"%C3%A9t%C3%A9", "\u00e9t\u00e9")):
+        answer = exchange(server, b"GET /tasks/" + good + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert json.loads(parse_responses(answer)[0][2])["task_id"] == task_id
+    answer = exchange(server, b"DELETE /tasks/%EF%BF%BD HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert json.loads(parse_responses(answer)[0][2]) == {"removed": True}
+
+
+def test_drip_inside_one_line_still_gets_408(server, monkeypatch):
+    # finding 4: the head deadline was checked between lines only
+    monkeypatch.setattr(progressista.Handler, "request_seconds", 0.5)
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        sock.sendall(b"GET /tasks HTTP/1.1\r\nX-Drip: ")
+        answer = b""
+        for i in range(100):  # a byte every 0.1 s, the line never ends
+            try:
+                sock.sendall(b"a")
+            except OSError:
+                break
+            readable, _, _ = select.select([sock], [], [], 0.1)
+            if readable:
+                answer = sock.recv(1000)
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_connections_waiting_for_their_head_count_as_idle(server):
+    # finding 4: three dripping sockets with a cap of three made a real client get 503
+    server.max_connections = 3
+    drips = []
+    try:
+        for i in range(3):
+            sock = socket.create_connection(("127.0.0.1", port_of(server)), timeout=5)
+            sock.sendall(b"GET /tasks HTTP/1.1\r\nX-Drip: aaaa")
+            drips.append(sock)
+        wait_for(lambda: len(server.idle) == 3)
+        status, body, _ = post(server, {"task_id": "real"}, timeout=10)
+        assert status == 200, body
+        closed, _, _ = select.select(drips, [], [], 5)  # one waiting connection made room
+        assert len(closed) == 1 and closed[0].recv(100) == b""
+    finally:
+        for sock in drips:
+            sock.close()
+
+
+def test_full_server_503_declares_its_exact_length(server):
+    # finding 5: Content-Length: 33 for a 32-byte body
+    server.max_connections = 1
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as busy:
+        busy.sendall(b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n"
+                     b"\r\n{")
+        wait_for(lambda: server.open_connections == 1 and not server.idle)
+        answer = exchange(server, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503")
+    assert int(re.search(rb"Content-Length: (\d+)", head).group(1)) == len(body)
+    assert json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("head,status", [
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length : 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\n Host: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: 1\r\n  folded\r\n"
+     b"Content-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n"
+     b"Content-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15, 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\nContent-Length: 15\r\n",
+     400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\rb\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n"
+     b"Content-Length: 15\r\n", 501),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+     b"Content-Length: 15\r\n", 400),
+    (b"POST  /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1 \r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /pro\x01gress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progr\xc3\xa9s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/1.1\r\nContent-Length: 15\r\n", 400),
+    (b"POST /progress HTTP/2.0\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n", 505),
+    (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: 1\r\nContent-Length: 15\r\n",
+     400),
+])
+def test_strict_request_parsing(server, head, status):
+    # finding 6: RFC 9112 section 5.1 and friends; the connection closes after
+    answer = exchange(server, head + b'\r\n{"task_id":"x"}GET /health HTTP/1.1\r\n'
+                                     b'Host: 127.0.0.1\r\n\r\n')
+    responses = parse_responses(answer)
+    assert [r[0] for r in responses] == [status], answer
+    assert json.loads(responses[0][2])["error"]
+    assert responses[0][1]["connection"] == "close"
+    assert tasks(server) == {}
+
+
+def test_absolute_form_targets_are_routed_by_their_path(server):
+    # finding 6: POST http://host/progress got 404
+    port = port_of(server)
+    answer = exchange(server, b"POST http://127.0.0.1:%d/progress HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Length: 15\r\n\r\n{\"task_id\":\"x\"}" % port)
+    assert first_status(answer) == 200
+    answer = exchange(server, b"GET HTTP://localhost/tasks/x?pretty=1 HTTP/1.1\r\n"
+                              b"Host: 127.0.0.1\r\n\r\n")
+    assert json.loads(parse_responses(answer)[0][2])["task_id"] == "x"
+
+
+def test_lenient_but_valid_forms_still_work(server):
+    # bare LF line ends, an empty line before the request, tabs around values
+    answer = exchange(server, b"\r\nGET /health HTTP/1.1\nHost:\t127.0.0.1 \t\n\n")
+    assert first_status(answer) == 200
+    answer = exchange(server, b"GET /health HTTP/1.0\r\n\r\n")  # 1.0 needs no Host
+    assert first_status(answer) == 200
+
+
+def test_empty_token_is_a_usage_error_and_never_turns_auth_off():
+    # finding 10: --token "" (an unset variable) silently meant no auth
+    proc = subprocess.run([sys.executable, SCRIPT, "serve", "--port", "0", "--token", ""],
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 2 and b"--token" in proc.stderr
+    with pytest.raises(ValueError):
+        progressista.make_server("127.0.0.1", 0, tokens=["ok", " "])
+
+
+def test_tokens_are_compared_as_utf8_bytes_however_they_arrive(server_factory, raw_ws):
+    # finding 10: spaces at a token's ends never matched through the header; a
+    # UTF-8 token was decoded as latin-1
+    srv = server_factory(tokens=[" padded ", "jeton-\u00e9t\u00e9"])
+    for auth in (b"Bearer  padded ", b"Bearer padded", b"bearer \tpadded",
+                 "Bearer jeton-\u00e9t\u00e9".encode("utf-8")):
+        answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                               + auth + b"\r\n\r\n")
+        assert first_status(answer) == 200, auth
+    for query in (b"?token=padded", b"?token=%20padded%20", b"?token=jeton-%C3%A9t%C3%A9"):
+        answer = exchange(srv, b"GET /tasks" + query + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert first_status(answer) == 200, query
+    for auth in ("Bearer jeton-\u00e9t\u00e9".encode("latin-1"), b"Bearer jeton-",
+                 b"Bearer pad ded"):
+        answer = exchange(srv, b"GET /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                               + auth + b"\r\n\r\n")
+        assert first_status(answer) == 401, auth
+    assert raw_ws(srv, path="/ws?token=jeton-%C3%A9t%C3%A9").status == 101
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({"Upgrade": "notwebsocket"}, 426),
+    ({"Upgrade": "websocketx"}, 426),
+    ({"Connection": "notupgrade"}, 400),
+    ({"Connection": "upgrades"}, 400),
+    ({"Upgrade": "h2c, WebSocket", "Connection": "keep-alive, Upgrade"}, 101),
+])
+def test_ws_handshake_matches_tokens_not_substrings(server, raw_ws, headers, status):
+    # finding 10: Upgrade and Connection were matched as substrings
+    ws = raw_ws(server, headers=headers)
+    assert ws.status == status
+    if status == 101:
+        assert ws.recv_json()["type"] == "snapshot"
+    else:
+        assert server.ws_count == 0
+
+
+def test_at_most_max_dashboards_at_once(server, raw_ws):
+    server.max_dashboards = 2
+    first, second = raw_ws(server), raw_ws(server)
+    assert first.status == second.status == 101
+    third = raw_ws(server)
+    assert third.status == 503 and "dashboards" in json.loads(third.body)["error"]
+    first.sock.shutdown(socket.SHUT_RDWR)  # the dashboard goes away
+    wait_for(lambda: server.ws_count == 1)
+    again = raw_ws(server)
+    assert again.status == 101 and again.recv_json()["type"] == "snapshot"
+
+
+class _LockCheckedDict(dict):
+    """A dict that records every change made while ``lock`` is not held."""
+
+    def __init__(self, lock):
+        super().__init__()
+        self.lock, self.unlocked = lock, []
+
+    def _check(self, what):
+        if not self.lock.locked():
+            self.unlocked.append(what)
+
+    def __setitem__(self, key, value):
+        self._check("set")
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._check("del")
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self._check("pop")
+        return super().pop(*args)
+
+
+def test_idle_map_is_only_changed_under_its_lock(server):
+    # finding 11: a KeyError, or the eviction of a connection that just began a request
+    server.idle = checked = _LockCheckedDict(server.ws_lock)
+    server.max_connections = 4
+    errors = []
+
+    def client():
+        try:
+            for _ in range(20):
+                conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=10)
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                conn.close()
+        except (OSError, http.client.HTTPException) as exc:  # evicted, or 503: allowed here
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not checked.unlocked, checked.unlocked[:5]
+
+
+def test_refused_requests_are_logged_once_a_minute_per_client_and_reason(server_factory,
+                                                                         caplog):
+    # issue 11: the person running serve sees a token mismatch too
+    srv = server_factory(tokens=["s3cret"])
+    with caplog.at_level(logging.INFO, logger="progressista"):
+        for _ in range(5):
+            request(srv.url + "/tasks?token=wrong-s3cret")
+            post(srv, {"task_id": "x"}, headers={"Authorization": "Bearer s3cretX"})
+        for _ in range(3):
+            exchange(srv, b"GET /tasks?token=s3cret HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+        request(srv.url + "/tasks")  # no token at all: another reason
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert all(r.levelno == logging.INFO for r in caplog.records if "refused" in r.getMessage())
+    assert "127.0.0.1" in lines[0] and "token not accepted" in lines[0]
+    assert "GET /tasks" in lines[0]
+    assert "Host" in lines[1] and "evil.example" in lines[1]
+    assert "no token sent" in lines[2]
+    assert "s3cret" not in caplog.text
+
+
+# The fuzz test: seeded, so a failure can be replayed with its seed.
+
+FUZZ_SEED = int(os.environ.get("PROGRESSISTA_FUZZ_SEED", "20261207"))
+
+_FUZZ_BASES = [
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /tasks?status=active,close HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /tasks/fz%3A1 HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n",
+    b"DELETE /tasks?status=close&older_than=5 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n",
+    b"OPTIONS /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://ok.example\r\n\r\n",
+    b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 96\r\n\r\n"
+    b'[{"task_id":"fz:1","n":3,"total":9,"meta":{"a":[1,{"b":null}]}},{"task_id":"fz:2","status":"close"}]',
+    b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 61\r\n\r\n"
+    b'{"task_id":"fz:\\u00e9","desc":"d","unit":"it","error":"E: x"}',
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+]
+_FUZZ_PIECES = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"%", b"%ED%B2%80", b"\\ud800",
+                b"{", b"[", b"]", b"}", b'"', b"Content-Length: 5\r\n", b"Transfer-Encoding: x\r\n",
+                b"Host: evil.example\r\n", b"Origin: http://[\r\n", b"HTTP/1.1", b"/tasks/",
+                b"\xff", b"\xc3\xa9", b"1e999", b"99999999999999999999", b"?token=", b"//",
+                b"http://", b"Expect: 100-continue\r\n", b"Connection: close\r\n"]
+
+
+def _mutate(rng, data):
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        roll, at = rng.random(), rng.randint(0, len(data))
+        if roll < 0.3 and data:
+            data[min(at, len(data) - 1)] = rng.randrange(256)
+        elif roll < 0.55:
+            data[at:at] = rng.choice(_FUZZ_PIECES)
+        elif roll < 0.7:
+            del data[at:at + rng.randint(1, 8)]
+        elif roll < 0.8:
+            data = data[:at]
+        elif roll < 0.9:
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+        else:
+            data += rng.choice(_FUZZ_BASES)  # pipelined
+    return bytes(data)
+
+
+def _fuzz_frames(rng):
+    frames = []
+    for _ in range(rng.randint(1, 6)):
+        roll = rng.random()
+        if roll < 0.5:
+            payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 5, 125, 126, 300])))
+            opcode = rng.choice([0x0, 0x1, 0x2, 0x3, 0x8, 0x9, 0xA, 0xB, 0xF])
+            frames.append(progressista.encode_frame(
+                payload, opcode, rng.random() < 0.7, MASK if rng.random() < 0.9 else None))
+        else:
+            frames.append(bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))))
+    return b"".join(frames)
+
+
+def _fuzz_value(rng, depth=0):
+    roll = rng.random()
+    if roll < 0.2 and depth < 40:
+        return {_fuzz_string(rng): _fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+    if roll < 0.3 and depth < 40:
+        return [_fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if roll < 0.55:
+        return _fuzz_string(rng)
+    return rng.choice([None, True, 0, -1, 7, 2 ** 70, 1.5, 1e308, -0.0, "1e999"])
+
+
+def _fuzz_string(rng):
+    return "".join(rng.choice(["a", ":", "/", "%", " ", "\u00e9", "\U0001F600", "\ud800",
+                               "\udc80", "\x00", "\n", '"', "\\"])
+                   for _ in range(rng.randint(0, 6)))
+
+
+def _fuzz_update_request(rng):
+    """A well-formed POST of updates whose fields hold anything at all."""
+    fields = ["task_id", "n", "total", "desc", "unit", "status", "meta", "error", "rate",
+              "elapsed", "timestamp", "host", "pid", "postfix", "other"]
+    updates = []
+    for _ in range(rng.randint(1, 3)):
+        update = {"task_id": "fz:%s" % _fuzz_string(rng)} if rng.random() < 0.8 else {}
+        for name in rng.sample(fields, rng.randint(0, 5)):
+            update[name] = _fuzz_value(rng)
+        if rng.random() < 0.2:
+            update["meta"] = {"deep": json.loads("[" * 40 + "]" * 40)}
+        updates.append(update)
+    text = json.dumps(updates if len(updates) > 1 else updates[0])
+    if rng.random() < 0.5:  # a number that parses to infinity
+        text = text.replace('"1e999"', "1e999")
+    body = text.encode()
+    return (b"POST /progress HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+def _check_alive(srv):
+    status, body, _ = request(srv.url + "/health", timeout=10)
+    assert status == 200 and body["status"] == "ok"
+    status, body, _ = request(srv.url + "/tasks", timeout=10)
+    assert status == 200 and isinstance(body["tasks"], dict)
+    strict_json(json.dumps(body))
+    status, text, _ = request(srv.url + "/metrics", timeout=10)
+    assert status == 200 and "progressista_tasks" in text
+    ws = RawWS(srv, timeout=10)
+    try:
+        assert ws.status == 101
+        assert ws.recv_json()["type"] == "snapshot"
+    finally:
+        ws.close()
+
+
+def test_fuzz_requests_and_frames_never_break_the_server(server_factory, caplog):
+    import random
+    rng = random.Random(FUZZ_SEED)
+    srv = server_factory(allow_origins=["http://ok.example"])
+    statuses = collections.Counter()
+    with caplog.at_level(logging.WARNING, logger="progressista"):
+        for batch in range(30):
+            for _ in range(100):
+                roll = rng.random()
+                if roll < 0.6:
+                    data = _mutate(rng, rng.choice(_FUZZ_BASES))
+                elif roll < 0.85:
+                    data = _fuzz_update_request(rng)
+                else:
+                    data = _FUZZ_BASES[-1] + _fuzz_frames(rng)
+                answer = exchange(srv, data, timeout=15)
+                for match in re.finditer(rb"HTTP/1\.1 (\d{3}) ", answer):
+                    statuses[int(match.group(1))] += 1
+            _check_alive(srv)
+    print("fuzz statuses (seed %d): %s" % (FUZZ_SEED, sorted(statuses.items())))
+    assert statuses[500] == 0, "the server failed on a request (seed %d)" % FUZZ_SEED
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-3000:]
+    assert statuses[200] > 100 and statuses[400] > 100 and statuses[101] > 10, statuses
+
 
 # GET /groups and the group metrics (SPEC section 8).
 
@@ -6234,6 +7231,84 @@ class TestDashboard:
             assert int.from_bytes(head[16:20], "big") == width
 
 
+    # a read-only link, and the page over HTTPS
+
+    CONTROLS_JS = """() => {
+      const shown = (e) => !!e && e.getClientRects().length > 0;
+      return {
+        read_only: document.body.classList.contains('read-only'),
+        discard: [...document.querySelectorAll('article.card .discard')].filter(shown).length,
+        cards: document.querySelectorAll('article.card').length,
+        clear_close: shown(document.getElementById('btn-clear-close')),
+        clear_stale: shown(document.getElementById('btn-clear-stale')),
+        filter: shown(document.getElementById('filter')),
+      };
+    }"""
+
+    def test_read_only_link_hides_the_controls_and_leaves_the_address(self, server_factory,
+                                                                       open_tab, tmp_path):
+        out = DOCS if os.environ.get("PROGRESSISTA_SCREENSHOTS") == "docs" else str(tmp_path)
+        clock = FakeClock(time.time() - 900)
+        srv = server_factory(stale_seconds=120, clock=clock, tokens=[FULL], read_tokens=[VIEW])
+        levels, srv.token_levels = srv.token_levels, {}  # populate_demo posts without a token
+        try:
+            populate_demo(srv, clock)
+        finally:
+            srv.token_levels = levels
+        tab = open_tab(srv.url + "/?token=" + VIEW + "&keep=1#top")
+        wait_for(lambda: all(v["count"] != "0" for v in tab.sections().values()))
+        # the token left the address bar; the rest of the address stayed
+        assert tab.page.url == srv.url + "/?keep=1#top"
+        assert tab.js("() => location.href").find(VIEW) == -1
+        controls = tab.js(self.CONTROLS_JS)
+        assert controls["read_only"] and controls["cards"] > 5, controls
+        assert controls["discard"] == 0 and not controls["clear_close"] \
+            and not controls["clear_stale"] and controls["filter"], controls
+        # live: an update from a worker shows up, and a reconnect keeps the token
+        post(srv, {"task_id": "scrape-prices", "n": 5000}, headers=AS_WRITER)
+        tab.wait_card("scrape-prices", progress="5,000 item")
+        srv.close_connections()  # drops the dashboard: the tab must reconnect by itself
+        wait_for(lambda: srv.ws_count == 0)
+        tab.wait_conn("live", timeout=15)
+        post(srv, {"task_id": "scrape-prices", "n": 5100}, headers=AS_WRITER)
+        tab.wait_card("scrape-prices", progress="5,100 item")
+        assert tab.js(self.CONTROLS_JS)["read_only"]
+        tab.page.wait_for_timeout(600)  # bar transitions end
+        png = tab.page.screenshot(full_page=True)
+        with open(os.path.join(out, "dashboard-read-only.png"), "wb") as f:
+            f.write(png)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert tab.errors == [] and tab.csp_violations() == []
+        # the same page with the full token keeps its controls (and cleans the address too)
+        full = open_tab(srv.url + "/?token=" + FULL)
+        wait_for(lambda: all(v["count"] != "0" for v in full.sections().values()))
+        assert full.page.url == srv.url + "/"
+        controls = full.js(self.CONTROLS_JS)
+        assert not controls["read_only"] and controls["discard"] > 5, controls
+        assert controls["clear_close"] and controls["clear_stale"], controls
+
+    def test_page_over_https_goes_live_through_wss(self, server_factory, open_tab, tls_cert):
+        srv = server_factory(certfile=tls_cert[0], keyfile=tls_cert[1], tokens=[FULL],
+                             read_tokens=[VIEW])
+        https_request(srv.url + "/progress", tls_cert[0], "POST",
+                      {"task_id": "secure", "n": 1, "total": 4}, headers=AS_WRITER)
+        tab = open_tab(srv.url + "/?token=" + VIEW, ignore_https_errors=True)
+        assert tab.page.url == srv.url + "/"
+        tab.wait_card("secure", percent="25%")
+        https_request(srv.url + "/progress", tls_cert[0], "POST",
+                      {"task_id": "secure", "n": 3}, headers=AS_WRITER)
+        tab.wait_card("secure", percent="75%")
+        assert tab.js(self.CONTROLS_JS)["read_only"]
+        assert tab.errors == [] and tab.csp_violations() == []
+        # with the full token, Discard works over HTTPS (the Origin check sees https://)
+        full = open_tab(srv.url + "/?token=" + FULL, ignore_https_errors=True)
+        full.wait_card("secure", percent="75%")
+        full.page.click('article.card[data-task-id="secure"] .discard')
+        full.wait_gone("secure")
+        wait_for(lambda: srv.store.get_json("secure") is None)
+        assert full.errors == []
+
+
 def populate_demo(srv, clock):
     """A realistic mix of tasks in every section, for the screenshots."""
     end = clock.now + 900
@@ -6287,7 +7362,6 @@ def populate_demo(srv, clock):
     clock.now = end
     wait_for(lambda: {t["status"] for t in tasks(srv).values()}
              == {"active", "stale", "error", "close"})
-
 
 
 JOB_JS = """(prefix) => [...document.querySelectorAll('.group')]
@@ -6730,6 +7804,153 @@ def test_version_and_help():
 def test_no_command_is_a_usage_error():
     proc, _ = run_cli()
     assert proc.returncode == 2 and b"usage" in proc.stderr
+
+
+# Access and TLS from the command line.
+
+def _serve_cli(*args, env=None):
+    """``serve --port 0 ARGS`` with a clean environment; (proc, url, lines so far)."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=_clean_env(env, PYTHONUNBUFFERED="1"))
+    lines = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().decode()
+        lines.append(line)
+        match = re.search(r"(https?)://(127\.0\.0\.1):(\d+)/ ", line)
+        if match:
+            return proc, "%s://%s:%s" % match.groups(), lines
+        if not line:
+            break
+    proc.kill()
+    proc.communicate()
+    raise AssertionError("server did not start: %r" % lines)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--read-token", ""], {}, "empty read-only token"),
+    (["--read-token", "ok", "--read-token", " "], {}, "empty read-only token"),
+    ([], {"PROGRESSISTA_READ_TOKENS": ""}, "empty read-only token"),
+    ([], {"PROGRESSISTA_READ_TOKENS": "a,,b"}, "empty read-only token"),
+    (["--certfile", "cert.pem"], {}, "both --certfile and --keyfile"),
+    ([], {"PROGRESSISTA_KEYFILE": "key.pem"}, "both --certfile and --keyfile"),
+    (["--certfile", "", "--keyfile", "key.pem"], {}, "is empty"),
+    ([], {"PROGRESSISTA_CERTFILE": "/nonexistent/cert.pem", "PROGRESSISTA_KEYFILE": "k.pem"},
+     "cannot read --certfile /nonexistent/cert.pem: No such file"),
+])
+def test_cli_access_and_tls_usage_errors(args, env, message):
+    proc, _ = run_cli("serve", "--port", "0", *args, env=env, timeout=30)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message.encode() in proc.stderr, proc.stderr
+    assert b"Traceback" not in proc.stderr
+
+
+def test_cli_bad_certificate_files_are_clear_errors(tmp_path, tls_cert):
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    unreadable = tmp_path / "secret.pem"
+    shutil.copy(tls_cert[1], str(unreadable))
+    os.chmod(str(unreadable), 0)
+    cases = [((str(not_pem), tls_cert[1]), "cannot use --certfile %s" % not_pem)]
+    if os.geteuid() != 0:  # root reads any file
+        cases.append(((tls_cert[0], str(unreadable)), "cannot read --keyfile"))
+    for (cert, key), message in cases:
+        proc, _ = run_cli("serve", "--port", "0", "--certfile", cert, "--keyfile", key,
+                          timeout=30)
+        assert proc.returncode == 2 and message.encode() in proc.stderr, proc.stderr
+        assert b"Traceback" not in proc.stderr
+
+
+def test_cli_tls_serves_https_and_prints_an_https_url(tls_cert):
+    proc, url, lines = _serve_cli(env={"PROGRESSISTA_CERTFILE": tls_cert[0],
+                                       "PROGRESSISTA_KEYFILE": tls_cert[1],
+                                       "PROGRESSISTA_API_TOKEN": FULL,
+                                       "PROGRESSISTA_READ_TOKENS": VIEW + ",second,"})
+    try:
+        assert url.startswith("https://"), lines
+        assert "https://" in lines[-1] and "/progress" in lines[-1]
+        cafile = tls_cert[0]
+        assert https_request(url + "/progress", cafile, "POST", {"task_id": "c"},
+                             headers=AS_WRITER)[0] == 200
+        for viewer in (VIEW, "second"):
+            assert https_request(url + "/health?token=" + viewer, cafile)[1]["access"] == "read"
+            assert https_request(url + "/tasks/c?token=" + viewer, cafile)[0] == 200
+            assert https_request(url + "/tasks/c?token=" + viewer, cafile, "DELETE") \
+                == (403, {"error": "read-only token"})
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+    assert "clear text" not in out  # loopback
+
+
+def _public_serve_output(*args, env=None):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--host", "0.0.0.0", "--port",
+                             "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=_clean_env(env, PYTHONUNBUFFERED="1"))
+    lines = []
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.decode())
+            if "://" in lines[-1]:
+                break
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, lines + [out]
+    return "".join(lines) + out
+
+
+def test_cli_public_host_with_tokens_and_no_tls_warns_of_clear_text(tls_cert):
+    text = _public_serve_output("--token", FULL)
+    assert "WARNING" in text and "clear text" in text and "--certfile" in text, text
+    assert FULL not in text
+    text = _public_serve_output("--read-token", VIEW)
+    assert "clear text" in text and "only read-only tokens" in text, text
+    assert "without a token" not in text and VIEW not in text
+    text = _public_serve_output("--token", FULL, "--certfile", tls_cert[0],
+                                "--keyfile", tls_cert[1])
+    assert "clear text" not in text and "WARNING" not in text and "https://" in text, text
+
+
+def test_cli_debug_log_never_shows_a_token(tls_cert):
+    proc, url, lines = _serve_cli("--token", FULL, "--read-token", VIEW, "--certfile",
+                                  tls_cert[0], "--keyfile", tls_cert[1],
+                                  env={"PROGRESSISTA_LOG_LEVEL": "DEBUG"})
+    try:
+        cafile = tls_cert[0]
+        for token in (FULL, VIEW):
+            https_request(url + "/tasks?token=" + token, cafile)
+            https_request(url + "/progress?token=" + token, cafile, "POST", {"task_id": "x"})
+            https_request(url + "/tasks/x", cafile, "DELETE",
+                          headers={"Authorization": "Bearer " + token})
+            https_request(url + "/nope?token=" + token, cafile)
+        with pytest.raises(Exception):
+            urllib.request.urlopen(url + "/tasks?token=" + FULL, timeout=10)
+    finally:
+        code, out = _stop(proc)
+    text = "".join(lines) + out
+    assert "DEBUG" in text and "/tasks" in text and "read-only token" in text, text
+    assert FULL not in text and VIEW not in text
+
+
+def test_run_reports_over_https_with_the_ca_bundle(tmp_path, tls_server, tls_cert):
+    srv = tls_server(tokens=[FULL])
+    script = _write(tmp_path / "job.py", """
+        import sys
+        from tqdm import tqdm
+        for _ in tqdm(range(40), desc="secure job"):
+            pass
+        print("done", sys.argv[1:])
+    """)
+    proc, _ = run_cli("run", script, "--server-url", srv.url, "--token", FULL, "--", "-x",
+                      env={"PROGRESSISTA_CA_BUNDLE": tls_cert[0]})
+    assert ok(proc).stdout.strip() == b"done ['-x']"
+    got = [json.loads(t) for t in map(srv.store.get_json, srv.store.select())]
+    assert [(t["desc"], t["n"], t["status"]) for t in got] == [("secure job", 40, "close")]
 
 
 def test_log_level_works_wherever_the_help_shows_it(server, tmp_path):
