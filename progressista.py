@@ -50,7 +50,8 @@ __all__ = [
     "RemoteTqdm", "install", "uninstall", "run", "demo",
     "TaskStore", "Hub", "ProgressServer", "make_server", "serve",
     "accept_key", "encode_frame", "read_frame", "main",
-    "WebSocketClient", "watch", "wait",
+    "Notifier", "Webhook", "notify_test",
+    "WebSocketClient", "HandshakeRefused", "watch", "wait",
 ]
 
 log = logging.getLogger("progressista")
