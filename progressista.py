@@ -50,7 +50,8 @@ __all__ = [
     "RemoteTqdm", "install", "uninstall", "run", "demo",
     "TaskStore", "Hub", "ProgressServer", "make_server", "serve",
     "accept_key", "encode_frame", "read_frame", "main",
-    "WebSocketClient", "watch", "wait",
+    "Notifier", "Webhook", "notify_test",
+    "WebSocketClient", "HandshakeRefused", "watch", "wait",
 ]
 
 log = logging.getLogger("progressista")
@@ -2535,6 +2536,10 @@ def _read_exact(stream, n):
 def read_frame(stream, max_payload=MAX_WS_MESSAGE, require_mask=True):
     """Read one frame from a binary stream: ``(fin, opcode, payload)``.
 
+    ``require_mask`` is true where a server reads a client's frames (which
+    must be masked) and false where a client reads a server's (which must
+    not be).
+
     Checks what RFC 6455 section 5 asks of a client's frame before reading its
     payload: no reserved bits, a mask, control frames short and unfragmented,
     a length that is sane and within ``max_payload``.
@@ -2556,6 +2561,8 @@ def read_frame(stream, max_payload=MAX_WS_MESSAGE, require_mask=True):
             raise ProtocolError(1002, "frame length has its top bit set")
     if require_mask and not masked:
         raise ProtocolError(1002, "client frames must be masked")
+    if not require_mask and masked:  # RFC 6455 5.1: a client refuses them too
+        raise ProtocolError(1002, "server frames must not be masked")
     if length > max_payload:
         raise ProtocolError(1009, "frame larger than %d bytes" % max_payload)
     mask = _read_exact(stream, 4) if masked else None

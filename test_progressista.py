@@ -3491,6 +3491,11 @@ def test_read_frame_refuses_unmasked_client_frame():
     assert exc.code == 1002
 
 
+def test_read_frame_as_a_client_refuses_masked_server_frame():
+    exc, _ = _protocol_error(progressista.encode_frame(b"hello", mask=MASK), require_mask=False)
+    assert exc.code == 1002 and "must not be masked" in exc.reason
+
+
 @pytest.mark.parametrize("bit", [0x40, 0x20, 0x10])
 def test_read_frame_refuses_reserved_bits(bit):
     frame = bytearray(progressista.encode_frame(b"hi", mask=MASK))
