@@ -237,23 +237,24 @@ def _checked_headers(*sources):
         for name, value in dict(source or {}).items():
             if not isinstance(name, str):
                 raise _BadSetting("a header name must be a string, not %s" % type(name).__name__)
-            if not name or not _TOKEN_CHARS.issuperset(name):
-                raise _BadSetting("%r is not an HTTP header name" % name[:40])
-            if name.lower() in _OWN_HEADERS:
-                raise _BadSetting("the %s header is progressista's own to set" % name)
-            if not isinstance(value, str):
-                raise _BadSetting("the value of header %s must be a string, not %s"
-                                  % (name, type(value).__name__))
-            if "\r" in value or "\n" in value or "\0" in value:
-                raise _BadSetting("the value of header %s holds a line break or NUL" % name)
-            try:
-                value.encode("latin-1")
-            except UnicodeEncodeError:
-                raise _BadSetting("the value of header %s holds characters HTTP can't carry"
-                                  % name) from None
             for old in [k for k in merged if k.lower() == name.lower()]:
                 del merged[old]
             merged[name] = value
+    for name, value in merged.items():
+        if not name or not _TOKEN_CHARS.issuperset(name):
+            raise _BadSetting("%r is not an HTTP header name" % name[:40])
+        if name.lower() in _OWN_HEADERS:
+            raise _BadSetting("the %s header is progressista's own to set" % name)
+        if not isinstance(value, str):
+            raise _BadSetting("the value of header %s must be a string, not %s"
+                              % (name, type(value).__name__))
+        if "\r" in value or "\n" in value or "\0" in value:
+            raise _BadSetting("the value of header %s holds a line break or NUL" % name)
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise _BadSetting("the value of header %s holds characters HTTP can't carry"
+                              % name) from None
     return merged
 
 
