@@ -1020,10 +1020,13 @@ class _RemoteMixin:
             self._pst_id.encode("utf-8")
         except UnicodeEncodeError:
             raise _BadSetting("task_id %r is not valid Unicode text" % self._pst_id[:40]) from None
-        every = push_every if push_every is not None else defaults.get("push_every")
+        every, name = push_every, "push_every"
         if every is None:
-            every = _env_float("PROGRESSISTA_PUSH_INTERVAL", 0.25)
-        self._pst_every = max(0.0, _seconds("push_every", every))
+            every = defaults.get("push_every")
+        if every is None:
+            every, name = _env_float("PROGRESSISTA_PUSH_INTERVAL", 0.25), \
+                "PROGRESSISTA_PUSH_INTERVAL"
+        self._pst_every = max(0.0, _seconds(name, every))
         timeout, name = request_timeout, "request_timeout"
         if timeout is None:
             timeout = defaults.get("request_timeout")
