@@ -176,15 +176,20 @@ def _say(text, key=None):
         if key in _said:
             return
         _said.add(key)
+    line = "progressista: " + text
+    tqdm_std = sys.modules.get("tqdm.std")
     try:
-        stream = sys.stderr
-        try:
-            tty = stream.isatty()
-        except Exception:
-            tty = False
-        # On a terminal a bar may be mid-line: start a line of our own.
-        stream.write("%sprogressista: %s\n" % ("\n" if tty else "", text))
-        stream.flush()
+        if tqdm_std is not None:
+            # As tqdm prints: the bars on stderr step aside for the line and
+            # come back under it.  Without tqdm's lock, which another
+            # process may hold: a race here costs a redraw, never a hang.
+            tqdm_std.tqdm.write(line, file=sys.stderr, nolock=True)
+            return
+    except Exception:
+        pass
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
     except Exception:  # no stderr (pythonw, closed): nothing to say it on
         pass
 
