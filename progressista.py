@@ -530,11 +530,17 @@ class _Sender:
             self.bars[id(bar)] = bar
             self._schedule(first, id(bar), bar)
             self._ensure_thread()
-            # Only a sender asleep for long is woken: bars made in a burst
-            # are first read together, in one batch.
-            nudge = self.sleep_until > first + TICK_SECONDS
+            nudge = self._late_for(first)
         if nudge:
             self.wake.set()
+
+    def _late_for(self, when):
+        """Would the sender, asleep, miss ``when`` by more than a round?
+
+        Only then is it woken: bars made in a burst are first read together,
+        in one batch.  Call with the lock held.
+        """
+        return self.sleep_until > when + TICK_SECONDS
 
     def _answering(self, now):
         """The server answers fast: worth close() waiting CLOSE_WAIT for it."""
@@ -554,7 +560,10 @@ class _Sender:
             self.finals[id(bar)] = final
             self._schedule(final.hold_until or now, id(bar), final)
             self._ensure_thread()
+            nudge = self._late_for(final.hold_until)
         if hold:
+            if nudge:
+                self.wake.set()
             return
         self.wake.set()
         if self._answering(now) and threading.current_thread() is not self.thread:
