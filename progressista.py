@@ -239,7 +239,12 @@ def _checked_headers(*sources):
     """
     merged = {}
     for source in sources:
-        for name, value in dict(source or {}).items():
+        try:
+            pairs = dict(source or {})
+        except Exception:
+            raise _BadSetting("headers must be a dict of names and values, not %s"
+                              % type(source).__name__) from None
+        for name, value in pairs.items():
             if not isinstance(name, str):
                 raise _BadSetting("a header name must be a string, not %s" % type(name).__name__)
             for old in [k for k in merged if k.lower() == name.lower()]:
@@ -1047,9 +1052,10 @@ class _RemoteMixin:
         if timeout is None:
             timeout, name = _env_float("PROGRESSISTA_REQUEST_TIMEOUT", 2.0), \
                 "PROGRESSISTA_REQUEST_TIMEOUT"
-        self._pst_timeout = _seconds(name, timeout)
-        if not self._pst_timeout > 0:
-            raise _BadSetting("%s must be more than 0 seconds, not %r" % (name, self._pst_timeout))
+        timeout = _seconds(name, timeout)
+        if not timeout > 0:
+            raise _BadSetting("%s must be more than 0 seconds, not %r" % (name, timeout))
+        self._pst_timeout = min(timeout, 3600.0)  # what sockets and waits can take
         all_meta = dict(defaults.get("meta") or {})
         if isinstance(meta, dict):
             all_meta.update(meta)
