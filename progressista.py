@@ -1178,8 +1178,10 @@ RemoteTqdm_doc = """A drop-in ``tqdm`` that also shows the bar on a Progressista
 Same arguments and local display as ``tqdm``; extra keywords, each with an
 environment default: ``server_url`` ($PROGRESSISTA_SERVER_URL), ``task_id``,
 ``push_every`` ($PROGRESSISTA_PUSH_INTERVAL, 0.25 s), ``request_timeout``
-($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict) and
-``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set).
+($PROGRESSISTA_REQUEST_TIMEOUT, 2 s: the deadline of one whole send), ``meta``
+(a JSON-able dict) and ``headers`` (``Authorization: Bearer
+$PROGRESSISTA_API_TOKEN`` when set).  An argument the remote half can't use
+leaves a plain local bar and one line on stderr; it never raises.
 """
 
 
