@@ -128,7 +128,10 @@ def _summarize(exc):
 HEARTBEAT_SECONDS = 5.0  # an open bar with no progress still says "alive"
 EARLY_CLOSE_HOLD = 0.5   # a loop left by GeneratorExit waits this long to learn why
 CLOSE_WAIT = 0.05        # close() waits at most this long for its final state
-TICK_SECONDS = 0.02      # least time between two timed rounds of the sender (they batch)
+# Least time between two timed rounds of the sender: what falls due meanwhile
+# goes together.  Each round takes the GIL from the job a few times, which on
+# a loaded machine can cost the job a scheduler slice each.
+TICK_SECONDS = 0.1
 BUSY_RETRY = 2.0         # a 429 without Retry-After: try that update again this much later
 MAX_ANSWER = 65536       # bytes of an answer's head, or body, that the sender reads
 _HOST = socket.gethostname()
@@ -331,10 +334,16 @@ class _Connection:
                     try:
                         sock.do_handshake()
                         break
-                    except ssl.SSLWantReadError:
-                        select.select([sock], [], [], self._left(deadline))
-                    except ssl.SSLWantWriteError:
-                        select.select([], [sock], [], self._left(deadline))
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                        write = isinstance(exc, ssl.SSLWantWriteError)
+                        left = self._left(deadline)
+                        if hasattr(select, "poll"):  # a busy job may hold fds past 1024
+                            poller = select.poll()
+                            poller.register(sock, select.POLLOUT if write else select.POLLIN)
+                            poller.poll(left * 1000)
+                        else:  # Windows
+                            select.select([], [sock], [], left) if write else select.select(
+                                [sock], [], [], left)
         except BaseException:
             sock.close()
             raise
@@ -518,6 +527,7 @@ class _Sender:
         self.inflight_since = None  # when the request on the wire was started
         self.sleep_until = 0.0      # when the sender thread means to wake next
         self.last_tick = -1e9       # when the last round began
+        self.last_close = -1e9      # when finish() was last called
         self.backoff_until = 0.0
         self.last_flush = None      # (budget began, ended) of the last flush()
 
@@ -545,7 +555,7 @@ class _Sender:
         Only then is it woken: bars made in a burst are first read together,
         in one batch.  Call with the lock held.
         """
-        return self.sleep_until > when + TICK_SECONDS
+        return self.sleep_until > max(when, self.backoff_until) + TICK_SECONDS
 
     def _answering(self, now):
         """The server answers fast: worth close() waiting CLOSE_WAIT for it."""
@@ -558,6 +568,9 @@ class _Sender:
         now = time.monotonic()
         final = _Final(bar, payload, now + EARLY_CLOSE_HOLD if hold else 0.0,
                        threading.get_ident())
+        # Bars closed in a burst (less than CLOSE_WAIT apart) don't wait one
+        # by one: their final states go together, in the sender's next round.
+        burst, self.last_close = now - self.last_close < CLOSE_WAIT, now
         with self.lock:
             self.bars.pop(id(bar), None)
             if self.stopped:
@@ -565,13 +578,12 @@ class _Sender:
             self.finals[id(bar)] = final
             self._schedule(final.hold_until or now, id(bar), final)
             self._ensure_thread()
-            nudge = self._late_for(final.hold_until)
-        if hold:
-            if nudge:
-                self.wake.set()
-            return
-        self.wake.set()
-        if self._answering(now) and threading.current_thread() is not self.thread:
+            nudge = self._late_for(final.hold_until or now)
+        wait = (not hold and not burst and self._answering(now)
+                and threading.current_thread() is not self.thread)
+        if wait or nudge:
+            self.wake.set()
+        if wait:
             final.done.wait(min(CLOSE_WAIT, bar._pst_timeout))
 
     def mark_failed(self, exc, thread=None):
