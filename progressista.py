@@ -132,6 +132,8 @@ CLOSE_WAIT = 0.05        # close() waits at most this long for its final state
 # goes together.  Each round takes the GIL from the job a few times, which on
 # a loaded machine can cost the job a scheduler slice each.
 TICK_SECONDS = 0.1
+IDLE_SECONDS = 2.0       # a bar that has not changed for this long is idle...
+IDLE_LOOK = 1.0          # ...and looked at this often, not every push_every
 BUSY_RETRY = 2.0         # a 429 without Retry-After: try that update again this much later
 MAX_ANSWER = 65536       # bytes of an answer's head, or body, that the sender reads
 _HOST = socket.gethostname()
@@ -510,9 +512,12 @@ class _Sender:
         # drops unclosed is still collected (and closed by tqdm's __del__)
         self.bars = weakref.WeakValueDictionary()
         self.finals = {}    # id(bar) -> _Final, closed bars not yet delivered
-        # (when, seq, id(bar)): when a bar is next looked at, or its final may
-        # go.  An entry counts only while its seq is the object's _pst_entry.
+        # Heaps of (when, seq, id(bar)): when a bar is next looked at, and
+        # when a final state may go.  An entry counts only while its seq is
+        # the object's _pst_entry.  Finals go as soon as they are due (a
+        # close() may be waiting); looks only in rounds TICK_SECONDS apart.
         self.due = []
+        self.due_finals = []
         self.seqs = itertools.count()
         self.conns = {}     # (scheme, host, port) -> _Connection
         self.targets = {}   # url -> what _target_of() made of it
@@ -526,8 +531,7 @@ class _Sender:
         self.quick = True     # the last answer came within CLOSE_WAIT
         self.inflight_since = None  # when the request on the wire was started
         self.sleep_until = 0.0      # when the sender thread means to wake next
-        self.last_tick = -1e9       # when the last round began
-        self.last_close = -1e9      # when finish() was last called
+        self.last_looks = -1e9      # when the bars were last looked at
         self.backoff_until = 0.0
         self.last_flush = None      # (budget began, ended) of the last flush()
 
@@ -537,7 +541,7 @@ class _Sender:
         """Make ``item`` (a bar or a _Final) due at ``when``; call with the lock held."""
         seq = next(self.seqs)
         item._pst_entry = seq
-        heapq.heappush(self.due, (when, seq, key))
+        heapq.heappush(self.due_finals if type(item) is _Final else self.due, (when, seq, key))
 
     def register(self, bar):
         first = time.monotonic()
@@ -564,13 +568,17 @@ class _Sender:
                 and (since is None or now - since < CLOSE_WAIT))
 
     def finish(self, bar, payload, hold=False):
-        """Queue a closed bar's last state; wait for it, briefly, unless ``hold``."""
+        """Queue a closed bar's last state; wait for it, briefly, unless ``hold``.
+
+        Only the process's last open bar waits: while others are open the
+        process goes on, and this state goes in the sender's next round
+        (TICK_SECONDS at most), so closing thousands of bars costs no round
+        trip each.  The last one's wait covers them all, and so does the
+        exit flush.
+        """
         now = time.monotonic()
         final = _Final(bar, payload, now + EARLY_CLOSE_HOLD if hold else 0.0,
                        threading.get_ident())
-        # Bars closed in a burst (less than CLOSE_WAIT apart) don't wait one
-        # by one: their final states go together, in the sender's next round.
-        burst, self.last_close = now - self.last_close < CLOSE_WAIT, now
         with self.lock:
             self.bars.pop(id(bar), None)
             if self.stopped:
@@ -579,7 +587,8 @@ class _Sender:
             self._schedule(final.hold_until or now, id(bar), final)
             self._ensure_thread()
             nudge = self._late_for(final.hold_until or now)
-        wait = (not hold and not burst and self._answering(now)
+            last = not self.bars
+        wait = (not hold and last and self._answering(now)
                 and threading.current_thread() is not self.thread)
         if wait or nudge:
             self.wake.set()
@@ -689,39 +698,52 @@ class _Sender:
     def _next_wait(self):
         now = time.monotonic()
         with self.lock:
-            soonest = self.due[0][0] if self.due else now + 1.0
-            # Timed rounds at least TICK_SECONDS apart, so bars that fall due
-            # one after another go together; close() wakes us at once.
-            soonest = max(soonest, self.backoff_until, self.last_tick + TICK_SECONDS)
-            wait = min(1.0, max(0.0, soonest - now))
+            soonest = now + 1.0
+            if self.due:  # rounds of looks TICK_SECONDS apart: what falls due meanwhile goes together
+                soonest = min(soonest, max(self.due[0][0], self.last_looks + TICK_SECONDS))
+            if self.due_finals:
+                soonest = min(soonest, self.due_finals[0][0])
+            wait = min(1.0, max(0.0, max(soonest, self.backoff_until) - now))
             self.sleep_until = now + wait
         return wait
 
     def _tick(self):
         """Collect the due states and send them, one batch per destination."""
-        now = self.last_tick = time.monotonic()
+        now = time.monotonic()
         if now < self.backoff_until:
             return
         looks, ready = [], []
         with self.lock:
-            due, bars, finals = self.due, self.bars, self.finals
+            due, finals = self.due_finals, self.finals
             while due and due[0][0] <= now:
                 _, seq, key = heapq.heappop(due)
-                bar = bars.get(key)
-                if bar is not None and bar._pst_entry == seq:
-                    looks.append(bar)
-                    continue
                 final = finals.get(key)
                 if final is not None and final._pst_entry == seq:
                     ready.append(final)
+            due, bars = self.due, self.bars
+            if due and due[0][0] <= now and now - self.last_looks >= TICK_SECONDS:
+                self.last_looks = now
+                while due and due[0][0] <= now:
+                    _, seq, key = heapq.heappop(due)
+                    bar = bars.get(key)
+                    if bar is not None and bar._pst_entry == seq:
+                        looks.append(bar)
             for bar in looks:
-                self._schedule(now + bar._pst_every, id(bar), bar)
+                # A bar idle for a while is looked at once a second at most:
+                # thousands of idle bars must not cost the job its CPU.
+                every = bar._pst_every
+                if now - bar._pst_changed_at > IDLE_SECONDS and every < IDLE_LOOK:
+                    every = IDLE_LOOK
+                self._schedule(now + every, id(bar), bar)
         groups = {}
         for bar in looks:
             try:  # a half-torn or odd bar is skipped, never the round
                 sig = (bar.n, bar.total, bar.desc, bar.postfix, bar.unit)
-                if sig == bar._pst_sig and now - bar._pst_sent_at < HEARTBEAT_SECONDS:
-                    continue
+                if sig == bar._pst_sig:
+                    if now - bar._pst_sent_at < HEARTBEAT_SECONDS:
+                        continue
+                else:
+                    bar._pst_changed_at = now
                 payload = bar._pst_payload(None)
                 if bar._pst_sig is None:
                     payload["status"] = "start"
@@ -1006,6 +1028,7 @@ class _RemoteMixin:
 
     _pst_closed = True  # until __init__ succeeds, close() is local only
     _pst_entry = None   # the sender's schedule entry that counts for this bar
+    _pst_changed_at = 0.0  # when the sender last saw the bar change (monotonic)
 
     def __init__(self, *args, server_url=None, task_id=None, push_every=None,
                  request_timeout=None, meta=None, headers=None, **kwargs):
@@ -1084,6 +1107,7 @@ class _RemoteMixin:
         self._pst_error = None
         self._pst_sig = None
         self._pst_sent_at = -1e9
+        self._pst_changed_at = time.monotonic()
         self._pst_thread = threading.get_ident()
         self._pst_pid = os.getpid()
 
