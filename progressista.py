@@ -532,7 +532,8 @@ class _Sender:
         self.inflight_since = None  # when the request on the wire was started
         self.sleep_until = 0.0      # when the sender thread means to wake next
         self.last_looks = -1e9      # when the bars were last looked at
-        self.backoff_until = 0.0
+        self.backoff_until = 0.0    # the sender itself rests (after an unexpected error)
+        self.resting = {}           # route -> until when its server rests, after a failure
         self.last_flush = None      # (budget began, ended) of the last flush()
 
     # The job's side: cheap, never blocks but for close()'s bounded wait.
@@ -549,17 +550,23 @@ class _Sender:
             self.bars[id(bar)] = bar
             self._schedule(first, id(bar), bar)
             self._ensure_thread()
-            nudge = self._late_for(first)
+            nudge = self._late_for(first, bar)
         if nudge:
             self.wake.set()
 
-    def _late_for(self, when):
+    def _late_for(self, when, bar):
         """Would the sender, asleep, miss ``when`` by more than a round?
 
-        Only then is it woken: bars made in a burst are first read together,
-        in one batch.  Call with the lock held.
+        Only then is it woken (bars made in a burst are first read together,
+        in one batch), and not for a server that rests after a failure.
+        Call with the lock held.
         """
-        return self.sleep_until > max(when, self.backoff_until) + TICK_SECONDS
+        if self.sleep_until <= max(when, self.backoff_until) + TICK_SECONDS:
+            return False
+        try:
+            return self.resting.get(bar._pst_route(), 0.0) <= when
+        except Exception:
+            return True
 
     def _answering(self, now):
         """The server answers fast: worth close() waiting CLOSE_WAIT for it."""
@@ -586,7 +593,7 @@ class _Sender:
             self.finals[id(bar)] = final
             self._schedule(final.hold_until or now, id(bar), final)
             self._ensure_thread()
-            nudge = self._late_for(final.hold_until or now)
+            nudge = self._late_for(final.hold_until or now, bar)
             last = not self.bars
         wait = (not hold and last and self._answering(now)
                 and threading.current_thread() is not self.thread)
@@ -669,6 +676,7 @@ class _Sender:
                 self._schedule(now, key, final)
             if waits and not self.stalled:
                 self.failing, self.backoff_until = False, 0.0
+                self.resting.clear()
                 self._ensure_thread()
         if waits and not self.stalled:
             self.wake.set()
@@ -756,13 +764,17 @@ class _Sender:
                     (final.bar, final.payload, None, final))
             except Exception:  # can never be sent: don't let it wait for ever
                 self._delivered([(final.bar, None, None, final)], now)
-        for items in groups.values():
+        for route, items in groups.items():
+            until = self.resting.get(route, 0.0)
+            if until > now:  # that server failed: it rests, the others don't
+                self._later(items, until)
+                continue
             for start in range(0, len(items), MAX_BATCH):
-                if not self._send(items[start:start + MAX_BATCH], now):
-                    self._later(items[start + MAX_BATCH:], None)  # unreachable: after the backoff
+                if not self._send(items[start:start + MAX_BATCH], now, route):
+                    self._later(items[start + MAX_BATCH:], self.resting.get(route))
                     break
 
-    def _send(self, items, now):
+    def _send(self, items, now, route):
         """Send one batch; False when the server could not be reached."""
         owner = items[0][0]
         payloads = [item[1] for item in items]
@@ -771,15 +783,15 @@ class _Sender:
             owner._post(payloads[0] if len(payloads) == 1 else payloads)
         except (_Refused, _Busy) as exc:
             self.inflight_since = None
-            self._answered(started)
+            self._answered(started, route)
             if len(items) > 1:
                 # A batch is taken whole or not at all: halve it until the
                 # odd update is alone, so one bar can't hold back the others.
                 half = len(items) // 2
-                if not self._send(items[:half], now):
-                    self._later(items[half:], None)
+                if not self._send(items[:half], now, route):
+                    self._later(items[half:], self.resting.get(route))
                     return False
-                return self._send(items[half:], now)
+                return self._send(items[half:], now, route)
             if isinstance(exc, _Busy) and not self.closing:
                 self._later(items, time.monotonic() + exc.retry_after)  # full: try later
             else:
@@ -792,27 +804,25 @@ class _Sender:
                 _say(str(exc), key="setup")
             self.failing = True
             self.stalled = time.monotonic() - started >= owner._pst_timeout * 0.5
-            self.backoff_until = time.monotonic() + (
+            until = self.resting[route] = time.monotonic() + (
                 5.0 if wrong else min(owner._pst_every * 4 + 0.5, 5.0))
             for bar, _, _, final in items:
                 bar._pst_sent_at = now
-                if final is not None:
-                    final.done.set()  # attempted: close() stops waiting, retries go on
-            self._later(items, None)
+            self._later(items, until)  # close() stops waiting, retries go on
             return False
         self.inflight_since = None
-        self._answered(started)
+        self._answered(started, route)
         self._delivered(items, now)
         return True
 
-    def _answered(self, started):
+    def _answered(self, started, route):
         self.failing = self.stalled = False
-        self.backoff_until = 0.0
+        self.resting.pop(route, None)
         self.quick = time.monotonic() - started <= CLOSE_WAIT
 
     def _later(self, items, when):
-        """Send these again: finals at ``when`` (None: as soon as allowed),
-        open bars at their next look, or at ``when`` if given."""
+        """Send these again: finals at ``when`` (None: at once), open bars
+        at ``when``, or at their next look when ``when`` is None."""
         if not items:
             return
         with self.lock:
