@@ -62,13 +62,13 @@ SETTINGS = {
                  dash_runs=10, alert_samples=5, redraw_runs=30, watch_seconds=10.0,
                  fleet_connections=1000, fleet_period=1.0, fleet_seconds=10.0,
                  storm_dashboards=20, storm_before=4.0, storm_seconds=15.0, page_loads=3,
-                 page_seconds=8.0),
+                 page_seconds=8.0, many_runs=5, slow_runs=2),
     "quick": dict(iter_n=1_000_000, update_n=500_000, client_pairs=7, close_runs=8,
                   rounds=2, load_seconds=2.0, lat_samples=50, scale_rounds=2,
                   dash_runs=5, alert_samples=3, redraw_runs=10, watch_seconds=5.0,
                   fleet_connections=1000, fleet_period=1.0, fleet_seconds=5.0,
                   storm_dashboards=20, storm_before=3.0, storm_seconds=12.0, page_loads=2,
-                  page_seconds=4.0),
+                  page_seconds=4.0, many_runs=3, slow_runs=1),
 }
 
 _children = []  # every subprocess we start, terminated by PID in cleanup()
@@ -776,6 +776,179 @@ def bench_client(report, cfg, server):
     report.add("client: final state delivered (status close, n == N)",
                "%d/%d" % (delivered, len(closes)), "all", delivered == len(closes), delivered)
     devnull.close()
+
+
+# -- the client against many bars and a slow server (second release) ----------
+
+MANY_BARS = 5_000
+SLOW_DELAY = 1.0     # seconds the slow server takes to answer each request
+SLOW_JOB_BARS = 20
+SLOW_TIMEOUT = 2.0   # the client's default request_timeout
+
+SLOW_JOB = r"""
+import atexit, json, os, sys, time
+closes, marks = [], {}
+def report():  # registered first, so it runs last: after Progressista's exit flush
+    marks["exit"] = time.perf_counter()
+    print(json.dumps({"closes": closes, "flush": marks["exit"] - marks["work"]}), flush=True)
+atexit.register(report)
+sys.path.insert(0, %(here)r)
+from progressista import RemoteTqdm
+devnull = open(os.devnull, "w")
+for i in range(%(bars)d):
+    bar = RemoteTqdm(total=20, file=devnull, server_url=%(url)r,
+                     task_id="%(prefix)s-%%d" %% i, request_timeout=%(timeout)r)
+    for _ in range(20):
+        time.sleep(0.005)  # a short bar: 0.1 s of work
+        bar.update(1)
+    t = time.perf_counter()
+    bar.close()
+    closes.append(time.perf_counter() - t)
+marks["work"] = time.perf_counter()
+"""
+
+
+class SlowHandler(BaseHTTPRequestHandler):
+    """Answers every POST after SLOW_DELAY seconds; remembers the last status of each task."""
+
+    protocol_version = "HTTP/1.1"
+    statuses = {}
+    lock = threading.Lock()
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(float(os.environ.get("BENCH_SLOW_DELAY", SLOW_DELAY)))
+        try:
+            updates = json.loads(body)
+            updates = updates if isinstance(updates, list) else [updates]
+            with self.lock:
+                for update in updates:
+                    self.statuses[update["task_id"]] = update.get("status")
+        except (ValueError, KeyError, TypeError):
+            pass
+        self._answer(b'{"ok": true}')
+
+    def do_GET(self):  # /closed?prefix=P: how many tasks of P ended as close
+        prefix = self.path.partition("prefix=")[2]
+        with self.lock:
+            count = sum(1 for k, v in self.statuses.items()
+                        if k.startswith(prefix) and v == "close")
+        self._answer(json.dumps({"closed": count}).encode())
+
+    def _answer(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def role_slow():
+    class Slow(ThreadingHTTPServer):
+        daemon_threads = True
+    server = Slow(("127.0.0.1", 0), SlowHandler)
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    print("slow server at http://127.0.0.1:%d/" % server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+def bench_client_many(report, cfg, server):
+    """5,000 bars made, then closed, in one process: RemoteTqdm vs plain tqdm."""
+    from tqdm import tqdm
+    sys.path.insert(0, HERE)
+    from progressista import RemoteTqdm
+    devnull = open(os.devnull, "w")
+    url = server.url + "/progress"
+    raw = report.raw.setdefault("client_many", {})
+
+    def remote(**kwargs):
+        return RemoteTqdm(server_url=url, **kwargs)
+
+    def timed(make):
+        t0 = time.perf_counter()
+        bars = [make(total=10, file=devnull) for _ in range(MANY_BARS)]
+        t1 = time.perf_counter()
+        for bar in bars:
+            bar.update(10)
+            bar.close()
+        t2 = time.perf_counter()
+        time.sleep(0.5)  # let the sender finish before the next run
+        return t1 - t0, t2 - t1
+
+    plain, ours = [], []
+    for k in range(cfg["many_runs"]):
+        for make, into in ((tqdm, plain), (remote, ours))[::1 if k % 2 == 0 else -1]:
+            into.append(timed(make))
+    raw.update(plain=plain, remote=ours)
+    create = median([b[0] / a[0] for a, b in zip(plain, ours)])
+    close = median([b[1] / a[1] for a, b in zip(plain, ours)])
+    both = median([sum(b) / sum(a) for a, b in zip(plain, ours)])
+    report.add("client: %s bars made then closed vs tqdm (%d runs)" % (
+        "{:,}".format(MANY_BARS), len(ours)),
+        "%.2fx (make %.2fx, close %.2fx; %.1f vs %.1f s)" % (
+            both, create, close, median([sum(b) for b in ours]),
+            median([sum(a) for a in plain])),
+        "<= 1.5x", both <= 1.5, both)
+    devnull.close()
+
+
+def bench_client_slow(report, cfg, server):
+    """A job of 20 short bars against a server answering in 1 s, and a fast one."""
+    slow = spawn([sys.executable, os.path.abspath(__file__), "--_role", "slow"])
+    try:
+        line = read_line(slow, 20.0) or ""
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            raise RuntimeError("slow server did not start: %r" % line)
+        slow_port = int(match.group(1))
+        drain(slow)
+        runs = {"fast": [], "slow": []}
+        closes = {"fast": [], "slow": []}
+        added = {"fast": [], "slow": []}  # seconds in close() and the exit flush, per job
+        delivered = []
+        for k in range(cfg["slow_runs"]):
+            for kind in ("fast", "slow")[::1 if k % 2 == 0 else -1]:
+                port = server.port if kind == "fast" else slow_port
+                prefix = "bench-slow-%d-%d-%s" % (os.getpid(), k, kind)
+                source = SLOW_JOB % dict(here=HERE, bars=SLOW_JOB_BARS, prefix=prefix,
+                                         url="http://127.0.0.1:%d/progress" % port,
+                                         timeout=SLOW_TIMEOUT)
+                t = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-c", source], capture_output=True,
+                                      env=clean_env(), cwd=HERE, timeout=120)
+                runs[kind].append(time.perf_counter() - t)
+                if proc.returncode != 0:
+                    raise RuntimeError("slow job failed: %r" % proc.stderr[-2000:])
+                got = json.loads(proc.stdout.decode().splitlines()[-1])
+                closes[kind].extend(got["closes"])
+                added[kind].append(sum(got["closes"]) + got["flush"])
+                if kind == "slow":
+                    delivered.append(json.loads(get(slow_port, "/closed?prefix=" + prefix)[1])
+                                     ["closed"])
+    finally:
+        stop(slow)
+    report.raw["client_slow"] = {"wall_s": runs, "close_s": closes, "added_s": added,
+                                 "delivered": delivered}
+    fast, slow_wall = median(runs["fast"]), median(runs["slow"])
+    report.add("client: job of %d short bars, server answering in %.0f s vs fast (wall)"
+               % (SLOW_JOB_BARS, SLOW_DELAY),
+               "%.2f vs %.2f s (+%.2f s)" % (slow_wall, fast, slow_wall - fast), "", None,
+               slow_wall - fast)
+    spent = max(added["slow"])
+    report.add("client: time in close() + exit flush, that slow server (worst job)",
+               "%.2f s (fast server %.2f s)" % (spent, max(added["fast"])),
+               "<= %.0f s (timeout, once)" % SLOW_TIMEOUT, spent <= SLOW_TIMEOUT + 0.01, spent)
+    worst = max(closes["slow"]) * 1000
+    report.add("client: close() against that slow server (median / worst of %d)"
+               % len(closes["slow"]),
+               "%.1f / %.1f ms" % (median(closes["slow"]) * 1000, worst), "<= 50 ms",
+               worst <= 50, worst)
+    report.add("client: final states delivered to the slow server (by the exit flush)",
+               "%d/%d" % (sum(delivered), SLOW_JOB_BARS * len(delivered)), "",
+               None, sum(delivered))
 
 
 def bench_ingest(report, cfg, raw):
@@ -1951,6 +2124,8 @@ def main():
         return role_dashboards(args)
     if args._role == "fleet":
         return role_fleet(args)
+    if args._role == "slow":
+        return role_slow()
     if args.load:
         host = args.load.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
         if host not in ("127.0.0.1", "localhost"):
@@ -1984,6 +2159,8 @@ def main():
             server = Server("ours")
             try:
                 bench_client(report, cfg, server)
+                bench_client_many(report, cfg, server)
+                bench_client_slow(report, cfg, server)
             finally:
                 server.stop()
         task_json_bytes = None

@@ -25,6 +25,7 @@ import codecs
 import collections
 import errno
 import hashlib
+import heapq
 import hmac
 import http.client
 import io
@@ -130,6 +131,15 @@ def _summarize(exc):
 
 HEARTBEAT_SECONDS = 5.0  # an open bar with no progress still says "alive"
 EARLY_CLOSE_HOLD = 0.5   # a loop left by GeneratorExit waits this long to learn why
+CLOSE_WAIT = 0.05        # close() waits at most this long for its final state
+# Least time between two timed rounds of the sender: what falls due meanwhile
+# goes together.  Each round takes the GIL from the job a few times, which on
+# a loaded machine can cost the job a scheduler slice each.
+TICK_SECONDS = 0.1
+IDLE_SECONDS = 2.0       # a bar that has not changed for this long is idle...
+IDLE_LOOK = 1.0          # ...and looked at this often, not every push_every
+BUSY_RETRY = 2.0         # a 429 without Retry-After: try that update again this much later
+MAX_ANSWER = 65536       # bytes of an answer's head, or body, that the sender reads
 _HOST = socket.gethostname()
 
 
@@ -139,28 +149,362 @@ MAX_BATCH = 50  # updates per request at most (1 MiB is the server's limit)
 class _Refused(OSError):
     """The server said the input itself is bad: sending it again won't help."""
 
-    STATUSES = (400, 413, 422, 429)
+    STATUSES = (400, 413, 422)
+
+
+class _Busy(OSError):
+    """429: the server is full for now; the same update may fit later."""
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _WrongSetup(OSError):
+    """The server refused us (401, 403, 404), or its certificate: say so once."""
+
+    STATUSES = (401, 403, 404)
+
+
+class _BadSetting(Exception):
+    """An argument the remote half can't use: that bar stays local only.
+
+    Not a ValueError: a ``meta`` value whose ``__str__`` raises one must not
+    pass for the cycles and NaNs that merely drop ``meta``.
+    """
+
+
+_said = set()  # what _say() already printed in this process
+_said_lock = threading.Lock()
+
+
+def _say(text, key=None):
+    """One line on stderr, once per process for each ``key`` (default: the text)."""
+    key = text if key is None else key
+    with _said_lock:
+        if key in _said:
+            return
+        _said.add(key)
+    line = "progressista: " + text
+    tqdm_std = sys.modules.get("tqdm.std")
+    try:
+        if tqdm_std is not None:
+            # As tqdm prints: the bars on stderr step aside for the line and
+            # come back under it.  Without tqdm's lock, which another
+            # process may hold: a race here costs a redraw, never a hang.
+            tqdm_std.tqdm.write(line, file=sys.stderr, nolock=True)
+            return
+    except Exception:
+        pass
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except Exception:  # no stderr (pythonw, closed): nothing to say it on
+        pass
+
+
+def _shown_url(url):
+    """A URL as messages show it: no user info, query or fragment (tokens hide there)."""
+    text = str(url).split("?", 1)[0].split("#", 1)[0]
+    text = re.sub(r"//[^/]*@", "//", text)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7f))  # printable ASCII stays as it is
+
+
+def _target_of(url):
+    """``(scheme, host, port, request target, Host header)`` of an http(s) URL.
+
+    Raises ValueError for a URL no request can be made to.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("it must start with http:// or https://")
+    host = parts.hostname
+    if not host or any(c.isspace() or c in "\0/\\" for c in host):
+        raise ValueError("it has no usable host")
+    port = parts.port  # raises ValueError when out of range
+    if port == 0:
+        raise ValueError("port 0 is no server's port")
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    # Spaces, controls and non-ASCII percent-encoded: nothing can break the request line.
+    target = urllib.parse.quote(target, safe=_URL_SAFE)
+    netloc = parts.netloc.rpartition("@")[2]
+    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80), target, netloc
+
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789"
+                         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_OWN_HEADERS = ("content-length", "transfer-encoding", "connection")
+
+
+def _checked_headers(*sources):
+    """Merge header mappings (later wins, names case-insensitive) and check each.
+
+    Raises _BadSetting naming the header, never showing a value (a token).
+    """
+    merged = {}
+    for source in sources:
+        try:
+            pairs = dict(source or {})
+        except Exception:
+            raise _BadSetting("headers must be a dict of names and values, not %s"
+                              % type(source).__name__) from None
+        for name, value in pairs.items():
+            if not isinstance(name, str):
+                raise _BadSetting("a header name must be a string, not %s" % type(name).__name__)
+            for old in [k for k in merged if k.lower() == name.lower()]:
+                del merged[old]
+            merged[name] = value
+    for name, value in merged.items():
+        if not name or not _TOKEN_CHARS.issuperset(name):
+            raise _BadSetting("%r is not an HTTP header name" % name[:40])
+        if name.lower() in _OWN_HEADERS:
+            raise _BadSetting("the %s header is progressista's own to set" % name)
+        if not isinstance(value, str):
+            raise _BadSetting("the value of header %s must be a string, not %s"
+                              % (name, type(value).__name__))
+        if "\r" in value or "\n" in value or "\0" in value:
+            raise _BadSetting("the value of header %s holds a line break or NUL" % name)
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise _BadSetting("the value of header %s holds characters HTTP can't carry"
+                              % name) from None
+    return merged
+
+
+def _seconds(name, value):
+    """A finite number of seconds, or _BadSetting saying which setting is wrong."""
+    try:
+        seconds = float(value)
+    except Exception:
+        shown = repr(value)[:40] if isinstance(value, (str, int, float)) else type(value).__name__
+        raise _BadSetting("%s must be a number of seconds, not %s" % (name, shown)) from None
+    if not math.isfinite(seconds):
+        raise _BadSetting("%s must be a finite number of seconds, not %r" % (name, seconds))
+    return seconds
+
+
+def _meta_text(value):
+    """json.dumps' fallback for a ``meta`` value: its text, or a clear _BadSetting."""
+    try:
+        return str(value)
+    except Exception as exc:
+        raise _BadSetting("meta holds a %s that can't be shown as text (%s)"
+                          % (type(value).__name__, _summarize(exc))) from None
+
+
+class _Connection:
+    """One kept-alive HTTP/1.1 connection; each exchange has one total deadline.
+
+    ``http.client`` times out per read, so a server that drips a byte a second
+    could hold the sender forever; every wait here is bounded by what is left
+    of the deadline instead.
+    """
+
+    def __init__(self, scheme, host, port):
+        self.scheme, self.host, self.port = scheme, host, port
+        self.sock = None
+        self.buffer = b""
+
+    def close(self):
+        sock, self.sock, self.buffer = self.sock, None, b""
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    @staticmethod
+    def _left(deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the server did not answer in time")
+        return left
+
+    def _connect(self, deadline, context):
+        sock = socket.create_connection((self.host, self.port), timeout=self._left(deadline))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.scheme == "https":
+                import select
+                import ssl
+                sock = context().wrap_socket(sock, server_hostname=self.host,
+                                             do_handshake_on_connect=False)
+                sock.setblocking(False)
+                while True:  # the handshake, under the same deadline
+                    try:
+                        sock.do_handshake()
+                        break
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                        write = isinstance(exc, ssl.SSLWantWriteError)
+                        left = self._left(deadline)
+                        if hasattr(select, "poll"):  # a busy job may hold fds past 1024
+                            poller = select.poll()
+                            poller.register(sock, select.POLLOUT if write else select.POLLIN)
+                            poller.poll(left * 1000)
+                        else:  # Windows
+                            select.select([], [sock], [], left) if write else select.select(
+                                [sock], [], [], left)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.buffer = sock, b""
+
+    def _fill(self, deadline):
+        self.sock.settimeout(self._left(deadline))
+        data = self.sock.recv(MAX_ANSWER)
+        if not data:
+            raise ConnectionResetError("the server closed the connection")
+        self.buffer += data
+
+    def _line(self, deadline):
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
+                return line
+            if len(self.buffer) > MAX_ANSWER:
+                raise OSError("an answer line is too long")
+            self._fill(deadline)
+
+    def _exact(self, n, deadline):
+        while len(self.buffer) < n:
+            self._fill(deadline)
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def exchange(self, request, deadline, context):
+        """Send one request; return ``(status, headers, body)``.
+
+        A kept-alive connection the server has since closed gets one retry on
+        a fresh one.  On any failure the connection is closed.
+        """
+        try:
+            for attempt in (0, 1):
+                reused = self.sock is not None
+                if not reused:
+                    self._connect(deadline, context)
+                try:
+                    view = memoryview(request)
+                    while view:
+                        self.sock.settimeout(self._left(deadline))
+                        view = view[self.sock.send(view):]
+                    first = self._line(deadline)
+                    break
+                except TimeoutError:
+                    raise
+                except OSError:
+                    self.close()
+                    if attempt or not reused:
+                        raise
+            return self._answer(first, deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def _answer(self, first, deadline):
+        while True:
+            parts = first.split(None, 2)
+            if (len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3
+                    or not parts[1].isdigit()):
+                raise OSError("the server's answer is not HTTP")
+            status = int(parts[1])
+            headers, size = {}, 0
+            while True:
+                line = self._line(deadline)
+                size += len(line)
+                if size > MAX_ANSWER:
+                    raise OSError("the server's answer head is too long")
+                if line in (b"\r\n", b"\n"):
+                    break
+                name, colon, value = line.decode("latin-1").partition(":")
+                if not colon:
+                    raise OSError("the server's answer has a broken header")
+                name, value = name.strip().lower(), value.strip()
+                if name == "content-length" and headers.get(name, value) != value:
+                    raise OSError("the server's answer has two lengths")
+                headers[name] = value
+            if 100 <= status < 200:  # 100 Continue and the like: the answer follows
+                first = self._line(deadline)
+                continue
+            break
+        keep = (parts[0] == b"HTTP/1.1" and "close" not in headers.get("connection", "").lower())
+        body = b""
+        if status in (204, 304):
+            pass
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            while True:
+                line = self._line(deadline).split(b";", 1)[0].strip()
+                try:
+                    size = int(line, 16)
+                except ValueError:
+                    raise OSError("the server's answer has a broken chunk") from None
+                if size == 0:
+                    while self._line(deadline) not in (b"\r\n", b"\n"):
+                        pass
+                    break
+                if len(body) + size > MAX_ANSWER:
+                    keep = False  # a big answer: not worth reading to keep the connection
+                    break
+                body += self._exact(size + 2, deadline)[:size]
+        elif "content-length" in headers:
+            try:
+                length = int(headers["content-length"])
+            except ValueError:
+                raise OSError("the server's answer has a broken length") from None
+            if 0 <= length <= MAX_ANSWER:
+                body = self._exact(length, deadline)
+            else:
+                keep = False
+        else:
+            keep = False  # the body runs to the end of the connection: don't wait for it
+        if not keep or self.buffer:
+            self.close()
+        return status, headers, body
+
+
+def _error_text(body, secrets):
+    """The server's ``{"error": ...}`` as a short printable line, tokens scrubbed."""
+    try:
+        text = json.loads(body.decode("utf-8"))["error"]
+    except Exception:
+        return ""
+    if not isinstance(text, str):
+        return ""
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "...")
+    text = "".join(c for c in text if c.isprintable())
+    return text[:120]
 
 
 class _Final:
     """The last state of a closed bar, waiting to be delivered."""
 
-    __slots__ = ("bar", "payload", "hold_until", "thread", "done")
+    __slots__ = ("bar", "payload", "hold_until", "thread", "done", "_pst_entry")
 
     def __init__(self, bar, payload, hold_until, thread):
         self.bar, self.payload = bar, payload
         self.hold_until, self.thread = hold_until, thread
         self.done = threading.Event()
+        self._pst_entry = None
 
 
 class _Sender:
     """The one background thread of a process that talks to the servers.
 
-    Bars register here; every ``push_every`` seconds the thread reads the
-    state of each open bar (the job's loop does nothing extra), and sends the
-    ones that changed, or are due a heartbeat, as one batched POST per server.
-    Only the latest state of each bar is kept, so a slow or dead server never
-    queues anything up.  Every failure is swallowed.
+    Bars register here.  A heap says when each open bar is next due a look
+    (every ``push_every`` seconds; the job's loop does nothing extra), and
+    when each closed bar's final state may go; a round takes only what is
+    due, so its work follows what changed, not how many bars are open.  The
+    bars that changed, or are due a heartbeat, go as one batched POST per
+    server.  Only the latest state of each bar is kept, so a slow or dead
+    server never queues anything up.  Every failure is swallowed.
     """
 
     def __init__(self):
@@ -172,70 +516,146 @@ class _Sender:
         # drops unclosed is still collected (and closed by tqdm's __del__)
         self.bars = weakref.WeakValueDictionary()
         self.finals = {}    # id(bar) -> _Final, closed bars not yet delivered
-        self.conns = {}     # (scheme, netloc) -> http.client connection
+        # Heaps of (when, seq, id(bar)): when a bar is next looked at, and
+        # when a final state may go.  An entry counts only while its seq is
+        # the object's _pst_entry.  Finals go as soon as they are due (a
+        # close() may be waiting); looks only in rounds TICK_SECONDS apart.
+        self.due = []
+        self.due_finals = []
+        self.seqs = itertools.count()
+        self.conns = {}     # (scheme, host, port) -> _Connection
+        self.targets = {}   # url -> what _target_of() made of it
+        self.ssl_context = None
         self.send_lock = threading.Lock()  # one request on the wire at a time
         self.thread = None
         self.stopped = False
+        self.closing = False  # the exit flush has begun: nothing is "for later" now
         self.failing = False  # the last send failed: don't make close() wait
         self.stalled = False  # ...and it failed by timing out: don't retry at exit
-        self.backoff_until = 0.0
+        self.quick = True     # the last answer came within CLOSE_WAIT
+        self.inflight_since = None  # when the request on the wire was started
+        self.sleep_until = 0.0      # when the sender thread means to wake next
+        self.last_looks = -1e9      # when the bars were last looked at
+        self.backoff_until = 0.0    # the sender itself rests (after an unexpected error)
+        self.resting = {}           # route -> until when its server rests, after a failure
+        self.last_flush = None      # (budget began, ended) of the last flush()
 
     # The job's side: cheap, never blocks but for close()'s bounded wait.
 
+    def _schedule(self, when, key, item):
+        """Make ``item`` (a bar or a _Final) due at ``when``; call with the lock held."""
+        seq = next(self.seqs)
+        item._pst_entry = seq
+        heapq.heappush(self.due_finals if type(item) is _Final else self.due, (when, seq, key))
+
     def register(self, bar):
+        first = time.monotonic()
         with self.lock:
             self.bars[id(bar)] = bar
+            self._schedule(first, id(bar), bar)
             self._ensure_thread()
-        self.wake.set()
+            nudge = self._late_for(first, bar)
+        if nudge:
+            self.wake.set()
+
+    def _late_for(self, when, bar):
+        """Would the sender, asleep, miss ``when`` by more than a round?
+
+        Only then is it woken (bars made in a burst are first read together,
+        in one batch), and not for a server that rests after a failure.
+        Call with the lock held.
+        """
+        if self.sleep_until <= max(when, self.backoff_until) + TICK_SECONDS:
+            return False
+        try:
+            return self.resting.get(bar._pst_route(), 0.0) <= when
+        except Exception:
+            return True
+
+    def _answering(self, now):
+        """The server answers fast: worth close() waiting CLOSE_WAIT for it."""
+        since = self.inflight_since
+        return (not self.failing and self.quick
+                and (since is None or now - since < CLOSE_WAIT))
 
     def finish(self, bar, payload, hold=False):
-        """Queue a closed bar's last state; wait for it unless ``hold``."""
-        final = _Final(bar, payload, time.monotonic() + _early_close_hold() if hold else 0.0,
+        """Queue a closed bar's last state; wait for it, briefly, unless ``hold``.
+
+        Only the process's last open bar waits: while others are open the
+        process goes on, and this state goes in the sender's next round
+        (TICK_SECONDS at most), so closing thousands of bars costs no round
+        trip each.  The last one's wait covers them all, and so does the
+        exit flush.
+        """
+        now = time.monotonic()
+        final = _Final(bar, payload, now + _early_close_hold() if hold else 0.0,
                        threading.get_ident())
         with self.lock:
             self.bars.pop(id(bar), None)
             if self.stopped:
                 return
             self.finals[id(bar)] = final
+            self._schedule(final.hold_until or now, id(bar), final)
             self._ensure_thread()
-        self.wake.set()
-        if not hold and not self.failing and threading.current_thread() is not self.thread:
-            final.done.wait(bar._pst_timeout)
+            nudge = self._late_for(final.hold_until or now, bar)
+            last = not self.bars
+        wait = (not hold and last and self._answering(now)
+                and threading.current_thread() is not self.thread)
+        if wait or nudge:
+            self.wake.set()
+        if wait:
+            final.done.wait(min(CLOSE_WAIT, bar._pst_timeout))
 
     def mark_failed(self, exc, thread=None):
         """An uncaught exception: open bars (of ``thread``) end as ``error``."""
         summary = _summarize(exc)
         waits = []
+        now = time.monotonic()
         with self.lock:
             for key, bar in list(self.bars.items()):
                 if thread is not None and bar._pst_thread != thread:
                     continue
                 bar._pst_closed = True
                 del self.bars[key]
-                final = _Final(bar, bar._pst_payload("error", summary), 0.0, thread)
-                self.finals[key] = final
+                try:
+                    payload = bar._pst_payload("error", summary)
+                except Exception:
+                    continue
+                final = self.finals[key] = _Final(bar, payload, 0.0, thread)
+                self._schedule(now, key, final)
                 waits.append(final)
-            for final in self.finals.values():
+            for key, final in self.finals.items():
                 if final.hold_until and (thread is None or final.thread == thread):
                     final.payload["status"], final.payload["error"] = "error", summary
                     final.hold_until = 0.0
+                    self._schedule(now, key, final)
                     waits.append(final)
             self._ensure_thread()
         self.wake.set()
         return waits
 
     def flush(self, waits, timeout=None):
-        """Wait, bounded, until the given finals are delivered."""
+        """Wait, bounded, until the given finals are delivered.
+
+        Flushes back to back (a crash hook, then the exit) share one budget.
+        """
         if not waits or threading.current_thread() is self.thread:
             return
         if timeout is None:
             timeout = max(final.bar._pst_timeout for final in waits)
-        deadline = time.monotonic() + timeout
-        for final in waits:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.failing:
-                break
-            final.done.wait(left)
+        now = time.monotonic()
+        began = now
+        if self.last_flush is not None and now - self.last_flush[1] < 1.0:
+            began = self.last_flush[0]
+        deadline = began + timeout
+        try:
+            for final in waits:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.failing:
+                    break
+                final.done.wait(left)
+        finally:
+            self.last_flush = (began, time.monotonic())
 
     def shutdown(self):
         """At interpreter exit: one last bounded delivery, then go quiet.
@@ -245,15 +665,22 @@ class _Sender:
         one that refused gets one more quick try.
         """
         with self.lock:
+            self.closing = True
+            now = time.monotonic()
             for key, bar in list(self.bars.items()):
                 bar._pst_closed = True
-                self.finals[key] = _Final(bar, bar._pst_payload("close"), 0.0, None)
+                try:
+                    self.finals[key] = _Final(bar, bar._pst_payload("close"), 0.0, None)
+                except Exception:  # a half-torn bar: the others still go
+                    continue
             self.bars.clear()
             waits = list(self.finals.values())
-            for final in waits:
+            for key, final in self.finals.items():
                 final.hold_until = 0.0
+                self._schedule(now, key, final)
             if waits and not self.stalled:
                 self.failing, self.backoff_until = False, 0.0
+                self.resting.clear()
                 self._ensure_thread()
         if waits and not self.stalled:
             self.wake.set()
@@ -276,84 +703,141 @@ class _Sender:
             if not self.stopped:
                 try:
                     self._tick()
-                except Exception:  # never let one odd bar end the reporting
+                except Exception:  # never let one odd round end the reporting
                     log.debug("progressista sender tick failed", exc_info=True)
                     self.backoff_until = time.monotonic() + 1.0
 
     def _next_wait(self):
-        with self.lock:  # copies: the scan itself runs without the lock
-            bars, finals = list(self.bars.values()), list(self.finals.values())
         now = time.monotonic()
-        soonest = now + 1.0
-        for bar in bars:
-            # A bar looked at and found unchanged is next due push_every
-            # after that look, not at once (an idle bar must not spin us).
-            soonest = min(soonest, max(bar._pst_sent_at, bar._pst_looked_at) + bar._pst_every)
-        for final in finals:
-            soonest = min(soonest, final.hold_until)
-        soonest = max(soonest, self.backoff_until)
-        return min(1.0, max(0.005, soonest - now))
+        with self.lock:
+            soonest = now + 1.0
+            if self.due:  # rounds of looks TICK_SECONDS apart: what falls due meanwhile goes together
+                soonest = min(soonest, max(self.due[0][0], self.last_looks + TICK_SECONDS))
+            if self.due_finals:
+                soonest = min(soonest, self.due_finals[0][0])
+            wait = min(1.0, max(0.0, max(soonest, self.backoff_until) - now))
+            self.sleep_until = now + wait
+        return wait
 
     def _tick(self):
         """Collect the due states and send them, one batch per destination."""
         now = time.monotonic()
         if now < self.backoff_until:
             return
-        groups = {}
+        looks, ready = [], []
         with self.lock:
-            bars = list(self.bars.values())
-            finals = [f for f in self.finals.values() if f.hold_until <= now]
-        for bar in bars:
-            if now - max(bar._pst_sent_at, bar._pst_looked_at) < bar._pst_every:
-                continue
-            bar._pst_looked_at = now
-            try:
+            due, finals = self.due_finals, self.finals
+            while due and due[0][0] <= now:
+                _, seq, key = heapq.heappop(due)
+                final = finals.get(key)
+                if final is not None and final._pst_entry == seq:
+                    ready.append(final)
+            due, bars = self.due, self.bars
+            if due and due[0][0] <= now and now - self.last_looks >= TICK_SECONDS:
+                self.last_looks = now
+                while due and due[0][0] <= now:
+                    _, seq, key = heapq.heappop(due)
+                    bar = bars.get(key)
+                    if bar is not None and bar._pst_entry == seq:
+                        looks.append(bar)
+            for bar in looks:
+                # A bar idle for a while is looked at once a second at most:
+                # thousands of idle bars must not cost the job its CPU.
+                every = bar._pst_every
+                if now - bar._pst_changed_at > IDLE_SECONDS and every < IDLE_LOOK:
+                    every = IDLE_LOOK
+                self._schedule(now + every, id(bar), bar)
+        groups = {}
+        for bar in looks:
+            try:  # a half-torn or odd bar is skipped, never the round
+                sig = (bar.n, bar.total, bar.desc, bar.postfix, bar.unit)
+                if sig == bar._pst_sig:
+                    if now - bar._pst_sent_at < HEARTBEAT_SECONDS:
+                        continue
+                else:
+                    bar._pst_changed_at = now
                 payload = bar._pst_payload(None)
-            except Exception:  # a half-torn bar: try again next tick
+                if bar._pst_sig is None:
+                    payload["status"] = "start"
+                groups.setdefault(bar._pst_route(), []).append((bar, payload, sig, None))
+            except Exception:
                 continue
-            sig = (payload["n"], payload["total"], payload["desc"], payload["postfix"],
-                   payload["unit"])
-            if sig == bar._pst_sig and now - bar._pst_sent_at < HEARTBEAT_SECONDS:
+        for final in ready:
+            try:
+                groups.setdefault(final.bar._pst_route(), []).append(
+                    (final.bar, final.payload, None, final))
+            except Exception:  # can never be sent: don't let it wait for ever
+                self._delivered([(final.bar, None, None, final)], now)
+        for route, items in groups.items():
+            until = self.resting.get(route, 0.0)
+            if until > now:  # that server failed: it rests, the others don't
+                self._later(items, until)
                 continue
-            if bar._pst_sig is None:
-                payload["status"] = "start"
-            groups.setdefault(bar._pst_route(), []).append((bar, payload, sig, None))
-        for final in finals:
-            groups.setdefault(final.bar._pst_route(), []).append(
-                (final.bar, final.payload, None, final))
-        for items in groups.values():
             for start in range(0, len(items), MAX_BATCH):
-                self._send(items[start:start + MAX_BATCH], now)
+                if not self._send(items[start:start + MAX_BATCH], now, route):
+                    self._later(items[start + MAX_BATCH:], self.resting.get(route))
+                    break
 
-    def _send(self, items, now):
+    def _send(self, items, now, route):
+        """Send one batch; False when the server could not be reached."""
         owner = items[0][0]
         payloads = [item[1] for item in items]
-        started = time.monotonic()
+        started = self.inflight_since = time.monotonic()
         try:
             owner._post(payloads[0] if len(payloads) == 1 else payloads)
-        except _Refused:
-            # The server refused this input (a batch is taken whole or not at
-            # all): halve it until the odd update is alone, and give that one
-            # up, so one bad bar can't hold back the others.
+        except (_Refused, _Busy) as exc:
+            self.inflight_since = None
+            self._answered(started, route)
             if len(items) > 1:
+                # A batch is taken whole or not at all: halve it until the
+                # odd update is alone, so one bar can't hold back the others.
                 half = len(items) // 2
-                self._send(items[:half], now)
-                self._send(items[half:], now)
+                if not self._send(items[:half], now, route):
+                    self._later(items[half:], self.resting.get(route))
+                    return False
+                return self._send(items[half:], now, route)
+            if isinstance(exc, _Busy) and not self.closing:
+                self._later(items, time.monotonic() + exc.retry_after)  # full: try later
             else:
-                self._delivered(items, now)
-            return
-        except BaseException:  # whatever _post raises is swallowed, by contract
+                self._delivered(items, now)  # bad input: sending it again won't help
+            return True
+        except BaseException as exc:  # whatever _post raises is swallowed, by contract
+            self.inflight_since = None
+            wrong = isinstance(exc, _WrongSetup)
+            if wrong:
+                _say(str(exc), key="setup")
             self.failing = True
             self.stalled = time.monotonic() - started >= owner._pst_timeout * 0.5
-            self.backoff_until = time.monotonic() + min(owner._pst_every * 4 + 0.5, 5.0)
+            until = self.resting[route] = time.monotonic() + (
+                5.0 if wrong else min(owner._pst_every * 4 + 0.5, 5.0))
             for bar, _, _, final in items:
                 bar._pst_sent_at = now
-                if final is not None:
-                    final.done.set()  # attempted: close() stops waiting, retries go on
-            return
-        self.failing = self.stalled = False
-        self.backoff_until = 0.0
+            self._later(items, until)  # close() stops waiting, retries go on
+            return False
+        self.inflight_since = None
+        self._answered(started, route)
         self._delivered(items, now)
+        return True
+
+    def _answered(self, started, route):
+        self.failing = self.stalled = False
+        self.resting.pop(route, None)
+        self.quick = time.monotonic() - started <= CLOSE_WAIT
+
+    def _later(self, items, when):
+        """Send these again: finals at ``when`` (None: at once), open bars
+        at ``when``, or at their next look when ``when`` is None."""
+        if not items:
+            return
+        with self.lock:
+            for bar, _, _, final in items:
+                if final is not None:
+                    if when is not None:
+                        final.done.set()  # close() stops waiting; it goes later
+                    if self.finals.get(id(bar)) is final:
+                        self._schedule(when or 0.0, id(bar), final)
+                elif when is not None and self.bars.get(id(bar)) is bar:
+                    self._schedule(when, id(bar), bar)
 
     def _delivered(self, items, now):
         with self.lock:
@@ -367,55 +851,86 @@ class _Sender:
             if final is not None:
                 final.done.set()
 
+    def _context(self):
+        if self.ssl_context is None:
+            try:
+                self.ssl_context = _ssl_context()
+            except Exception as exc:
+                raise _WrongSetup("can't use the CA bundle PROGRESSISTA_CA_BUNDLE=%s (%s); "
+                                  "bars are not reported" % (
+                                      os.environ.get("PROGRESSISTA_CA_BUNDLE"),
+                                      _summarize(exc))) from None
+        return self.ssl_context
+
     def post(self, url, payload, headers, timeout):
-        """One HTTP POST of JSON over a kept-alive connection; raises on failure."""
-        parts = urllib.parse.urlsplit(url)
-        key = (parts.scheme, parts.netloc)
+        """One HTTP POST of JSON over a kept-alive connection; raises on failure.
+
+        The whole exchange (connect, TLS, send, answer) ends by ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        target = self.targets.get(url)
+        if target is None:
+            if len(self.targets) > 64:
+                self.targets.clear()
+            target = self.targets[url] = _target_of(url)
+        scheme, host, port, path, netloc = target
         body = _dumps(payload).encode()
-        path = parts.path or "/progress"
-        if parts.query:
-            path += "?" + parts.query
-        send_headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
-        send_headers.update(headers)
-        if not self.send_lock.acquire(timeout=timeout):
+        fields = {"host": ("Host", netloc),
+                  "content-type": ("Content-Type", "application/json")}
+        for name, value in headers.items():
+            fields[name.lower()] = (name, value)
+        head = ["POST %s HTTP/1.1" % path, "Content-Length: %d" % len(body)]
+        head.extend("%s: %s" % pair for pair in fields.values())
+        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        if not self.send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise TimeoutError("another send is still waiting on the server")
         try:
-            for attempt in (0, 1):
-                conn = self.conns.get(key)
-                reused = conn is not None
-                if conn is None:
-                    cls = (http.client.HTTPSConnection if parts.scheme == "https"
-                           else http.client.HTTPConnection)
-                    port = parts.port or (443 if parts.scheme == "https" else 80)
-                    conn = self.conns[key] = cls(parts.hostname, port, timeout=timeout)
-                conn.timeout = timeout
-                if conn.sock is not None:
-                    conn.sock.settimeout(timeout)
-                try:
-                    conn.request("POST", path, body, send_headers)
-                    response = conn.getresponse()
-                    response.read(65536)
-                    if response.will_close or not response.isclosed():
-                        self.conns.pop(key, None)
-                        conn.close()
-                    if response.status in _Refused.STATUSES:
-                        raise _Refused("HTTP %d from %s" % (response.status, parts.netloc))
-                    if response.status >= 300:
-                        raise OSError("HTTP %d from %s" % (response.status, parts.netloc))
-                    return
-                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                    # A kept-alive connection the server has since closed: one
-                    # retry on a fresh one.
-                    self.conns.pop(key, None)
-                    conn.close()
-                    if attempt or not reused:
-                        raise
-                except BaseException:
-                    self.conns.pop(key, None)
-                    conn.close()
-                    raise
+            key = (scheme, host, port)
+            conn = self.conns.get(key)
+            if conn is None:
+                conn = self.conns[key] = _Connection(scheme, host, port)
+            try:
+                status, answer_headers, answer = conn.exchange(request, deadline, self._context)
+            except OSError as exc:
+                import ssl
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    raise _WrongSetup(
+                        "the certificate of %s could not be verified (%s); for a private CA "
+                        "set PROGRESSISTA_CA_BUNDLE; bars are not reported"
+                        % (_shown_url(url), exc.verify_message or exc)) from None
+                if isinstance(exc, ssl.SSLError) and not isinstance(
+                        exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
+                    raise _WrongSetup("TLS with %s failed (%s); bars are not reported"
+                                      % (_shown_url(url), exc.reason or exc)) from None
+                raise
         finally:
             self.send_lock.release()
+        if status < 300:
+            return
+        server = "%s://%s" % (scheme, netloc)
+        if status in _Refused.STATUSES:
+            raise _Refused("HTTP %d from %s" % (status, server))
+        if status == 429:
+            try:
+                retry = min(60.0, max(0.5, float(answer_headers.get("retry-after", ""))))
+            except ValueError:
+                retry = BUSY_RETRY
+            raise _Busy("HTTP 429 from %s" % server, retry)
+        if status in _WrongSetup.STATUSES:
+            sent_token = any(name.lower() == "authorization" for name in headers)
+            why = _error_text(answer, list(headers.values()))
+            if status == 401 and sent_token:
+                text = "the server at %s refused the token (401)" % server
+            elif status == 401:
+                text = ("the server at %s wants a token (401): set PROGRESSISTA_API_TOKEN"
+                        % server)
+            elif status == 403:
+                text = "the server at %s refused the request (403%s)" % (
+                    server, ": " + why if why else "")
+            else:
+                text = "the server at %s has no %s (404)" % (server, _shown_url(path))
+            raise _WrongSetup(text + "; bars are not reported")
+        raise OSError("HTTP %d from %s" % (status, server))
 
 
 _sender = None
@@ -494,9 +1009,13 @@ def _at_exit():
 
 
 def _after_fork():
-    """A forked child starts with no sender: the parent's bars stay the parent's."""
-    global _sender, _sender_lock
+    """A forked child starts with no sender: the parent's bars stay the parent's.
+
+    What the parent already said on stderr stays said.
+    """
+    global _sender, _sender_lock, _said_lock
     _sender_lock = threading.Lock()
+    _said_lock = threading.Lock()
     _sender = None
 
 
@@ -605,11 +1124,11 @@ class _RemoteMixin:
     _pst_closed = True  # until __init__ succeeds, close() is local only
     _pst_slot = None  # (id from the environment, k) while this bar holds "/k"
     _pst_open_status = "update"  # the status of an open bar's sends after the first
-    _pst_looked_at = -1e9  # when the sender last read this bar (sent or not)
+    _pst_entry = None   # the sender's schedule entry that counts for this bar
+    _pst_changed_at = 0.0  # when the sender last saw the bar change (monotonic)
 
     def __init__(self, *args, server_url=None, task_id=None, push_every=None,
                  request_timeout=None, meta=None, headers=None, group_size=None, **kwargs):
-        defaults = _install_defaults
         if kwargs.get("disable", False) is None:
             target = kwargs.get("file") or sys.stderr
             try:
@@ -621,36 +1140,75 @@ class _RemoteMixin:
         super().__init__(*args, **kwargs)
         if self.disable:
             return
+        try:
+            self._pst_settle(server_url, task_id, push_every, request_timeout, meta, headers,
+                             group_size)
+            self._pst_closed = False
+            _get_sender().register(self)
+        except Exception as exc:  # a bad argument: this bar stays local, the job goes on
+            self._pst_closed = True
+            _say("%s; this bar is not reported" % (
+                exc if isinstance(exc, _BadSetting) else _summarize(exc)))
+
+    def _pst_settle(self, server_url, task_id, push_every, request_timeout, meta, headers,
+                    group_size=None):
+        """Check the remote half's settings and keep them; _BadSetting says what's wrong."""
+        defaults = _install_defaults
         url = server_url or defaults.get("server_url") or os.environ.get(
             "PROGRESSISTA_SERVER_URL") or DEFAULT_SERVER_URL
-        if urllib.parse.urlsplit(url).path in ("", "/"):
-            url = url.rstrip("/") + "/progress"
+        if not isinstance(url, str):
+            raise _BadSetting("server_url must be a string, not %s" % type(url).__name__)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            if parts.path in ("", "/"):
+                url = urllib.parse.urlunsplit(parts._replace(path="/progress"))
+            _target_of(url)
+        except ValueError as exc:
+            raise _BadSetting("server_url %r can't be used (%s)" % (_shown_url(url), exc)) from None
         self._pst_url = url
         # Without one, the id is chosen last (_default_task_id), once nothing can fail.
-        self._pst_id = str(task_id)[:256] if task_id not in (None, "") else None
-        every = push_every if push_every is not None else defaults.get("push_every")
-        self._pst_every = max(0.0, float(every if every is not None else _env_float(
-            "PROGRESSISTA_PUSH_INTERVAL", 0.25)))
-        timeout = request_timeout if request_timeout is not None else defaults.get(
-            "request_timeout")
-        self._pst_timeout = float(timeout if timeout is not None else _env_float(
-            "PROGRESSISTA_REQUEST_TIMEOUT", 2.0))
+        self._pst_id = None
+        if not (task_id is None or (isinstance(task_id, str) and not task_id)):
+            self._pst_id = str(task_id)[:256]
+            try:
+                self._pst_id.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _BadSetting("task_id %r is not valid Unicode text"
+                                  % self._pst_id[:40]) from None
+        every, name = push_every, "push_every"
+        if every is None:
+            every = defaults.get("push_every")
+        if every is None:
+            every, name = _env_float("PROGRESSISTA_PUSH_INTERVAL", 0.25), \
+                "PROGRESSISTA_PUSH_INTERVAL"
+        self._pst_every = max(0.0, _seconds(name, every))
+        timeout, name = request_timeout, "request_timeout"
+        if timeout is None:
+            timeout = defaults.get("request_timeout")
+        if timeout is None:
+            timeout, name = _env_float("PROGRESSISTA_REQUEST_TIMEOUT", 2.0), \
+                "PROGRESSISTA_REQUEST_TIMEOUT"
+        timeout = _seconds(name, timeout)
+        if not timeout > 0:
+            raise _BadSetting("%s must be more than 0 seconds, not %r" % (name, timeout))
+        self._pst_timeout = min(timeout, 3600.0)  # what sockets and waits can take
         all_meta = dict(defaults.get("meta") or {})
         if isinstance(meta, dict):
             all_meta.update(meta)
         try:
-            text = json.dumps(all_meta, default=str, allow_nan=False) if all_meta else ""
+            text = json.dumps(all_meta, default=_meta_text, allow_nan=False) if all_meta else ""
             self._pst_meta = json.loads(text) if 0 < len(text) <= 16384 else None
         except (TypeError, ValueError, RecursionError):  # cycles, NaN, too big: drop
             self._pst_meta = None
         token = os.environ.get("PROGRESSISTA_API_TOKEN")
-        self._pst_headers = {"Authorization": "Bearer " + token} if token else {}
-        self._pst_headers.update(defaults.get("headers") or {})
-        self._pst_headers.update(headers or {})
+        self._pst_headers = _checked_headers(
+            {"Authorization": "Bearer " + token} if token else None,
+            defaults.get("headers"), headers)
         self._pst_header_key = tuple(sorted(self._pst_headers.items()))
         self._pst_error = None
         self._pst_sig = None
         self._pst_sent_at = -1e9
+        self._pst_changed_at = time.monotonic()
         self._pst_thread = threading.get_ident()
         self._pst_pid = os.getpid()
         size = group_size if group_size is not None else defaults.get("group_size")
@@ -663,8 +1221,6 @@ class _RemoteMixin:
             if size is None:
                 size = env_size
         self._pst_group_size = _checked_group_size(size)
-        self._pst_closed = False
-        _get_sender().register(self)
 
     def _pst_route(self):
         """Bars that share this key share one batched request."""
@@ -769,9 +1325,11 @@ RemoteTqdm_doc = """A drop-in ``tqdm`` that also shows the bar on a Progressista
 Same arguments and local display as ``tqdm``; extra keywords, each with an
 environment default: ``server_url`` ($PROGRESSISTA_SERVER_URL), ``task_id``,
 ``push_every`` ($PROGRESSISTA_PUSH_INTERVAL, 0.25 s), ``request_timeout``
-($PROGRESSISTA_REQUEST_TIMEOUT, 2 s), ``meta`` (a JSON-able dict),
-``headers`` (``Authorization: Bearer $PROGRESSISTA_API_TOKEN`` when set) and
-``group_size`` (how many members the bar's group will have).
+($PROGRESSISTA_REQUEST_TIMEOUT, 2 s: the deadline of one whole send), ``meta``
+(a JSON-able dict), ``headers`` (``Authorization: Bearer
+$PROGRESSISTA_API_TOKEN`` when set) and ``group_size`` (how many members the
+bar's group will have).  An argument the remote half can't use leaves a plain
+local bar and one line on stderr; it never raises.
 
 Without ``task_id``, a bar started by Slurm, torchrun or under
 $PROGRESSISTA_JOB takes its id (and group size) from the environment: one

@@ -922,7 +922,9 @@ def test_api_token_env(server_factory):
     proc, _ = run_job(code % "with-token", srv, env={"PROGRESSISTA_API_TOKEN": "t0k"})
     assert ok(proc).stdout == b"done\n" and proc.stderr == b""
     proc, took = run_job(code % "no-token", srv)
-    assert ok(proc).stdout == b"done\n" and proc.stderr == b""
+    # A wrong setup says so, once (see test_refused_token_says_so_once).
+    assert ok(proc).stdout == b"done\n" and proc.stderr.count(b"\n") == 1
+    assert b"(401)" in proc.stderr
     assert took < 10
     got = tasks(srv, headers={"Authorization": "Bearer t0k"})
     assert set(got) == {"with-token"} and got["with-token"]["n"] == 10
@@ -1296,6 +1298,344 @@ def test_sitecustomize_install_takes_the_slurm_array_id(server, tmp_path):
     assert ok(proc).stdout == b"ok\n"
     t = only_task(server)
     assert (t["task_id"], t["group_size"], t["n"]) == ("slurm-77:3", 10, 12)
+
+# second release: slow and dripping servers, odd arguments, a wrong setup.
+class PacedServer:
+    """An HTTP server made of raw sockets that answers as slowly as it is told.
+
+    ``delay``: seconds before each answer.  ``drip_first``: the answers on
+    the first N connections go out one byte a second.  ``status(updates)``:
+    the status of the answer to a request (200 by default).  Every update
+    received is kept in ``updates``, in order.
+    """
+
+    def __init__(self, delay=0.0, drip_first=0, status=None, error="nope", tls=None):
+        self.delay, self.drip_first, self.status, self.error = delay, drip_first, status, error
+        self.tls = tls
+        self.updates, self.headers = [], []
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.05)
+        scheme = "https" if tls else "http"
+        self.url = "%s://127.0.0.1:%d" % (scheme, self.sock.getsockname()[1])
+        self.stopping = threading.Event()
+        self.connections = 0
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            worker = threading.Thread(target=self._serve, args=(conn, self.connections),
+                                      daemon=True)
+            self.threads.append(worker)
+            worker.start()
+
+    def _serve(self, conn, number):
+        try:
+            conn.settimeout(5)
+            if self.tls:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            rfile = conn.makefile("rb")
+            while not self.stopping.is_set():
+                head = []
+                while True:
+                    line = rfile.readline(65537)
+                    if not line:
+                        return
+                    if line in (b"\r\n", b"\n"):
+                        break
+                    head.append(line.decode("latin-1"))
+                fields = dict((k.strip().lower(), v.strip()) for k, _, v in
+                              (h.partition(":") for h in head[1:]))
+                body = rfile.read(int(fields.get("content-length", 0)))
+                got = json.loads(body)
+                got = got if isinstance(got, list) else [got]
+                status = self.status(got) if self.status else 200
+                with self.lock:
+                    self.headers.append(fields)
+                    if status == 200:
+                        self.updates.extend(got)
+                answer = json.dumps({"ok": True} if status == 200 else {"error": self.error})
+                extra = "Retry-After: 1\r\n" if status == 429 else ""
+                data = ("HTTP/1.1 %d X\r\nContent-Type: application/json\r\n%s"
+                        "Content-Length: %d\r\n\r\n%s" % (status, extra, len(answer),
+                                                          answer)).encode()
+                if number <= self.drip_first:
+                    for i in range(len(data)):
+                        conn.sendall(data[i:i + 1])
+                        if self.stopping.wait(1.0):
+                            return
+                    continue
+                if self.delay and self.stopping.wait(self.delay):
+                    return
+                conn.sendall(data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+
+    def last(self, task_id):
+        """The last update received for ``task_id``, or None."""
+        with self.lock:
+            for update in reversed(self.updates):
+                if update["task_id"] == task_id:
+                    return update
+        return None
+
+    def stop(self):
+        self.stopping.set()
+        self.sock.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def paced_server():
+    made = []
+
+    def start(**options):
+        srv = PacedServer(**options)
+        made.append(srv)
+        return srv
+
+    yield start
+    for srv in made:
+        srv.stop()
+
+
+def test_slow_server_costs_the_job_one_timeout_not_one_per_bar(paced_server):
+    # Each answer takes 1 s.  close() used to wait for delivery, bar by bar:
+    # 20 short bars took 20 s and more.  Now close() waits for a server that
+    # answers fast only, and the exit flush waits once, for all of them.
+    slow = paced_server(delay=1.0)
+    proc, took = run_job("""
+        import time
+        for i in range(20):
+            bar = RemoteTqdm(total=5, task_id="slow-%d" % i, disable=None, request_timeout=3)
+            for _ in range(5):
+                time.sleep(0.01)
+                bar.update(1)
+            bar.close()
+        print("done")
+    """, url=slow.url + "/progress", timeout=120)
+    assert ok(proc).stdout == b"done\n" and proc.stderr == b""
+    assert took < 15, took  # 20 bars x 1 s answers, but not even 20 s
+    for i in range(20):  # every final state arrived, by the one exit flush
+        assert (slow.last("slow-%d" % i) or {}).get("status") == "close", i
+
+
+def test_dripping_server_costs_one_deadline_and_later_updates_arrive(paced_server):
+    # The first connection's answer comes a byte a second: no single read
+    # ever times out, so only a deadline for the whole exchange frees the
+    # sender.  Then the updates that came after go through a new connection.
+    drip = paced_server(drip_first=1)
+    proc, took = run_job("""
+        import time
+        bar = RemoteTqdm(total=100, task_id="dripped", disable=None, push_every=0.1,
+                         request_timeout=2)
+        for _ in range(60):
+            time.sleep(0.1)
+            bar.update(1)
+        later = RemoteTqdm(total=3, task_id="later", disable=None, request_timeout=2)
+        later.update(3)
+        later.close()
+        bar.update(40)
+        bar.close()
+        print("done")
+    """, url=drip.url + "/progress", timeout=120)
+    assert ok(proc).stdout == b"done\n" and proc.stderr == b""
+    assert took < 30, took
+    assert drip.connections >= 2
+    assert (drip.last("later") or {}).get("status") == "close"
+    final = drip.last("dripped") or {}
+    assert (final.get("status"), final.get("n")) == ("close", 100)
+
+
+class _BadStr:
+    def __str__(self):
+        raise RuntimeError("no text for you")
+
+
+BAD_ARGUMENTS = {
+    "bad IPv6 URL": ("server_url='http://[::1'", None),
+    "URL with a bad port": ("server_url='http://127.0.0.1:99999/progress'", None),
+    "header name not a string": ("headers={'X': 'a', 1: 'b'}", None),
+    "header value a list": ("headers={'X-Tags': ['a']}", None),
+    "header value None": ("headers={'X-Note': None}", None),
+    "header value with CRLF": ("headers={'X-Note': 'Sekr1t\\r\\nX-Evil: 1'}", None),
+    "meta whose __str__ raises": ("meta={'bad': BadStr()}", None),
+    "request_timeout 0": ("request_timeout=0", None),
+    "request_timeout negative": ("request_timeout=-1", None),
+    "request_timeout NaN": ("request_timeout=float('nan')", None),
+    "request_timeout not a number": ("request_timeout='soon'", None),
+    "request_timeout NaN from env": ("", {"PROGRESSISTA_REQUEST_TIMEOUT": "nan"}),
+    "token with CRLF from env": ("", {"PROGRESSISTA_API_TOKEN": "Sekr1t\r\nX-Evil: 1"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_argument_disables_that_bar_only_with_one_line(server, case):
+    bad, env = BAD_ARGUMENTS[case]
+    proc, _ = run_job("""
+        class BadStr:
+            def __str__(self):
+                raise RuntimeError("no text for you")
+        for _ in RemoteTqdm(range(5), task_id="bad", disable=None, %(bad)s):
+            pass
+        again = RemoteTqdm(total=3, task_id="bad-again", disable=None, %(bad)s)
+        again.update(3)
+        again.close()
+        with RemoteTqdm(total=4, task_id="good", disable=None, request_timeout=2,
+                        headers={"Authorization": "Bearer x"}) as good:
+            good.update(4)
+        print("done")
+    """ % {"bad": bad}, server, env=env)
+    assert ok(proc).stdout == b"done\n"
+    lines = proc.stderr.decode().splitlines()
+    assert len(lines) == 1, lines  # one line, even for two bars with the same problem
+    assert lines[0].startswith("progressista: ") and lines[0].endswith(
+        "; this bar is not reported"), lines
+    assert "Sekr1t" not in lines[0]  # a header value never shows
+    found = tasks(server)
+    assert set(found) == {"good"}
+    assert (found["good"]["status"], found["good"]["n"]) == ("close", 4)
+
+
+def test_bad_server_url_in_the_environment_never_fails_run(server, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("from tqdm import tqdm\nfor _ in tqdm(range(3)):\n    pass\n"
+                      "for _ in tqdm(range(3)):\n    pass\nprint('done')\n")
+    proc, _ = run_cli("run", str(script), env={"PROGRESSISTA_SERVER_URL": "http://[::1"})
+    assert ok(proc).stdout == b"done\n"
+    lines = [line for line in proc.stderr.decode().splitlines() if "progressista" in line]
+    assert len(lines) == 1 and "server_url" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_refused_setup_says_so_once(server_factory, paced_server, status):
+    secret = "s3cret-t0ken-value"
+    if status == 401:
+        srv = server_factory(tokens=["the-right-one"])
+        url, shown = srv.url + "/progress", srv.url
+    elif status == 404:
+        srv = server_factory()
+        url, shown = srv.url + "/nowhere?token=" + secret, srv.url
+    else:
+        srv = paced_server(status=lambda got: 403, error="read-only token")
+        url, shown = srv.url + "/progress", srv.url
+    proc, took = run_job("""
+        import time
+        for i in range(5):
+            for _ in RemoteTqdm(range(3), disable=None, push_every=0.05):
+                time.sleep(0.05)
+        print("done")
+    """, url=url, env={"PROGRESSISTA_API_TOKEN": secret})
+    assert ok(proc).stdout == b"done\n"
+    text = proc.stderr.decode()
+    lines = text.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("progressista: the server at %s " % shown), lines
+    assert "(%d" % status in lines[0] and lines[0].endswith("bars are not reported")
+    assert secret not in text
+    if status == 403:
+        assert "read-only token" in lines[0]
+    assert took < 20
+
+
+def test_a_missing_token_is_named_as_such(server_factory):
+    srv = server_factory(tokens=["the-right-one"])
+    proc, _ = run_job("""
+        for _ in RemoteTqdm(range(3), disable=None):
+            pass
+    """, srv)
+    ok(proc)
+    assert proc.stderr.decode() == ("progressista: the server at %s wants a token (401): set "
+                                    "PROGRESSISTA_API_TOKEN; bars are not reported\n" % srv.url)
+
+
+def test_429_is_try_later_not_bad_input(paced_server):
+    # A server at its task cap answers 429; the final state of a bar that
+    # was refused once is sent again later, not dropped as bad input.
+    refused = []
+
+    def status(got):
+        if any(u["status"] == "close" for u in got) and not refused:
+            refused.append(got)
+            return 429
+        return 200
+    srv = paced_server(status=status, error="task limit reached")
+    proc, _ = run_job("""
+        import time
+        bar = RemoteTqdm(total=3, task_id="later", disable=None, push_every=0.05)
+        bar.update(3)
+        time.sleep(0.3)
+        bar.close()
+        time.sleep(2.5)
+        print("done")
+    """, url=srv.url + "/progress")
+    assert ok(proc).stdout == b"done\n" and proc.stderr == b""
+    assert refused, "the server never refused anything"
+    assert (srv.last("later") or {}).get("status") == "close"
+
+
+def test_429_at_the_task_cap_lets_a_bar_in_once_there_is_room(server_factory):
+    srv = server_factory(max_tasks=1)
+    proc, _ = run_job("""
+        import time
+        first = RemoteTqdm(total=2, task_id="first", disable=None, push_every=0.05)
+        time.sleep(0.5)
+        second = RemoteTqdm(total=2, task_id="second", disable=None, push_every=0.05)
+        second.update(2)
+        second.close()  # refused: the only slot is taken by an active task
+        first.update(2)
+        first.close()   # now the slot can be taken
+        time.sleep(3)
+    """, srv)
+    assert ok(proc).stderr == b""
+    got = tasks(srv)
+    assert set(got) == {"second"} and got["second"]["status"] == "close", got
+
+
+def _self_signed(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    return cert, context
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_server_verified_against_the_ca_bundle(paced_server, tmp_path):
+    cert, context = _self_signed(tmp_path)
+    srv = paced_server(tls=context)
+    code = """
+        for _ in RemoteTqdm(range(4), task_id=%r, disable=None):
+            pass
+    """
+    proc, _ = run_job(code % "tls", url=srv.url + "/progress",
+                      env={"PROGRESSISTA_CA_BUNDLE": str(cert)})
+    assert ok(proc).stderr == b""
+    assert (srv.last("tls") or {}).get("status") == "close"
+    # Without the CA: nothing is sent, and the process says why, once.
+    proc, _ = run_job(code % "untrusted", url=srv.url + "/progress")
+    lines = ok(proc).stderr.decode().splitlines()
+    assert len(lines) == 1 and "certificate" in lines[0] and srv.url in lines[0], lines
+    assert srv.last("untrusted") is None
+
 
 # -- patch -------------------------------------------------------------------
 
