@@ -130,6 +130,9 @@ def _summarize(exc):
 # -- client ------------------------------------------------------------------
 
 HEARTBEAT_SECONDS = 5.0  # an open bar with no progress still says "alive"
+# Three heartbeats missed: the page and ``watch`` show an open task as "no
+# contact" (its process was killed, or its close was lost), stale or not.
+NO_CONTACT_SECONDS = 3 * HEARTBEAT_SECONDS
 EARLY_CLOSE_HOLD = 0.5   # a loop left by GeneratorExit waits this long to learn why
 CLOSE_WAIT = 0.05        # close() waits at most this long for its final state
 # Least time between two timed rounds of the sender: what falls due meanwhile
@@ -5163,8 +5166,14 @@ def _meter(task, width, now, ascii_only=False, format_meter=None):
     rate = rate if rate and rate > 0 else None
     unit = _printable(task.get("unit") or "it")[:20]
     postfix = _printable(task.get("postfix"))[:200] or None  # tqdm's set_postfix text
-    if task.get("status") == "stale":
-        idle = "no progress for %s" % _age(now - _activity(task))
+    idle = None
+    if task.get("status") in ("active", "stale"):
+        seen = max(_finite(task.get("seen_at")) or 0, _activity(task))
+        if now - seen >= NO_CONTACT_SECONDS:
+            idle = "no contact for %s" % _age(now - seen)
+        elif task.get("status") == "stale":
+            idle = "no progress for %s" % _age(now - _activity(task))
+    if idle is not None:
         postfix = idle if postfix is None else postfix + ", " + idle
     if format_meter is not None:
         big = max(abs(n), total or 0)
@@ -6076,7 +6085,10 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
   // ---- constants and small helpers ------------------------------------
   var STATUSES = ['active', 'stale', 'error', 'close'];
   var STUCK_AFTER = 30;    // s without progress before an active bar is called stuck
-  var ALIVE_WITHIN = 45;   // s since last contact (heartbeats included) to call it alive
+  // An open bar says something at least every 5 s (progress or heartbeat):
+  // three missed heartbeats and it shows as "no contact", whatever the
+  // server's --stale-seconds says (a process killed, a close lost).
+  var ALIVE_WITHIN = 15;   // s since last contact (heartbeats included) to call it alive
   var TITLE = 'Progressista';
   var $ = function (id) { return document.getElementById(id); };
 
@@ -6188,14 +6200,14 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     var sinceUpd = now - upd, sinceSeen = now - seen;
     if (t.status === 'close') return ['finished ' + fmtAge(sinceUpd) + ' ago', 'age'];
     if (t.status === 'error') return ['failed ' + fmtAge(sinceUpd) + ' ago', 'age'];
+    if (sinceSeen >= ALIVE_WITHIN) return ['no contact for ' + fmtAge(sinceSeen), 'age silent'];
     if (t.status === 'active' && sinceUpd < STUCK_AFTER) return ['updated ' + fmtAge(sinceUpd) + ' ago', 'age'];
-    if (sinceSeen < ALIVE_WITHIN) {
+    {
       if (seen - upd >= 1) {  // contact after the last progress: a heartbeat
         return ['no progress for ' + fmtAge(sinceUpd) + ', alive (heartbeat ' + fmtAge(sinceSeen) + ' ago)', 'age stuck'];
       }
       return ['no progress for ' + fmtAge(sinceUpd), 'age stuck'];
     }
-    return ['no contact for ' + fmtAge(sinceSeen), 'age silent'];
   }
 
   // ---- state ------------------------------------------------------------

@@ -6402,7 +6402,7 @@ def test_a_thousand_keepalive_connections_are_all_answered(server):
 def _task(task_id, status="active", n=1, total=10, at=1000.0, **fields):
     return dict(dict(task_id=task_id, status=status, n=n, total=total, unit="it", rate=2.0,
                      elapsed=5.0, desc=None, error=None, meta=None, host="h",
-                     created_at=at, updated_at=at, seen_at=at), **fields)
+                     created_at=at, updated_at=at, seen_at=max(at, 1999.0)), **fields)
 
 
 def _view(*tasks, words=()):
@@ -6472,6 +6472,23 @@ def test_render_sections_newest_first_groups_errors():
     assert "  bad" in text and "    ValueError: bad row 17" in text
     assert "no progress for 1m" in text  # a stale task says for how long (server time 2000)
     assert "\x1b" not in text
+
+
+def test_render_says_no_contact_after_three_missed_heartbeats():
+    # server time 2000: one bar heard from 1 s ago, one silent for 20 s (its
+    # process killed, say), one stale and silent; ended tasks never say it
+    view = _view(_task("alive", at=1900.0, seen_at=1999.0),
+                 _task("gone", at=1980.0, seen_at=1980.0),
+                 _task("stuck", "stale", at=1000.0, seen_at=1940.0),
+                 _task("done", "close", at=1000.0, seen_at=1000.0))
+    text = "\n".join(progressista.render(view, width=200, height=40))
+    line = lambda name: next(l for l in text.splitlines() if l.strip().startswith(name))
+    assert "no contact" not in line("alive")
+    assert "no contact for 20s" in line("gone")
+    assert "no contact for 1m" in line("stuck")
+    assert "no contact" not in line("done")
+    piped = progressista._status_line("gone", view.tasks["gone"], view.now(), None)
+    assert "no contact for" in piped
 
 
 def test_render_cuts_to_the_height_and_width():
@@ -7243,6 +7260,21 @@ class TestDashboard:
         assert not tab.js("() => document.getElementById('btn-clear-stale').disabled")
         post(srv, {"task_id": "slow", "n": 2})
         tab.wait_card("slow", section="section-active")
+
+    def test_open_task_silent_for_three_heartbeats_says_no_contact(self, server_factory,
+                                                                   open_tab):
+        # no --stale-seconds: a bar whose process was killed still shows it
+        clock = FakeClock(time.time())
+        srv = server_factory(clock=clock)
+        tab = open_tab(srv.url + "/")
+        post(srv, {"task_id": "killed", "n": 5, "total": 9})
+        tab.wait_card("killed", section="section-active")
+        clock.advance(20)
+        post(srv, {"task_id": "other", "n": 1})  # a delta brings the server's clock
+        info = tab.wait_card("killed", age="no contact for 20s")
+        assert info["section"] == "section-active"
+        post(srv, {"task_id": "killed", "n": 5})  # a heartbeat: in contact again
+        tab.wait_card("killed", age="updated 20s ago")
 
     # untrusted strings
 
