@@ -5632,6 +5632,29 @@ def test_tls_certificate_problems_are_clear(tmp_path, tls_cert):
         progressista.make_server("127.0.0.1", 0, certfile=tls_cert[0], keyfile=encrypted)
 
 
+def test_watch_and_wait_over_wss_with_a_read_token_and_the_ca_bundle(tls_server, tls_cert):
+    srv = tls_server(tokens=[FULL], read_tokens=[VIEW])
+    ingest = {"task_id": "tls-run:rank-0", "n": 3, "total": 3, "status": "close",
+              "desc": "over wss"}
+    status, _ = https_request(srv.url + "/progress", tls_cert[0], "POST", ingest,
+                              headers={"Authorization": "Bearer " + FULL})
+    assert status == 200
+    env = {"PROGRESSISTA_CA_BUNDLE": tls_cert[0], "PROGRESSISTA_API_TOKEN": VIEW}
+    proc, _ = run_cli("watch", "--once", "--json", "--server-url", srv.url, env=env)
+    lines = [json.loads(line) for line in ok(proc).stdout.decode().splitlines()]
+    assert [(m["type"], m["task"]["task_id"], m["task"]["status"]) for m in lines] == [
+        ("task", "tls-run:rank-0", "close")]
+    proc, _ = run_cli("wait", "tls-run", "--timeout", "20", "--server-url", srv.url, env=env)
+    assert proc.returncode == 0, proc.stderr
+    # without the bundle the server's certificate is not trusted: one line, exit 1 / 3
+    env.pop("PROGRESSISTA_CA_BUNDLE")
+    proc, _ = run_cli("watch", "--once", "--server-url", srv.url, env=env)
+    assert proc.returncode == 1 and len(proc.stderr.decode().splitlines()) == 1, proc.stderr
+    assert VIEW.encode() not in proc.stderr
+    proc, _ = run_cli("wait", "tls-run", "--timeout", "20", "--server-url", srv.url, env=env)
+    assert proc.returncode == 3, proc.stderr
+
+
 def test_tls_client_reports_through_remote_tqdm_with_the_ca_bundle(tls_server, tls_cert):
     srv = tls_server(tokens=[FULL])
     code = """
