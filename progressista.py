@@ -3148,6 +3148,46 @@ def _send_nowait(sock, data):
     return sock.send(data, getattr(socket, "MSG_DONTWAIT", 0))
 
 
+class _Message:
+    """One message put together from its data frames (RFC 6455 5.4).
+
+    Text is decoded as it comes, so a character cut between two frames is
+    fine and bad UTF-8 is caught at once; the cap holds for the whole
+    message, not per frame.  Server and client read messages the same way.
+    """
+
+    def __init__(self, max_size):
+        self.max_size = max_size
+        self.parts = None  # None between messages
+        self.size = 0
+        self.decoder = None
+
+    def add(self, fin, opcode, payload):
+        """Add a data frame; returns the whole message on its last frame, else None."""
+        if opcode == 0x0:
+            if self.parts is None:
+                raise ProtocolError(1002, "continuation frame with nothing to continue")
+        else:
+            if self.parts is not None:
+                raise ProtocolError(1002, "new message before the last one ended")
+            self.parts, self.size = [], 0
+            self.decoder = codecs.getincrementaldecoder("utf-8")() if opcode == 0x1 else None
+        self.size += len(payload)
+        if self.size > self.max_size:
+            raise ProtocolError(1009, "message larger than %d bytes" % self.max_size)
+        if self.decoder is not None:
+            try:
+                self.parts.append(self.decoder.decode(payload, final=fin))
+            except UnicodeDecodeError:
+                raise ProtocolError(1007, "text message is not UTF-8") from None
+        else:
+            self.parts.append(payload)
+        if not fin:
+            return None
+        parts, self.parts = self.parts, None
+        return "".join(parts) if self.decoder is not None else b"".join(parts)
+
+
 class WebSocket:
     """One dashboard connection: its socket, its send lock, its backlog.
 
@@ -3266,7 +3306,7 @@ class WebSocket:
 
     def serve(self):
         """Read frames until the peer closes, breaks the protocol or goes away."""
-        fragments, opcode, size, decoder = None, 0, 0, None
+        incoming = _Message(self.max_message)
         try:
             while not self.closed:
                 fin, op, payload = read_frame(self.rfile, self.max_message)
@@ -3279,29 +3319,9 @@ class WebSocket:
                     continue
                 if op == 0xA:
                     continue
-                if op == 0x0:
-                    if fragments is None:
-                        raise ProtocolError(1002, "continuation frame with nothing to continue")
-                else:
-                    if fragments is not None:
-                        raise ProtocolError(1002, "new message before the last one ended")
-                    fragments, opcode, size = [], op, 0
-                    decoder = codecs.getincrementaldecoder("utf-8")() if op == 0x1 else None
-                size += len(payload)
-                if size > self.max_message:
-                    raise ProtocolError(1009, "message larger than %d bytes" % self.max_message)
-                if decoder is not None:
-                    try:
-                        fragments.append(decoder.decode(payload, final=fin))
-                    except UnicodeDecodeError:
-                        raise ProtocolError(1007, "text message is not UTF-8") from None
-                else:
-                    fragments.append(payload)
-                if fin:
-                    message = "".join(fragments) if opcode == 0x1 else b"".join(fragments)
-                    fragments = None
-                    if self.on_message is not None:
-                        self.on_message(self, message)
+                message = incoming.add(fin, op, payload)
+                if message is not None and self.on_message is not None:
+                    self.on_message(self, message)
         except ProtocolError as exc:
             log.debug("websocket protocol error: %s", exc.reason)
             self.close(exc.code, exc.reason)
@@ -3628,7 +3648,7 @@ class WebSocketClient:
         the server's close), ``ProtocolError`` (after closing with its code)
         when the server breaks the protocol, ``socket.timeout`` on a timeout.
         """
-        fragments, opcode, size, decoder = None, 0, 0, None
+        incoming = _Message(self.max_message)
         try:
             while True:
                 fin, op, payload = read_frame(self.rfile, self.max_message, require_mask=False)
@@ -3642,26 +3662,9 @@ class WebSocketClient:
                     continue
                 if op == 0xA:
                     continue
-                if op == 0x0:
-                    if fragments is None:
-                        raise ProtocolError(1002, "continuation frame with nothing to continue")
-                else:
-                    if fragments is not None:
-                        raise ProtocolError(1002, "new message before the last one ended")
-                    fragments, opcode, size = [], op, 0
-                    decoder = codecs.getincrementaldecoder("utf-8")() if op == 0x1 else None
-                size += len(payload)
-                if size > self.max_message:
-                    raise ProtocolError(1009, "message larger than %d bytes" % self.max_message)
-                if decoder is not None:
-                    try:
-                        fragments.append(decoder.decode(payload, final=fin))
-                    except UnicodeDecodeError:
-                        raise ProtocolError(1007, "text message is not UTF-8") from None
-                else:
-                    fragments.append(payload)
-                if fin:
-                    return "".join(fragments) if opcode == 0x1 else b"".join(fragments)
+                message = incoming.add(fin, op, payload)
+                if message is not None:
+                    return message
         except ProtocolError as exc:
             self.close(exc.code, exc.reason)
             raise
