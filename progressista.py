@@ -3342,7 +3342,30 @@ class WebSocket:
             except UnicodeDecodeError:
                 valid, received = False, 1007
             code = received if valid else (1007 if received == 1007 else 1002)
-        self.close(code)
+        if not self.closed:
+            self._send_now(encode_frame(struct.pack("!H", code), 0x8), wait=1.0)
+        with self.cond:
+            answered, self.closed = not self.closed, True
+            self.cond.notify_all()
+        if answered:
+            self._linger()
+
+    def _linger(self, seconds=1.0):
+        """After the closing handshake: our FIN first, then the peer's, briefly.
+
+        Closing a socket that still has unread bytes from the peer (its TLS
+        close_notify, say) sends a reset, and a reset can make the peer drop
+        our Close frame before reading it.  Raw reads: what comes now is
+        discarded, TLS or not.
+        """
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+            self.sock.settimeout(seconds)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and socket.socket.recv(self.sock, 4096):
+                pass
+        except (OSError, ValueError):
+            pass
 
 
 def _snapshot_frames(head, members, tail):
