@@ -5193,7 +5193,7 @@ def _meter(task, width, now, ascii_only=False, format_meter=None):
     unit = _printable(task.get("unit") or "it")[:20]
     postfix = _printable(task.get("postfix"))[:200] or None  # tqdm's set_postfix text
     idle = None
-    if task.get("status") in ("active", "stale"):
+    if task.get("status") in ("active", "stale") and not task.get("_group"):
         seen = max(_finite(task.get("seen_at")) or 0, _activity(task))
         if now - seen >= NO_CONTACT_SECONDS:
             idle = "no contact for %s" % _age(now - seen)
@@ -5249,9 +5249,13 @@ def _group_task(name, members, expected, started):
         n = sum(_finite(task.get("n")) or 0 for task in members)
     label = "%s (%d tasks%s)" % (_printable(name), len(members),
                                  ", %d/%d started" % (started, expected) if expected else "")
-    return label, {"n": n, "total": total or None, "rate": rate or None, "elapsed": elapsed,
-                   "unit": units.pop() if len(units) == 1 else "", "status": "active",
-                   "_group": True}
+    # MB/s plus rows/s is no rate: mixed units keep the sums, and no rate (an
+    # elapsed of 0 also keeps tqdm from making one up from n / elapsed)
+    one_unit = units.pop() if len(units) == 1 else None
+    return label, {"n": n, "total": total or None,
+                   "rate": (rate or None) if one_unit else None,
+                   "elapsed": elapsed if one_unit else 0,
+                   "unit": one_unit or "", "status": "active", "_group": True}
 
 
 def _layout(view):
@@ -6740,7 +6744,8 @@ body.many .card { content-visibility: auto; contain-intrinsic-size: auto 120px; 
     if (el.fill._w !== w) { el.fill._w = w; el.fill.style.width = w; }
     setShown(el.percent, pct);
     setTitle(el.bar, known ? fmtProgress(j.n, j.total, unit) + ' over the main bars of the members started' : '');
-    var rate = j.active ? j.rate : 0, early = j.expected !== null && members < j.expected;
+    // bytes/s plus rows/s is no rate: with mixed units the line keeps counts and the bar only
+    var rate = j.active && unit ? j.rate : 0, early = j.expected !== null && members < j.expected;
     setShown(el.rate, rate > 0 ? fmtRate(rate, unit || 'it') : '');
     setShown(el.eta, rate > 0 && !j.remUnknown ? 'ETA ' + fmtInterval(j.rem / rate) + (early ? ' (started ones)' : '') : '');
   }

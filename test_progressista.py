@@ -4934,6 +4934,9 @@ def test_full_server_closes_the_longest_idle_connection_to_make_room(server):
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert read_response(sock.makefile("rb"))[0] == 200
             idle.append(sock)
+            # its handler is back waiting for a head (idle) before the next one opens,
+            # so which one is the longest idle does not depend on thread scheduling
+            wait_for(lambda: len(server.idle) == i + 1)
         status, _, _ = post(server, {"task_id": "room"}, timeout=10)
         assert status == 200 and "room" in tasks(server)
         assert idle[0].recv(100) == b""  # the oldest idle one was closed for it
@@ -6496,6 +6499,22 @@ def test_render_says_no_contact_after_three_missed_heartbeats():
     assert "no contact for" in piped
 
 
+def test_render_group_of_mixed_units_has_no_summed_rate():
+    from tqdm import tqdm
+    view = _view(_task("mix:download", n=5, total=10, unit="MB", rate=2.0, at=1500.0),
+                 _task("mix:parse", n=10, total=100, unit="row", rate=3.0, at=1400.0))
+    group = next(line for line in progressista.render(view, width=160,
+                                                      format_meter=tqdm.format_meter)
+                 if "mix (2 tasks" in line)
+    assert "15/110" in group and "no contact" not in group
+    assert not re.search(r"\d/s", group)  # no rate, summed or made up
+    view = _view(_task("one:a", unit="row", rate=2.0), _task("one:b", unit="row", rate=3.0))
+    group = next(line for line in progressista.render(view, width=160,
+                                                      format_meter=tqdm.format_meter)
+                 if "one (2 tasks" in line)
+    assert "5.00row/s" in group
+
+
 def test_render_cuts_to_the_height_and_width():
     view = _view(*[_task("t%03d" % i, at=1000.0 + i, desc="x" * 200) for i in range(100)],
                  *[_task("f%d" % i, "error", at=1000.0 + i, error="E") for i in range(10)])
@@ -7828,6 +7847,17 @@ class TestDashboardJobs:
         assert box["rate"] is None and box["eta"] is None and box["state"] == "done"
         post(server, {"task_id": "etl:1", "status": "error", "error": "x"})
         self.wait_job(tab, "etl", counts="2 done \u00b7 1 failed \u00b7 0 running", state="failed")
+
+    def test_job_of_mixed_units_shows_no_summed_rate(self, server, open_tab):
+        post(server, [{"task_id": "mix:download", "n": 5e6, "total": 1e7, "unit": "B",
+                       "rate": 2e6},
+                      {"task_id": "mix:parse", "n": 10, "total": 100, "unit": "row",
+                       "rate": 3.0}])
+        tab = open_tab(server.url + "/")
+        box, = self.wait_job(tab, "mix", started="2 members")
+        assert box["rate"] is None and box["eta"] is None  # bytes/s + rows/s is no rate
+        post(server, {"task_id": "mix:download", "unit": "row"})  # one unit again
+        self.wait_job(tab, "mix", rate="2.00M row/s")
 
     def test_a_thousand_member_group_updating_keeps_a_right_header(self, server, open_tab):
         post_all = lambda updates: [post(server, updates[i:i + 50])
