@@ -767,8 +767,16 @@ class _Sender:
                 continue
         for final in ready:
             try:
-                groups.setdefault(final.bar._pst_route(), []).append(
-                    (final.bar, final.payload, None, final))
+                bar, payload = final.bar, final.payload
+                batch = groups.setdefault(bar._pst_route(), [])
+                if bar._pst_sig is None and bar._pst_open_status == "start":
+                    # A bar reusing the id of one that ended, ending before its
+                    # first send: reopen the task first, or the server takes
+                    # this close for a late one of the bar before.
+                    opening = {k: v for k, v in payload.items() if k != "error"}
+                    opening["status"] = "start"
+                    batch.append((bar, opening, None, None))
+                batch.append((bar, payload, None, final))
             except Exception:  # can never be sent: don't let it wait for ever
                 self._delivered([(final.bar, None, None, final)], now)
         for route, items in groups.items():

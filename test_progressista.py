@@ -1174,6 +1174,39 @@ _EPOCHS_SCRIPT = """
 """
 
 
+def test_reused_id_bar_ending_before_its_first_send_still_reopens_the_task(server):
+    # The second epoch's bar ends before the sender ever looked at it. Its close
+    # goes after a start, so the task reopens and ends again (a new "finish",
+    # a group done again), rather than a close landing on a closed task.
+    proc = _run_scheduled("""
+        import json, time
+        sent = []
+
+        class Slow(RemoteTqdm):
+            def _post(self, payload):
+                items = payload if isinstance(payload, list) else [payload]
+                sent.append([(p["desc"], p["status"], p["n"]) for p in items])
+                if any(p["desc"] == "epoch 0" and p["status"] == "close" for p in items):
+                    time.sleep(0.5)  # the sender is busy: it can't look at the next bar
+                return super()._post(payload)
+
+        first = Slow(total=100, desc="epoch 0", disable=None)
+        first.update(100)
+        first.close()
+        second = Slow(total=100, desc="epoch 1", disable=None)
+        second.update(37)
+        second.close()
+        progressista._get_sender().shutdown()
+        print(json.dumps(sent))
+    """, server, {"PROGRESSISTA_JOB": "quick"})
+    assert proc.returncode == 0 and not proc.stderr, proc
+    sent = [[tuple(p) for p in batch] for batch in json.loads(proc.stdout)]
+    assert [("epoch 1", "start", 37), ("epoch 1", "close", 37)] in sent, sent
+    (task_id, task), = tasks(server).items()
+    assert task_id.startswith("quick:")
+    assert (task["desc"], task["n"], task["status"]) == ("epoch 1", 37, "close"), task
+
+
 @pytest.mark.parametrize("variables, base, size", [
     ({"SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "17",
       "SLURM_ARRAY_TASK_COUNT": "1000", "SLURM_JOB_ID": "4259", "SLURM_PROCID": "0",
