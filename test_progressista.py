@@ -1234,7 +1234,10 @@ def test_ids_from_the_scheduler_reused_nested_and_sized(server, variables, base,
     assert all(group_size == size for _, _, group_size in sends), sends
     # the second epoch reopened the rank's card: its sends after a close say "start"
     for task_id in (main, second):
-        statuses = [status for t, status, _ in sends if t == task_id]
+        raw = [status for t, status, _ in sends if t == task_id]
+        # a send retried (a timeout on a loaded machine) repeats its close; that
+        # a lone close is preceded by a start is test_reused_id_bar_ending_...'s
+        statuses = [s for k, s in enumerate(raw) if not (k and s == raw[k - 1] == "close")]
         assert "close" in statuses[:-1], statuses
         closed_at = statuses.index("close")
         assert statuses[closed_at + 1] == "start", statuses
