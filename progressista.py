@@ -6,14 +6,17 @@ one small server; a dashboard in the browser shows them all, live.
 
     $ python3 progressista.py serve                 # the server and dashboard
     $ python3 progressista.py run train.py -- --lr 3e-4   # every tqdm remote
+    $ python3 progressista.py watch                 # the same live view, in a terminal
+    $ python3 progressista.py wait run-7 && ./next-step.sh
 
     >>> from progressista import RemoteTqdm          # or: drop-in, by hand
     >>> for batch in RemoteTqdm(loader, desc="epoch 1", meta={"lr": 3e-4}):
     ...     step(batch)
 
-The whole tool is this one file: the client (``RemoteTqdm``), the patcher, the
-server (stdlib ``http.server`` plus a hand-written RFC 6455 WebSocket), the
-embedded dashboard and the command line.  Copy it anywhere.  The server side
+The whole tool is this one file, in this order: the client (``RemoteTqdm``),
+the patcher, the store, alerts (webhooks), the WebSocket (RFC 6455, server
+and client side), the HTTP server (stdlib ``http.server``), the terminal view
+(``watch``, ``wait``), the embedded dashboard and the command line.  Copy it anywhere.  The server side
 needs only the standard library; ``tqdm`` is imported when a bar is made.
 
 License: MIT.
@@ -290,6 +293,17 @@ def _seconds(name, value):
     if not math.isfinite(seconds):
         raise _BadSetting("%s must be a finite number of seconds, not %r" % (name, seconds))
     return seconds
+
+
+def _seconds_setting(name, value, defaults, env, fallback):
+    """``(name, seconds)``: the keyword, else install()'s default, else the
+    environment's, checked and named as the user gave it (for what a refusal
+    says)."""
+    if value is None:
+        value = defaults.get(name)
+    if value is None:
+        name, value = env, _env_float(env, fallback)
+    return name, _seconds(name, value)
 
 
 def _meta_text(value):
@@ -1186,20 +1200,10 @@ class _RemoteMixin:
             except UnicodeEncodeError:
                 raise _BadSetting("task_id %r is not valid Unicode text"
                                   % self._pst_id[:40]) from None
-        every, name = push_every, "push_every"
-        if every is None:
-            every = defaults.get("push_every")
-        if every is None:
-            every, name = _env_float("PROGRESSISTA_PUSH_INTERVAL", 0.25), \
-                "PROGRESSISTA_PUSH_INTERVAL"
-        self._pst_every = max(0.0, _seconds(name, every))
-        timeout, name = request_timeout, "request_timeout"
-        if timeout is None:
-            timeout = defaults.get("request_timeout")
-        if timeout is None:
-            timeout, name = _env_float("PROGRESSISTA_REQUEST_TIMEOUT", 2.0), \
-                "PROGRESSISTA_REQUEST_TIMEOUT"
-        timeout = _seconds(name, timeout)
+        self._pst_every = max(0.0, _seconds_setting(
+            "push_every", push_every, defaults, "PROGRESSISTA_PUSH_INTERVAL", 0.25)[1])
+        name, timeout = _seconds_setting("request_timeout", request_timeout, defaults,
+                                         "PROGRESSISTA_REQUEST_TIMEOUT", 2.0)
         if not timeout > 0:
             raise _BadSetting("%s must be more than 0 seconds, not %r" % (name, timeout))
         self._pst_timeout = min(timeout, 3600.0)  # what sockets and waits can take
@@ -7628,7 +7632,7 @@ def _split_run_args(argv):
 
 
 def main(argv=None):
-    """The command line: ``serve``, ``run`` and ``demo``."""
+    """The command line: ``serve``, ``run``, ``demo``, ``watch``, ``wait`` and ``notify``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     script_args = []

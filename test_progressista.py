@@ -1753,12 +1753,18 @@ def test_alias_imports(server):
     assert ok(proc).stdout == b"ok\n"
 
 
-def test_vendored_copy_works_under_its_own_name(server, tmp_path):
+def _vendor_copy(tmp_path):
+    """``tmp_path/mypkg/_vendor/progressista.py``, as a project vendors it."""
     vendor = tmp_path / "mypkg" / "_vendor"
     vendor.mkdir(parents=True)
     (tmp_path / "mypkg" / "__init__.py").write_text("")
     (vendor / "__init__.py").write_text("")
     shutil.copy(SCRIPT, vendor / "progressista.py")
+    return vendor
+
+
+def test_vendored_copy_works_under_its_own_name(server, tmp_path):
+    vendor = _vendor_copy(tmp_path)
     code = """
         import sys
         sys.path.insert(0, %r)
@@ -2009,11 +2015,7 @@ def test_lazy_patch_builds_on_the_original_classes_and_uninstalls(tmp_path):
 
 
 def test_run_of_a_vendored_copy_reaches_spawned_children(server, tmp_path):
-    vendor = tmp_path / "mypkg" / "_vendor"
-    vendor.mkdir(parents=True)
-    (tmp_path / "mypkg" / "__init__.py").write_text("")
-    (vendor / "__init__.py").write_text("")
-    shutil.copy(SCRIPT, vendor / "progressista.py")
+    vendor = _vendor_copy(tmp_path)
     (tmp_path / "job.py").write_text(textwrap.dedent("""
         import multiprocessing, sys
         from tqdm import tqdm
